@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine (see README.md):
+#   make demo   create .venv, install everything, run the main job on the embedded default data
+#   make test   same install, then the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.ebm-installed
+LAVA_VERSION := 0.10.0
+
+.PHONY: install demo test bench-quick clean
+
+install: $(STAMP)
+
+# Re-run only when the install inputs change: a second `make test` reinstalls nothing.
+$(STAMP): requirements.txt setup.cfg pyproject.toml hardware/lava_compat.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade "pip>=23" "setuptools>=68" wheel
+	$(PIP) install -r requirements.txt
+	# lava-nc declares python<3.11 and numpy<2: install it without its metadata's constraints...
+	$(PIP) install --no-deps --ignore-requires-python lava-nc==$(LAVA_VERSION)
+	# ...and apply the one-line Python 3.11 fix (ByteEncoder must be a frozen dataclass).
+	$(PY) hardware/lava_compat.py
+	$(PIP) install --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ebm demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/relax.py --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
