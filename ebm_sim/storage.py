@@ -1,0 +1,545 @@
+"""HDF5 storage of the toolkit's artifacts: networks, fixed-point datasets and trajectories.
+
+One self-describing HDF5 file per artifact (full schemas: docs/formats.md). Every file carries the root
+attributes
+
+    format           "ebm-network" | "ebm-fixed-points" | "ebm-trajectory"
+    version          int, FORMAT_VERSION of the writer
+    created          ISO 8601 time (UTC) of writing
+    toolkit_version  version of ebm-toolkit that wrote it
+    content_hash     SHA-256 (hex) over the datasets and the configuration attributes (see ``_content_hash``)
+
+plus the configuration attributes of its format. Datasets are contiguous and uncompressed (fast for
+~60k x 1000 float32 arrays) and stored in the exact dtype given, so round trips are bit-exact.
+
+Writes are atomic: the file is written to ``.<name>.<pid>.<random>.tmp`` in the target's directory, flushed,
+fsync'ed and renamed onto the target with ``os.replace``; on any exception (KeyboardInterrupt included) the
+temporary file is removed and the target is left as it was. Loads refuse, with ``ArtifactError``, a missing
+file, a file that is not HDF5 or is corrupt or truncated, a wrong format, an unsupported version and a
+content-hash mismatch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .network import Network
+
+FORMAT_VERSION = 1
+FORMATS = {
+    "ebm-network": "a network",
+    "ebm-fixed-points": "a fixed-point dataset",
+    "ebm-trajectory": "a trajectory",
+}
+HEADER_ATTRS = ("format", "version", "created", "toolkit_version", "content_hash")
+_UNHASHED_ATTRS = ("created", "toolkit_version", "content_hash")
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_READ_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError)
+
+
+class ArtifactError(ValueError):
+    """A file that cannot be loaded as the requested artifact (missing, corrupt, wrong format/version/hash)."""
+
+
+def _toolkit_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("ebm-toolkit")
+    except Exception:  # not installed (running from a source tree)
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.dtype):
+        return obj.name
+    if isinstance(obj, type) and issubclass(obj, np.generic):
+        return np.dtype(obj).name
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON-serializable")
+
+
+def _to_json(obj, what: str) -> str:
+    """Canonical JSON (sorted keys) of ``obj``; numpy scalars/arrays/dtypes become plain JSON values."""
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise ValueError(f"{what} must be a dict with str keys, got {type(obj).__name__}")
+    try:
+        return json.dumps(obj, sort_keys=True, default=_json_default)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} must be JSON-serializable: {e}") from None
+
+
+def _py(value):
+    """An h5py attribute value as a plain Python value (so that hashing is the same on write and read)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode()
+    return value
+
+
+def _content_hash(datasets: dict, attrs: dict) -> str:
+    """SHA-256 over the datasets (sorted by name: name, dtype.str, shape, raw C-order bytes, each part
+    followed by a NUL) and then the canonical JSON of the hashed attributes (all root attributes but
+    ``created``, ``toolkit_version`` and ``content_hash``)."""
+    h = hashlib.sha256()
+    for name in sorted(datasets):
+        array = np.ascontiguousarray(datasets[name])
+        h.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
+        h.update(array)
+        h.update(b"\0")
+    h.update(json.dumps(attrs, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _header(fmt: str, datasets: dict, config: dict) -> dict:
+    """All root attributes of a new artifact: format, version, configuration, created, toolkit, hash."""
+    hashed = {"format": fmt, "version": FORMAT_VERSION, **config}
+    return {**hashed, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "toolkit_version": _toolkit_version(), "content_hash": _content_hash(datasets, hashed)}
+
+
+@contextmanager
+def _atomic_path(path: Path):
+    """Yield a temporary path next to ``path``; on success fsync it and rename it onto ``path``; on any
+    exception remove it (the target is untouched)."""
+    if not path.parent.is_dir():
+        raise ArtifactError(f"cannot write {path}: directory {path.parent} does not exist")
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_artifact(path, fmt: str, datasets: dict, config: dict) -> str:
+    """Atomically write ``datasets`` (name -> array) and the header + ``config`` attributes; return the hash."""
+    path = Path(path)
+    attrs = _header(fmt, datasets, config)
+    with _atomic_path(path) as tmp:
+        with h5py.File(tmp, "x") as f:
+            for name in sorted(datasets):
+                f.create_dataset(name, data=datasets[name])
+            for key, value in attrs.items():
+                f.attrs[key] = np.asarray(value, dtype=np.int64) if isinstance(value, list) else value
+    return attrs["content_hash"]
+
+
+def _open_error(path: Path, error: Exception) -> ArtifactError:
+    try:
+        with open(path, "rb") as fh:
+            signed = fh.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE
+    except OSError:
+        signed = False
+    if not signed:
+        return ArtifactError(f"{path} is not an HDF5 file (no HDF5 signature at its start): {error}")
+    return ArtifactError(f"{path} cannot be read: the HDF5 file is corrupt or truncated ({error})")
+
+
+def _read_file(path, expected: str | None = None) -> tuple[dict, dict, str]:
+    """Open an artifact, check its header (format == ``expected`` if given, supported version) and read all
+    datasets. Returns (datasets name -> array, attributes, recomputed content hash)."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: no such file")
+    if not path.is_file():
+        raise ArtifactError(f"{path} is not a regular file")
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {key: _py(value) for key, value in f.attrs.items()}
+            _check_header(path, attrs, expected)
+            datasets = {}
+
+            def read(name, obj):
+                if isinstance(obj, h5py.Dataset):
+                    datasets[name] = obj[...]
+
+            f.visititems(read)
+    except ArtifactError:
+        raise
+    except _READ_ERRORS as e:
+        raise _open_error(path, e) from e
+    hashed = {k: v for k, v in attrs.items() if k not in _UNHASHED_ATTRS}
+    return datasets, attrs, _content_hash(datasets, hashed)
+
+
+def _check_header(path: Path, attrs: dict, expected: str | None) -> None:
+    """Refuse a file that is not an artifact, has another format than ``expected`` or an unsupported version."""
+    fmt = attrs.get("format")
+    if fmt is None:
+        raise ArtifactError(f"{path} is an HDF5 file but not an ebm-toolkit artifact (no 'format' attribute)")
+    if fmt not in FORMATS:
+        raise ArtifactError(f"{path} has unknown format {fmt!r}; known formats: {', '.join(FORMATS)}")
+    if expected is not None and fmt != expected:
+        raise ArtifactError(f"{path} holds {FORMATS[fmt]} (format {fmt!r}), but {FORMATS[expected]} "
+                            f"(format {expected!r}) was expected")
+    if attrs.get("version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: unsupported {fmt} version {attrs.get('version')!r}; this toolkit "
+                            f"({_toolkit_version()}) reads version {FORMAT_VERSION}")
+    if not isinstance(attrs.get("content_hash"), str):
+        raise ArtifactError(f"{path} has no content_hash attribute: corrupt or not written by this toolkit")
+
+
+def _load(path, expected: str) -> tuple[dict, dict]:
+    """Read an artifact of format ``expected``; refuse it if its content hash does not match."""
+    datasets, attrs, computed = _read_file(path, expected)
+    if computed != attrs["content_hash"]:
+        raise ArtifactError(f"{path}: content hash mismatch, the file was modified or is corrupt "
+                            f"(stored {attrs['content_hash'][:12]}, computed {computed[:12]})")
+    return datasets, attrs
+
+
+def _take(path, datasets: dict, names) -> list:
+    """[datasets[name] for name in names], refusing (ArtifactError) a missing one."""
+    missing = [n for n in names if n not in datasets]
+    if missing:
+        raise ArtifactError(f"{path} lacks dataset(s) {', '.join(missing)}: corrupt or not written by this toolkit")
+    return [datasets[n] for n in names]
+
+
+def _layer_names(prefix: str, first: int, count: int) -> list:
+    return [f"{prefix}{i}" for i in range(first, first + count)]
+
+
+def _check_network_hash(network_hash) -> str:
+    if not (isinstance(network_hash, str) and len(network_hash) == 64
+            and all(c in "0123456789abcdef" for c in network_hash)):
+        raise ValueError(f"network_hash must be a SHA-256 hex digest (Network.content_hash()), got {network_hash!r}")
+    return network_hash
+
+
+def _check_hash_matches(path, stored: str, network, what: str) -> None:
+    if network is not None and network.content_hash() != stored:
+        raise ArtifactError(f"{path}: these {what} were computed by another network (stored network_hash "
+                            f"{stored[:12]}, given network {network.content_hash()[:12]})")
+
+
+def _array(value, name: str, ndim: int, kinds: str) -> np.ndarray:
+    """``value`` as an array with ``ndim`` dimensions and a dtype kind in ``kinds``, else ValueError."""
+    array = np.asarray(value)
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {array.shape}")
+    if array.dtype.kind not in kinds:
+        expected = {"f": "a float", "iu": "an integer", "b": "a bool"}.get(kinds, kinds)
+        raise ValueError(f"{name} must have {expected} dtype, got {array.dtype}")
+    return array
+
+
+def _layer_arrays(arrays, name: str, ndim: int) -> list:
+    """A non-empty list of float arrays with ``ndim`` dimensions (one per layer 1..L)."""
+    if not isinstance(arrays, (list, tuple)) or len(arrays) == 0:
+        raise ValueError(f"{name} must be a non-empty list of per-layer arrays, got {type(arrays).__name__}")
+    return [_array(a, f"{name}[{k}] (layer {k + 1})", ndim, "f") for k, a in enumerate(arrays)]
+
+
+def _check_leading(arrays: dict, axes: int) -> tuple:
+    """All arrays (name -> array) share their first ``axes`` dimensions; return them."""
+    shapes = {name: a.shape[:axes] for name, a in arrays.items()}
+    if len(set(shapes.values())) > 1:
+        detail = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
+        raise ValueError(f"inconsistent leading dimensions (expected equal): {detail}")
+    return next(iter(shapes.values()))
+
+
+def _flatten(tree: dict, prefix: str, what: str) -> dict:
+    """Nested dict of arrays/scalars/str -> {prefix/key/...: array}. str values become UTF-8 bytes scalars."""
+    if not isinstance(tree, dict):
+        raise ValueError(f"{what} must be a dict, got {type(tree).__name__}")
+    flat = {}
+    for key, value in tree.items():
+        if not isinstance(key, str) or not key or "/" in key or key in (".", ".."):
+            raise ValueError(f"{what} key {key!r} must be a non-empty str without '/'")
+        name = f"{prefix}/{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name, what))
+            continue
+        if isinstance(value, str):
+            encoded = value.encode()
+            value = np.array(encoded, dtype=f"S{max(1, len(encoded))}")
+        array = np.asarray(value)
+        if array.dtype.kind not in "biufcS" or (array.dtype.kind == "S" and array.ndim):
+            raise ValueError(f"{what} entry {name.split('/', 1)[1]!r}: unsupported value of type "
+                             f"{type(value).__name__} (use numeric/bool arrays or scalars, str, or nested dicts)")
+        flat[name] = array
+    return flat
+
+
+def _unflatten(datasets: dict, prefix: str) -> dict:
+    """Inverse of ``_flatten``: 0-d arrays come back as numpy scalars, bytes scalars as str."""
+    tree = {}
+    for name in sorted(n for n in datasets if n.startswith(prefix + "/")):
+        *parents, leaf = name[len(prefix) + 1:].split("/")
+        node = tree
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        value = datasets[name]
+        if value.ndim == 0:
+            value = value[()]
+            value = value.decode() if isinstance(value, bytes) else value
+        node[leaf] = value
+    return tree
+
+
+# ---------------------------------------------------------------------------------------------- network
+def _history_datasets(history: dict) -> tuple[dict, dict]:
+    """Training history -> ({"history/<name>": array}, {name: "list" | "array"})."""
+    if not isinstance(history, dict):
+        raise ValueError(f"network.history must be a dict, got {type(history).__name__}")
+    datasets, kinds = {}, {}
+    for key, value in history.items():
+        if not isinstance(key, str) or not key or "/" in key:
+            raise ValueError(f"history key {key!r} must be a non-empty str without '/'")
+        try:
+            array = np.asarray(value)
+        except ValueError as e:
+            raise ValueError(f"history[{key!r}] is ragged (entries of different lengths): {e}") from None
+        if array.ndim == 0 or array.dtype.kind not in "biuf":
+            raise ValueError(f"history[{key!r}] must be a list of numbers or of 1-D arrays, or an array "
+                             f"(got {type(value).__name__} of dtype {array.dtype}, shape {array.shape})")
+        datasets[f"history/{key}"] = array
+        kinds[key] = "list" if isinstance(value, (list, tuple)) else "array"
+    return datasets, kinds
+
+
+def save_network(path, network: Network, extra_attrs: dict | None = None,
+                 checkpoint: dict | None = None) -> str:
+    """Write ``network`` to ``path`` atomically (replacing any existing file) and return the file's content hash.
+
+    Schema (format "ebm-network"):
+      datasets  weights/W{k}  (n_{k+1}, n_k), k = 0..L-1, network dtype
+                biases/b{k}   (n_k,),         k = 1..L,   network dtype
+                history/<name>  numeric array, one per ``network.history`` entry (list of floats -> 1-D,
+                                list of 1-D arrays -> 2-D)
+                checkpoint/<key>[/<key>...]  one per leaf of ``checkpoint`` (only if given)
+      attrs     layer_sizes (int64 array (L+1,)), activation (str), dtype ("float32"/"float64"),
+                network_hash (str, ``network.content_hash()``), history_types (JSON {name: "list"|"array"}),
+                has_checkpoint (bool), extra (JSON of ``extra_attrs``, "{}" if None)
+
+    checkpoint: optional dict of numpy arrays, numeric/bool scalars, str, or nested dicts of these (e.g. the
+    epoch, optimizer state, a JSON-encoded RNG state); read back with ``load_checkpoint``. The whole file is
+    rewritten: saving without ``checkpoint`` drops a checkpoint stored earlier.
+    extra_attrs: optional JSON-serializable dict of configuration (shown by ``artifact_info``).
+    """
+    history, history_types = _history_datasets(network.history)
+    datasets = {f"weights/W{k}": w for k, w in enumerate(network.weights)}
+    datasets.update({f"biases/b{k + 1}": b for k, b in enumerate(network.biases)})
+    datasets.update(history)
+    if checkpoint is not None:
+        datasets.update(_flatten(checkpoint, "checkpoint", "checkpoint"))
+    config = {"layer_sizes": [int(n) for n in network.layer_sizes], "activation": network.activation,
+              "dtype": str(network.dtype), "network_hash": network.content_hash(),
+              "history_types": _to_json(history_types, "history"), "has_checkpoint": checkpoint is not None,
+              "extra": _to_json(extra_attrs or {}, "extra_attrs")}
+    return _write_artifact(path, "ebm-network", datasets, config)
+
+
+def load_network(path) -> Network:
+    """Read a network written by ``save_network``: bit-exact weights/biases, activation and history
+    (lists come back as lists, arrays as arrays). Raises ArtifactError on a bad file."""
+    datasets, attrs = _load(path, "ebm-network")
+    num_layers = len(attrs["layer_sizes"]) - 1
+    weights = _take(path, datasets, _layer_names("weights/W", 0, num_layers))
+    biases = _take(path, datasets, _layer_names("biases/b", 1, num_layers))
+    history = {}
+    for key, kind in json.loads(attrs["history_types"]).items():
+        (array,) = _take(path, datasets, [f"history/{key}"])
+        history[key] = array if kind == "array" else (array.tolist() if array.ndim == 1 else list(array))
+    network = Network(weights, biases, attrs["activation"], history)
+    if network.content_hash() != attrs["network_hash"]:
+        raise ArtifactError(f"{path}: network hash mismatch (stored {attrs['network_hash'][:12]}, "
+                            f"loaded {network.content_hash()[:12]}): corrupt or not written by this toolkit")
+    return network
+
+
+def load_checkpoint(path) -> dict | None:
+    """The ``checkpoint`` dict stored with ``save_network`` (nested dicts restored, 0-d arrays as numpy
+    scalars, str as str), or None if the file holds no checkpoint."""
+    datasets, attrs = _load(path, "ebm-network")
+    return _unflatten(datasets, "checkpoint") if attrs.get("has_checkpoint") else None
+
+
+# ---------------------------------------------------------------------------------------------- fixed points
+@dataclass
+class FixedPointDataset:
+    """Fixed points of a network on N inputs.
+
+    inputs (N, n_0) float; labels (N,) int; states list of L arrays (N, n_k), k = 1..L, float;
+    residuals (N,) float; steps (N,) int; converged (N,) bool; settings dict (integrator settings);
+    network_hash: content hash of the network that computed them.
+    """
+
+    inputs: np.ndarray
+    labels: np.ndarray
+    states: list
+    residuals: np.ndarray
+    steps: np.ndarray
+    converged: np.ndarray
+    settings: dict
+    network_hash: str
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    @property
+    def layer_sizes(self) -> tuple:
+        """(n_0, n_1, ..., n_L)."""
+        return (self.inputs.shape[1],) + tuple(s.shape[1] for s in self.states)
+
+
+def save_fixed_points(path, inputs, labels, states, residuals, steps, converged, settings: dict,
+                      network_hash: str) -> str:
+    """Validate and write a fixed-point dataset atomically; return the file's content hash.
+
+    Shapes: inputs (N, n_0) float, labels (N,) int, states list of L arrays (N, n_k) float (finite),
+    residuals (N,) float, steps (N,) int, converged (N,) bool; settings a JSON-serializable dict (method,
+    tol, max_steps, beta, dt, dtype, ...); network_hash = Network.content_hash() of the network used.
+
+    Schema (format "ebm-fixed-points"):
+      datasets  inputs (N, n_0), labels (N,), states/s{k} (N, n_k) for k = 1..L, residuals (N,), steps (N,),
+                converged (N,) bool -- each in the dtype given
+      attrs     settings (JSON str), network_hash (str), num_samples (int N), layer_sizes (int64 (L+1,))
+    Raises ValueError naming the problem on bad shapes/dtypes/values (nothing is written).
+    """
+    states = _layer_arrays(states, "states", 2)
+    arrays = {"inputs": _array(inputs, "inputs", 2, "f"), "labels": _array(labels, "labels", 1, "iu"),
+              **{f"states/s{k + 1}": s for k, s in enumerate(states)},
+              "residuals": _array(residuals, "residuals", 1, "f"), "steps": _array(steps, "steps", 1, "iu"),
+              "converged": _array(converged, "converged", 1, "b")}
+    (num_samples,) = _check_leading(arrays, 1)
+    for name in ["inputs"] + [f"states/s{k + 1}" for k in range(len(states))]:
+        if not np.all(np.isfinite(arrays[name])):
+            raise ValueError(f"{name} holds NaN or inf")
+    config = {"settings": _to_json(settings, "settings"), "network_hash": _check_network_hash(network_hash),
+              "num_samples": int(num_samples),
+              "layer_sizes": [int(arrays["inputs"].shape[1])] + [int(s.shape[1]) for s in states]}
+    return _write_artifact(path, "ebm-fixed-points", arrays, config)
+
+
+def load_fixed_points(path, network: Network | None = None) -> FixedPointDataset:
+    """Read a fixed-point dataset (bit-exact). If ``network`` is given, refuse (ArtifactError) fixed points
+    computed by a network with another content hash."""
+    datasets, attrs = _load(path, "ebm-fixed-points")
+    _check_hash_matches(path, attrs["network_hash"], network, "fixed points")
+    states = _take(path, datasets, _layer_names("states/s", 1, len(attrs["layer_sizes"]) - 1))
+    inputs, labels, residuals, steps, converged = _take(
+        path, datasets, ["inputs", "labels", "residuals", "steps", "converged"])
+    return FixedPointDataset(inputs, labels, states, residuals, steps, converged,
+                             json.loads(attrs["settings"]), attrs["network_hash"])
+
+
+# ---------------------------------------------------------------------------------------------- trajectories
+@dataclass
+class StoredTrajectory:
+    """States and energy over time: states list of L arrays (T, B, n_k); energy (T, B); settings dict;
+    network_hash of the network simulated."""
+
+    states: list
+    energy: np.ndarray
+    settings: dict
+    network_hash: str
+
+
+def save_trajectory(path, trajectory, energy, settings: dict, network_hash: str) -> str:
+    """Validate and write a trajectory atomically; return the file's content hash.
+
+    trajectory: list of L float arrays (T, B, n_k), k = 1..L; energy (T, B) float (NaN/inf allowed: a
+    diverging run may be recorded); settings JSON-serializable dict; network_hash = Network.content_hash().
+
+    Schema (format "ebm-trajectory"):
+      datasets  states/s{k} (T, B, n_k) for k = 1..L, energy (T, B) -- each in the dtype given
+      attrs     settings (JSON str), network_hash (str), num_steps (int T), batch_size (int B),
+                state_sizes (int64 (L,): n_1..n_L)
+    """
+    states = _layer_arrays(trajectory, "trajectory", 3)
+    arrays = {**{f"states/s{k + 1}": s for k, s in enumerate(states)},
+              "energy": _array(energy, "energy", 2, "f")}
+    num_steps, batch = _check_leading(arrays, 2)
+    config = {"settings": _to_json(settings, "settings"), "network_hash": _check_network_hash(network_hash),
+              "num_steps": int(num_steps), "batch_size": int(batch),
+              "state_sizes": [int(s.shape[2]) for s in states]}
+    return _write_artifact(path, "ebm-trajectory", arrays, config)
+
+
+def load_trajectory(path, network: Network | None = None) -> StoredTrajectory:
+    """Read a trajectory (bit-exact). If ``network`` is given, refuse one simulated with another network."""
+    datasets, attrs = _load(path, "ebm-trajectory")
+    _check_hash_matches(path, attrs["network_hash"], network, "trajectories")
+    states = _take(path, datasets, _layer_names("states/s", 1, len(attrs["state_sizes"])))
+    (energy,) = _take(path, datasets, ["energy"])
+    return StoredTrajectory(states, energy, json.loads(attrs["settings"]), attrs["network_hash"])
+
+
+# ---------------------------------------------------------------------------------------------- info
+def artifact_info(path) -> dict:
+    """Header, hash status ("ok" / "mismatch") and a summary of any artifact, for ``ebm info``.
+
+    Returns {"path", "format", "version", "created", "toolkit_version", "content_hash", "hash_status",
+    "datasets": {name: {"shape", "dtype"}}, "summary": {...format-specific...}}. Raises ArtifactError for a
+    missing, non-HDF5, corrupt, non-artifact or unsupported-version file (not for a hash mismatch).
+    """
+    datasets, attrs, computed = _read_file(path)
+    fmt = attrs["format"]
+    summary = {}
+    if fmt == "ebm-network":
+        summary = {"layer_sizes": attrs.get("layer_sizes"), "activation": attrs.get("activation"),
+                   "dtype": attrs.get("dtype"), "network_hash": attrs.get("network_hash"),
+                   "history_keys": sorted(json.loads(attrs.get("history_types", "{}"))),
+                   "checkpoint_keys": sorted(n[len("checkpoint/"):] for n in datasets
+                                             if n.startswith("checkpoint/")) if attrs.get("has_checkpoint") else None,
+                   "extra": json.loads(attrs.get("extra", "{}"))}
+    else:
+        summary = {"network_hash": attrs.get("network_hash"), "settings": json.loads(attrs.get("settings", "{}"))}
+        keys = ("num_samples", "layer_sizes") if fmt == "ebm-fixed-points" else ("num_steps", "batch_size",
+                                                                                  "state_sizes")
+        summary.update({k: attrs.get(k) for k in keys})
+        if fmt == "ebm-fixed-points" and "converged" in datasets:
+            summary["converged"] = f"{int(np.count_nonzero(datasets['converged']))}/{datasets['converged'].size}"
+    return {"path": str(path), "format": fmt, "version": attrs["version"], "created": attrs.get("created"),
+            "toolkit_version": attrs.get("toolkit_version"), "content_hash": attrs["content_hash"],
+            "hash_status": "ok" if computed == attrs["content_hash"] else "mismatch",
+            "datasets": {n: {"shape": tuple(a.shape), "dtype": str(a.dtype)} for n, a in sorted(datasets.items())},
+            "summary": summary}
+
+
+def format_info(info: dict) -> str:
+    """Human-readable multi-line text of an ``artifact_info`` dict."""
+    lines = [f"{info['path']}",
+             f"  format:   {info['format']} (version {info['version']})",
+             f"  created:  {info['created']} by ebm-toolkit {info['toolkit_version']}",
+             f"  hash:     {info['hash_status']} ({info['content_hash'][:12]})"
+             + ("" if info["hash_status"] == "ok" else ": the file was modified or is corrupt")]
+    for key, value in info["summary"].items():
+        if value is None:
+            value = "(none)"
+        elif isinstance(value, dict):
+            value = json.dumps(value, sort_keys=True)
+        elif isinstance(value, (list, tuple)):
+            value = ", ".join(str(v) for v in value) if value else "(none)"
+        lines.append(f"  {key}: {value}")
+    lines.append("  datasets:")
+    width = max((len(n) for n in info["datasets"]), default=0)
+    lines += [f"    {name:<{width}}  {d['dtype']:<8} {d['shape']}" for name, d in info["datasets"].items()]
+    return "\n".join(lines)
