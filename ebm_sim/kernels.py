@@ -1,0 +1,312 @@
+"""Numba kernels: the relaxation of a batch to equilibrium, with no allocation per step.
+
+The equations are those of :mod:`ebm_sim.energy` (see its docstring); this module only makes them fast.
+
+Layout. The states of layers 1..L of a batch live in one row-major buffer S of shape (B, N), N = n_1 + ... + n_L;
+layer i (0-based, i.e. s_{i+1}) occupies columns ``col[i] : col[i] + n_{i+1}``. A layer is a column block with row
+stride N, which BLAS takes directly (the leading dimension), so no per-layer copies are made. The field buffer H has
+the same layout. The input never changes during a relaxation, so its projection X1 = x W_0^T + b_1 is computed once.
+
+Early stopping. Samples that meet the tolerance are retired at once: their row is written to the output and the last
+active row is moved into its place, so every later matrix product runs on the still-active rows only.
+
+Kernels:
+- ``relax_fixed_point``: explicit Euler s <- clip(s + dt (a h - s)), synchronous (all layers from the old state)
+  or alternating (layers s_1, s_3, ... then s_2, s_4, ..., each from the newest neighbours); dt = 1 is the
+  fixed-point iteration s <- clip(a h) = rho(dPhi/ds). Residual: max |s_{t+1} - s_t| / dt.
+- ``relax_rk45``: adaptive Dormand-Prince 5(4) on the projected flow, per-sample step size with error control,
+  states projected after every accepted step. Residual: max |projected ds/dt| at the current state.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .blas import rows_times_w, rows_times_wt
+
+# ------------------------------------------------------------------------------------------------ fields
+
+
+@njit(cache=False)
+def _coupling(i, S, H, rows, weights, col, scalars):
+    """H[:rows, layer i] = s_i W_i^T (from the layer below, i >= 1) + s_{i+2} W_{i+1} (from above, i < L-1).
+
+    The input term of layer 0 and the biases are added later by ``_finish_field`` (they are constant).
+    """
+    num_layers = len(weights)
+    itemsize = S.itemsize
+    width = S.shape[1]
+    n_i = weights[i].shape[0]
+    h_ptr = H.ctypes.data + col[i] * itemsize
+    written = False
+    if i >= 1:
+        rows_times_wt(rows, S.ctypes.data + col[i - 1] * itemsize, width, weights[i].shape[1],
+                      weights[i].ctypes.data, n_i, h_ptr, width, False, scalars)
+        written = True
+    if i < num_layers - 1:
+        rows_times_w(rows, S.ctypes.data + col[i + 1] * itemsize, width, weights[i + 1].shape[0],
+                     weights[i + 1].ctypes.data, n_i, h_ptr, width, written, scalars)
+        written = True
+    if not written:
+        H[:rows, col[i]:col[i] + n_i] = 0.0
+
+
+@njit(cache=False)
+def _finish_field(i, S, H, rows, num_layers, col, n_i, x_proj, biases, beta, target):
+    """Add the constant terms to layer i's field: x W_0^T + b_1 (i = 0) or b_{i+1}; nudge the output layer:
+    h_L <- h_L - beta (s_L - y)."""
+    c0 = col[i]
+    if i == 0:
+        for r in range(rows):
+            for j in range(n_i):
+                H[r, c0 + j] += x_proj[r, j]
+    else:
+        for r in range(rows):
+            for j in range(n_i):
+                H[r, c0 + j] += biases[c0 + j]
+    if i == num_layers - 1 and beta != 0.0:
+        for r in range(rows):
+            for j in range(n_i):
+                H[r, c0 + j] -= beta * (S[r, c0 + j] - target[r, j])
+
+
+@njit(cache=False)
+def _field(i, S, H, rows, weights, col, scalars, x_proj, biases, beta, target):
+    """Layer i's full local field h = dPhi/ds (nudged on the output layer) into H, from the states in S."""
+    _coupling(i, S, H, rows, weights, col, scalars)
+    _finish_field(i, S, H, rows, len(weights), col, weights[i].shape[0], x_proj, biases, beta, target)
+
+
+@njit(cache=False)
+def _euler_update(i, S, H, rows, col, n_i, slope, dt, residual):
+    """s <- clip(s + dt (a h - s), 0, 1) on layer i (clip(a h) when dt == 1); residual[r] = max(residual[r],
+    max_j |change|). NaN is kept (and so flagged) rather than clipped away."""
+    c0 = col[i]
+    for r in range(rows):
+        largest = residual[r]
+        for j in range(n_i):
+            old = S[r, c0 + j]
+            if dt == 1.0:
+                new = slope * H[r, c0 + j]
+            else:
+                new = old + dt * (slope * H[r, c0 + j] - old)
+            if new < 0.0:
+                new = 0.0
+            elif new > 1.0:
+                new = 1.0
+            change = abs(new - old)
+            if change > largest or change != change:
+                largest = change
+            S[r, c0 + j] = new
+        residual[r] = largest
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+@njit(cache=False)
+def _input_projection(x, weights, biases, scalars):
+    """X1 = x W_0^T + b_1, shape (B, n_1)."""
+    rows = x.shape[0]
+    n_1, n_0 = weights[0].shape
+    out = np.empty((rows, n_1), dtype=x.dtype)
+    rows_times_wt(rows, x.ctypes.data, n_0, n_0, weights[0].ctypes.data, n_1, out.ctypes.data, n_1, False,
+                  scalars)
+    for r in range(rows):
+        for j in range(n_1):
+            out[r, j] += biases[j]
+    return out
+
+
+@njit(cache=False)
+def _retire(r, last, step, residual, S, per_row_arrays, per_row_vectors, index, tol,
+            out_states, out_steps, out_residual, out_converged, out_diverged):
+    """Write active row r to the outputs and move the last active row into its place."""
+    original = index[r]
+    out_states[original, :] = S[r, :]
+    out_steps[original] = step
+    out_residual[original] = residual[r]
+    finite = np.isfinite(residual[r])
+    out_converged[original] = finite and residual[r] < tol
+    out_diverged[original] = not finite
+    if r != last:
+        S[r, :] = S[last, :]
+        for a in per_row_arrays:
+            a[r, :] = a[last, :]
+        for v in per_row_vectors:
+            v[r] = v[last]
+        index[r] = index[last]
+        residual[r] = residual[last]
+
+
+@njit(cache=False)
+def _record(trajectory, step, S, rows, index):
+    for r in range(rows):
+        trajectory[step, index[r], :] = S[r, :]
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+
+
+@njit(cache=False)
+def relax_fixed_point(x, weights, biases, col, slope, dt, alternating, beta, target, initial, tol, max_steps,
+                      record, trajectory, out_states, out_steps, out_residual, out_converged, out_diverged):
+    """Euler / fixed-point relaxation of a batch. See the module docstring.
+
+    x (B, n_0); weights: tuple of W_i (n_{i+1}, n_i); biases: flat (N,) b_1..b_L in layer order; col (L,) column
+    offsets; target (B, n_L) (unused when beta == 0); initial (B, N). Outputs are written in place:
+    out_states (B, N), out_steps/out_residual/out_converged/out_diverged (B,). When ``record`` is true,
+    trajectory (max_steps + 1, B, N) receives the state after every step of every still-active sample.
+    """
+    batch = x.shape[0]
+    num_layers = len(weights)
+    scalars = np.empty(2, dtype=x.dtype)
+    S = initial.copy()
+    H = np.empty_like(S)
+    x_proj = _input_projection(x, weights, biases, scalars)
+    y = target.copy()
+    index = np.arange(batch)
+    residual = np.zeros(batch, dtype=np.float64)
+    empty_vectors = [np.empty(0, dtype=np.float64)][:0]
+    if record:
+        trajectory[0, :, :] = S
+    rows = batch
+    step = 0
+    while rows > 0 and step < max_steps:
+        step += 1
+        residual[:rows] = 0.0
+        if alternating:
+            for parity in range(2):
+                for i in range(parity, num_layers, 2):
+                    _field(i, S, H, rows, weights, col, scalars, x_proj, biases, beta, y)
+                    _euler_update(i, S, H, rows, col, weights[i].shape[0], slope, dt, residual)
+        else:
+            for i in range(num_layers):
+                _field(i, S, H, rows, weights, col, scalars, x_proj, biases, beta, y)
+            for i in range(num_layers):
+                _euler_update(i, S, H, rows, col, weights[i].shape[0], slope, dt, residual)
+        if dt != 1.0:
+            residual[:rows] /= dt
+        if record:
+            _record(trajectory, step, S, rows, index)
+        r = 0
+        while r < rows:
+            if residual[r] < tol or not np.isfinite(residual[r]):
+                rows -= 1
+                _retire(r, rows, step, residual, S, [x_proj, y], empty_vectors, index, tol,
+                        out_states, out_steps, out_residual, out_converged, out_diverged)
+            else:
+                r += 1
+    for r in range(rows - 1, -1, -1):
+        _retire(r, r, step, residual, S, [x_proj, y], empty_vectors, index, tol,
+                out_states, out_steps, out_residual, out_converged, out_diverged)
+
+
+# Dormand-Prince 5(4) tableau (Dormand & Prince 1980), the method of scipy's RK45.
+_DP_A = np.array([
+    [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+    [1 / 5, 0.0, 0.0, 0.0, 0.0, 0.0],
+    [3 / 40, 9 / 40, 0.0, 0.0, 0.0, 0.0],
+    [44 / 45, -56 / 15, 32 / 9, 0.0, 0.0, 0.0],
+    [19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729, 0.0, 0.0],
+    [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656, 0.0],
+    [35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84],
+])
+# fifth-order weights minus the embedded fourth-order ones (the error estimate), for k_1..k_7
+_DP_E = np.array([71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40])
+
+
+@njit(cache=False)
+def _projected_velocity(Y, K, rows, weights, col, scalars, x_proj, biases, beta, target, slope, H):
+    """K = P_Y(a h(Y) - Y): the flow at Y with components pushing out of [0, 1] at a bound set to zero."""
+    for i in range(len(weights)):
+        _field(i, Y, H, rows, weights, col, scalars, x_proj, biases, beta, target)
+    width = Y.shape[1]
+    for r in range(rows):
+        for c in range(width):
+            v = slope * H[r, c] - Y[r, c]
+            if (Y[r, c] <= 0.0 and v < 0.0) or (Y[r, c] >= 1.0 and v > 0.0):
+                v = 0.0
+            K[r, c] = v
+
+
+@njit(cache=False)
+def relax_rk45(x, weights, biases, col, slope, beta, target, initial, tol, max_steps, rtol, atol, dt0, dt_max,
+               record, trajectory, out_states, out_steps, out_residual, out_converged, out_diverged):
+    """Adaptive Dormand-Prince relaxation of a batch (arguments as ``relax_fixed_point``).
+
+    Per sample: step size dt (starting at dt0, at most dt_max), error = RMS of (clip(y5) - clip(y4)) /
+    (atol + rtol max(|s|, |y5|)); a step is accepted when error <= 1, then s <- clip(y5). Steps count attempts
+    (accepted and rejected). The residual max |P(ds/dt)| is checked before every attempt.
+    """
+    batch, width = initial.shape
+    scalars = np.empty(2, dtype=x.dtype)
+    S = initial.copy()
+    H = np.empty_like(S)
+    K = np.empty((7, batch, width), dtype=S.dtype)
+    Y = np.empty_like(S)
+    x_proj = _input_projection(x, weights, biases, scalars)
+    y = target.copy()
+    index = np.arange(batch)
+    residual = np.zeros(batch, dtype=np.float64)
+    step_size = np.full(batch, dt0, dtype=np.float64)
+    K0 = K[0]
+    _projected_velocity(S, K0, batch, weights, col, scalars, x_proj, biases, beta, y, slope, H)
+    if record:
+        trajectory[0, :, :] = S
+    rows = batch
+    step = 0
+    while rows > 0:
+        for r in range(rows):
+            largest = 0.0
+            for c in range(width):
+                v = abs(K0[r, c])
+                if v > largest or v != v:
+                    largest = v
+            residual[r] = largest
+        r = 0
+        while r < rows:
+            if residual[r] < tol or not np.isfinite(residual[r]) or step >= max_steps:
+                rows -= 1
+                _retire(r, rows, step, residual, S, [x_proj, y, K0], [step_size], index, tol,
+                        out_states, out_steps, out_residual, out_converged, out_diverged)
+            else:
+                r += 1
+        if rows == 0:
+            break
+        step += 1
+        for stage in range(1, 7):
+            for r in range(rows):
+                h = step_size[r]
+                for c in range(width):
+                    acc = 0.0
+                    for j in range(stage):
+                        acc += _DP_A[stage, j] * K[j, r, c]
+                    Y[r, c] = S[r, c] + h * acc
+            _projected_velocity(Y, K[stage], rows, weights, col, scalars, x_proj, biases, beta, y, slope, H)
+        # Y now holds y5 (the last row of the tableau equals the fifth-order weights): k_7 = f(y5)
+        _projected_velocity(Y, K[6], rows, weights, col, scalars, x_proj, biases, beta, y, slope, H)
+        for r in range(rows):
+            h = step_size[r]
+            total = 0.0
+            for c in range(width):
+                err = 0.0
+                for j in range(7):
+                    err += _DP_E[j] * K[j, r, c]
+                y5 = Y[r, c]
+                y4 = y5 - h * err
+                y5c = min(max(y5, 0.0), 1.0)
+                y4c = min(max(y4, 0.0), 1.0)
+                scale = atol + rtol * max(abs(S[r, c]), abs(y5c))
+                total += ((y5c - y4c) / scale) ** 2
+            error = np.sqrt(total / width)
+            if error <= 1.0:
+                for c in range(width):
+                    S[r, c] = min(max(Y[r, c], 0.0), 1.0)
+                factor = 10.0 if error == 0.0 else min(10.0, 0.9 * error ** -0.2)
+            else:
+                factor = max(0.2, 0.9 * error ** -0.2) if np.isfinite(error) else 0.2
+            step_size[r] = min(h * factor, dt_max)
+        _projected_velocity(S, K0, rows, weights, col, scalars, x_proj, biases, beta, y, slope, H)
+        if record:
+            _record(trajectory, step, S, rows, index)

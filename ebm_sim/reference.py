@@ -1,0 +1,158 @@
+"""Slow, obvious references for every integrator: plain numpy on lists of layers, and scipy's solve_ivp.
+
+Same equations and stopping rules as the Numba kernels (see :mod:`ebm_sim.relax` for the methods and
+:mod:`ebm_sim.energy` for the dynamics); tests and benchmarks hold the kernels against these. A converged sample
+is frozen (its state, steps and residual no longer change) while the others go on.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.integrate import solve_ivp
+
+from . import energy as E
+from .network import Network
+from .relax import RelaxResult, RelaxSettings
+
+# Dormand-Prince 5(4) (Dormand & Prince 1980): stage coefficients, fifth-order weights, error weights.
+DP_A = [[], [1 / 5], [3 / 40, 9 / 40], [44 / 45, -56 / 15, 32 / 9],
+        [19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729],
+        [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656],
+        [35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84]]
+DP_E = [71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40]
+
+
+def euler_step(network, x, states, dt, beta, target, alternating=False):
+    """One (projected) Euler step, synchronous or alternating; dt = 1 is the fixed-point iteration clip(a h)."""
+    a = network.slope
+    new = [s.copy() for s in states]
+
+    def update(k, fields):
+        if dt == 1.0:
+            new[k] = np.clip(a * fields[k], 0.0, 1.0)
+        else:
+            new[k] = np.clip(states[k] + dt * (a * fields[k] - states[k]), 0.0, 1.0)
+
+    if alternating:
+        for parity in (0, 1):  # 0-based layers 0, 2, ... are s_1, s_3, ...
+            fields = E.local_fields(network, x, new, beta, target)
+            for k in range(parity, network.num_layers, 2):
+                update(k, fields)
+    else:
+        fields = E.local_fields(network, x, states, beta, target)
+        for k in range(network.num_layers):
+            update(k, fields)
+    return new
+
+
+def flow(network, x, states, beta, target):
+    """The projected flow P(a h - s) (list of (B, n_k))."""
+    return E.projected_velocity(states, E.velocity(network, x, states, beta, target))
+
+
+def _relax_fixed_point(network, x, settings, target, states, record):
+    dt, alternating = settings.dt, settings.method == "alternating"
+    batch = x.shape[0]
+    active = np.ones(batch, dtype=bool)
+    steps = np.zeros(batch, dtype=np.int64)
+    residual = np.full(batch, np.inf)
+    frames = [states]
+    for step in range(1, settings.max_steps + 1):
+        new = euler_step(network, x, states, dt, settings.beta, target, alternating)
+        change = E.max_abs([n - s for n, s in zip(new, states)]) / dt
+        change = np.where(np.isnan(change), np.inf, change)
+        states = [np.where(active[:, None], n, s) for n, s in zip(new, states)]
+        residual = np.where(active, change, residual)
+        steps = np.where(active, step, steps)
+        active &= (residual >= settings.tol) & np.isfinite(residual)
+        if record:
+            frames.append(states)
+        if not active.any():
+            break
+    return states, steps, residual, frames
+
+
+def _relax_rk45(network, x, settings, target, states, record):
+    batch = x.shape[0]
+    h = np.full(batch, settings.dt)
+    steps = np.zeros(batch, dtype=np.int64)
+    active = np.ones(batch, dtype=bool)
+    frames = [states]
+    cat = lambda layers: np.concatenate(layers, axis=1)  # noqa: E731
+    split = lambda flat: np.split(flat, np.cumsum(network.layer_sizes[1:])[:-1], axis=1)  # noqa: E731
+    f = lambda flat: cat(flow(network, x, split(flat), settings.beta, target))  # noqa: E731
+    s = cat(states)
+    while True:
+        k1 = f(s)
+        residual = np.max(np.abs(k1), axis=1)
+        residual = np.where(np.isnan(residual), np.inf, residual)
+        active &= (residual >= settings.tol) & np.isfinite(residual) & (steps < settings.max_steps)
+        if not active.any():
+            break
+        ks = [k1]
+        for stage in range(1, 7):
+            ks.append(f(s + h[:, None] * sum(c * k for c, k in zip(DP_A[stage], ks))))
+        y5 = s + h[:, None] * sum(c * k for c, k in zip(DP_A[6], ks))
+        y4 = y5 - h[:, None] * sum(c * k for c, k in zip(DP_E, ks))
+        y5c, y4c = np.clip(y5, 0.0, 1.0), np.clip(y4, 0.0, 1.0)
+        scale = settings.atol + settings.rtol * np.maximum(np.abs(s), np.abs(y5c))
+        error = np.sqrt(np.mean(((y5c - y4c) / scale) ** 2, axis=1))
+        accept = active & (error <= 1.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            grow = np.where(error == 0.0, 10.0, np.minimum(10.0, 0.9 * error ** -0.2))
+            shrink = np.where(np.isfinite(error), np.maximum(0.2, 0.9 * error ** -0.2), 0.2)
+        s = np.where(accept[:, None], y5c, s)
+        h = np.where(active, np.minimum(h * np.where(error <= 1.0, grow, shrink), settings.dt_max), h)
+        steps = steps + active
+        if record:
+            frames.append(split(s))
+    return split(s), steps, residual, frames
+
+
+def _relax_solve_ivp(network, x, settings, target, states, record):
+    """solve_ivp (RK45, rtol/atol of the settings) on the projected flow, one sample at a time, integrated in
+    chunks of time until max |P(ds/dt)| < tol. steps counts the solver's right-hand-side evaluations / 6."""
+    sizes = np.cumsum(network.layer_sizes[1:])[:-1]
+    finals, steps, residuals = [], [], []
+    for b in range(x.shape[0]):
+        xb = x[b:b + 1].astype(np.float64)
+        tb = None if target is None else target[b:b + 1].astype(np.float64)
+        net64 = network.astype(np.float64)
+
+        def rhs(_t, flat):
+            return np.concatenate(flow(net64, xb, np.split(flat[None, :], sizes, axis=1), settings.beta, tb),
+                                  axis=1)[0]
+
+        s = np.concatenate([st[b] for st in states]).astype(np.float64)
+        evaluations, residual, t = 0, np.inf, 0.0
+        while evaluations < 6 * settings.max_steps:
+            solution = solve_ivp(rhs, (t, t + 10.0), s, method="RK45", rtol=settings.rtol, atol=settings.atol)
+            evaluations += solution.nfev
+            s, t = np.clip(solution.y[:, -1], 0.0, 1.0), solution.t[-1]
+            residual = np.max(np.abs(rhs(t, s)))
+            if not np.isfinite(residual) or residual < settings.tol or not solution.success:
+                break
+        finals.append(s.astype(network.dtype))
+        steps.append(int(np.ceil(evaluations / 6)))
+        residuals.append(residual)
+    return np.split(np.stack(finals), sizes, axis=1), np.array(steps), np.array(residuals), None
+
+
+def relax_reference(network: Network, x, settings: RelaxSettings, target, initial, record: bool) -> RelaxResult:
+    """The reference implementation behind ``relax(..., backend="numpy")`` and ``method="solve_ivp"``."""
+    states = network.zero_states(x.shape[0]) if initial is None else [s.copy() for s in initial]
+    if settings.method == "solve_ivp":
+        if record:
+            raise ValueError("record=True is not available for method='solve_ivp'")
+        run = _relax_solve_ivp
+    elif settings.method == "rk45":
+        run = _relax_rk45
+    else:
+        run = _relax_fixed_point
+    states, steps, residual, frames = run(network, x, settings, target, states, record)
+    residual = np.asarray(residual, dtype=np.float64)
+    diverged = ~np.isfinite(residual) | ~np.all(np.isfinite(np.concatenate(states, axis=1)), axis=1)
+    result = RelaxResult([np.ascontiguousarray(s, dtype=network.dtype) for s in states], steps, residual,
+                         residual < settings.tol, diverged, settings)
+    if record:
+        result.trajectory = [np.stack([frame[k] for frame in frames]) for k in range(network.num_layers)]
+    return result
