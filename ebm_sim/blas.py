@@ -2,74 +2,84 @@
 
 Numba's ``np.dot`` allocates its result on every call; these wrappers write into (or accumulate onto) a
 caller's buffer, which is what a relaxation loop needs. They call the BLAS that SciPy ships
-(``scipy.linalg.cython_blas``), through function pointers: every Fortran argument is passed by address, and
-addresses are passed as machine-word integers (identical to pointers in the x86-64 and AArch64 ABIs).
+(``scipy.linalg.cython_blas``). The routine's address is a run-time argument (``gemm_address(dtype)``), not a
+global baked into the compiled code, so the kernels can be cached on disk. Every Fortran argument is passed by
+address; addresses are machine-word integers, as pointers are in the x86-64 and AArch64 calling conventions.
 
 Row-major C (m, n) = A (m, k) @ B (k, n) is column-major C^T = B^T A^T, so each wrapper swaps the operands.
 """
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
-from numba.extending import get_cython_function_address, overload
+from numba.extending import get_cython_function_address, intrinsic
 
-_WORD = ctypes.c_ssize_t
-_GEMM_PROTOTYPE = ctypes.CFUNCTYPE(None, *([_WORD] * 13))
-_SGEMM = _GEMM_PROTOTYPE(get_cython_function_address("scipy.linalg.cython_blas", "sgemm"))
-_DGEMM = _GEMM_PROTOTYPE(get_cython_function_address("scipy.linalg.cython_blas", "dgemm"))
-
+_ADDRESSES = {np.dtype(np.float32): get_cython_function_address("scipy.linalg.cython_blas", "sgemm"),
+              np.dtype(np.float64): get_cython_function_address("scipy.linalg.cython_blas", "dgemm")}
 _NO_TRANSPOSE = ord("N")
 _TRANSPOSE = ord("T")
 
 
-def _gemm_col_major(trans_a, trans_b, m, n, k, alpha, a_ptr, lda, b_ptr, ldb, beta, c_ptr, ldc, scalars):
-    """Column-major C = alpha op(A) op(B) + beta C. ``scalars`` (float32 or float64, length >= 2) picks the
-    precision and holds alpha and beta in memory; integer arguments live in a private int32 buffer."""
-    raise NotImplementedError("only callable from Numba-compiled code")
+def make_handle(dtype) -> tuple:
+    """(address of SciPy's sgemm or dgemm, scratch for alpha and beta in that precision): the ``blas`` argument
+    of the wrappers below and of the kernels that use them."""
+    dtype = np.dtype(dtype)
+    return _ADDRESSES[dtype], np.empty(2, dtype=dtype)
 
 
-@overload(_gemm_col_major)
-def _gemm_col_major_impl(trans_a, trans_b, m, n, k, alpha, a_ptr, lda, b_ptr, ldb, beta, c_ptr, ldc, scalars):
-    if not isinstance(scalars, types.Array):
-        return None
-    routine = _SGEMM if scalars.dtype == types.float32 else _DGEMM
-    itemsize = 4 if scalars.dtype == types.float32 else 8
+@intrinsic
+def _call_by_address(typingctx, address, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13):
+    """Call the void function at ``address`` with 13 machine-word arguments (Fortran pointers)."""
+    signature = types.void(types.intp, *([types.intp] * 13))
 
-    def impl(trans_a, trans_b, m, n, k, alpha, a_ptr, lda, b_ptr, ldb, beta, c_ptr, ldc, scalars):
-        ints = np.empty(8, dtype=np.int32)
-        ints[0] = trans_a
-        ints[1] = trans_b
-        ints[2] = m
-        ints[3] = n
-        ints[4] = k
-        ints[5] = lda
-        ints[6] = ldb
-        ints[7] = ldc
-        scalars[0] = alpha
-        scalars[1] = beta
-        ip = ints.ctypes.data
-        fp = scalars.ctypes.data
-        routine(ip, ip + 4, ip + 8, ip + 12, ip + 16, fp, a_ptr, ip + 20, b_ptr, ip + 24, fp + itemsize,
-                c_ptr, ip + 28)
-        return ints[0]  # keeps `ints` alive until after the call
+    def codegen(context, builder, sig, args):
+        word = ir.IntType(64)
+        function_type = ir.FunctionType(ir.VoidType(), [word] * 13)
+        function = builder.inttoptr(args[0], function_type.as_pointer())
+        builder.call(function, args[1:])
+        return context.get_dummy_value()
 
-    return impl
+    return signature, codegen
 
 
 @njit(cache=True)
-def rows_times_wt(rows, a_ptr, lda, k, w_ptr, n, c_ptr, ldc, accumulate, scalars):
+def _gemm_col_major(routine, trans_a, trans_b, m, n, k, a_ptr, lda, b_ptr, ldb, beta, c_ptr, ldc, scalars):
+    """Column-major C = op(A) op(B) + beta C through the BLAS routine at address ``routine``; ``scalars`` (the
+    routine's precision, length >= 2) holds alpha and beta in memory."""
+    ints = np.empty(8, dtype=np.int32)
+    ints[0] = trans_a
+    ints[1] = trans_b
+    ints[2] = m
+    ints[3] = n
+    ints[4] = k
+    ints[5] = lda
+    ints[6] = ldb
+    ints[7] = ldc
+    scalars[0] = 1.0
+    scalars[1] = beta
+    ip = ints.ctypes.data
+    fp = scalars.ctypes.data
+    _call_by_address(routine, ip, ip + 4, ip + 8, ip + 12, ip + 16, fp, a_ptr, ip + 20, b_ptr, ip + 24,
+                     fp + scalars.itemsize, c_ptr, ip + 28)
+    return ints[0]  # keeps `ints` alive until after the call
+
+
+@njit(cache=True)
+def rows_times_wt(blas, rows, a_ptr, lda, k, w_ptr, n, c_ptr, ldc, accumulate):
     """Row-major C (rows, n) [+]= A (rows, k) @ W^T for a contiguous row-major W of shape (n, k).
 
     A and C may be column blocks of wider row-major buffers: lda and ldc are their row strides (elements).
+    ``blas`` is the handle made by ``make_handle``.
     """
-    _gemm_col_major(_TRANSPOSE, _NO_TRANSPOSE, n, rows, k, 1.0, w_ptr, k, a_ptr, lda,
+    routine, scalars = blas
+    _gemm_col_major(routine, _TRANSPOSE, _NO_TRANSPOSE, n, rows, k, w_ptr, k, a_ptr, lda,
                     1.0 if accumulate else 0.0, c_ptr, ldc, scalars)
 
 
 @njit(cache=True)
-def rows_times_w(rows, a_ptr, lda, k, w_ptr, n, c_ptr, ldc, accumulate, scalars):
+def rows_times_w(blas, rows, a_ptr, lda, k, w_ptr, n, c_ptr, ldc, accumulate):
     """Row-major C (rows, n) [+]= A (rows, k) @ W for a contiguous row-major W of shape (k, n)."""
-    _gemm_col_major(_NO_TRANSPOSE, _NO_TRANSPOSE, n, rows, k, 1.0, w_ptr, n, a_ptr, lda,
+    routine, scalars = blas
+    _gemm_col_major(routine, _NO_TRANSPOSE, _NO_TRANSPOSE, n, rows, k, w_ptr, n, a_ptr, lda,
                     1.0 if accumulate else 0.0, c_ptr, ldc, scalars)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels
+from .blas import make_handle
 from .network import Network
 from .relax import RelaxResult, RelaxSettings
 
@@ -44,11 +45,11 @@ def relax_numba(network: Network, x, settings: RelaxSettings, target, initial, r
     outputs = (out_states, out_steps, out_residual, out_converged, out_diverged)
     slope = float(network.slope)
     if settings.method == "rk45":
-        kernels.relax_rk45(x, weights, biases, col, slope, settings.beta, target, start, settings.tol,
+        kernels.relax_rk45(make_handle(dtype), x, weights, biases, col, slope, settings.beta, target, start, settings.tol,
                            settings.max_steps, settings.rtol, settings.atol, settings.dt, settings.dt_max,
                            record, trajectory, *outputs)
     else:
-        kernels.relax_fixed_point(x, weights, biases, col, slope, float(settings.dt),
+        kernels.relax_fixed_point(make_handle(dtype), x, weights, biases, col, slope, float(settings.dt),
                                   settings.method == "alternating", settings.beta, target, start, settings.tol,
                                   settings.max_steps, record, trajectory, *outputs)
     result = RelaxResult(unpack_states(out_states, network), out_steps, out_residual, out_converged,

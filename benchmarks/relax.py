@@ -1,0 +1,203 @@
+"""Benchmark: relax a 784-512-512-10 network to tol 1e-4 at batch 1 and 256 with every implementation.
+
+    python benchmarks/relax.py [--quick] [--network NET.h5] [--tol 1e-4] [--out benchmarks/results/relax.json]
+
+Implementations: the Numba kernels (fixed_point, the headline; also euler, alternating, rk45), the same equations
+in eager torch on CPU (the way the reference EP code bases run: every step recomputes every field, including the
+input term, and the batch stops when every sample meets tol, checked every step; also with the input term hoisted),
+the plain numpy reference, and scipy's solve_ivp (per sample). Inputs are Fashion-MNIST test images when the Debian
+package is installed, else uniform noise of the same size. Also measured in the same run: float32 GEMM GFLOP/s of
+numpy (the denominator the issue asks for), of SciPy's BLAS (what the kernels call) and of torch, same shapes.
+
+Reported per implementation: time to equilibrium (median wall time of the whole relaxation), steps, steps/s.
+Keys: numba_over_torch_batch{1,256} = torch time / Numba time (> 1: Numba faster), gemm_fraction_batch256 = FLOP/s
+of the matrix products the Numba relaxation executes (active rows only) / numpy GEMM FLOP/s.
+The JSON is written to --out and printed as the last line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ebm_sim.network import Network  # noqa: E402
+from ebm_sim.relax import relax  # noqa: E402
+
+LAYERS = (784, 512, 512, 10)
+
+
+def wall_times(fn, repeats: int) -> list:
+    """Seconds of ``repeats`` calls of fn() after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summary(times, steps) -> dict:
+    median = statistics.median(times)
+    return {"time_to_equilibrium_s": median, "best_s": min(times), "repeats": len(times), "steps": int(steps),
+            "steps_per_s": steps / median}
+
+
+def gemm_rates(repeats: int) -> dict:
+    """float32 GFLOP/s of (B, 512) @ (512, 512)^T for B = 1 and 256: numpy (the issue's denominator), SciPy's BLAS
+    called the way the kernels call it (no copies), and torch."""
+    import torch
+    from numba import njit
+    from ebm_sim.blas import make_handle, rows_times_wt
+
+    @njit(cache=False)
+    def scipy_blas_products(blas, a, w, out, count):
+        for _ in range(count):
+            rows_times_wt(blas, a.shape[0], a.ctypes.data, a.shape[1], a.shape[1], w.ctypes.data, w.shape[0],
+                          out.ctypes.data, w.shape[0], False)
+
+    rng = np.random.default_rng(0)
+    w = rng.random((512, 512), dtype=np.float32)
+    handle = make_handle(np.float32)
+    rates = {}
+    for batch in (1, 256):
+        a = rng.random((batch, 512), dtype=np.float32)
+        out = np.empty((batch, 512), dtype=np.float32)
+        ta, tw, tout = torch.from_numpy(a), torch.from_numpy(w), torch.from_numpy(out)
+        inner = max(1, 4096 // batch)
+
+        def repeat(fn):
+            return lambda: [fn() for _ in range(inner)]
+
+        candidates = {
+            "numpy": repeat(lambda: np.matmul(a, w.T, out=out)),
+            "scipy_blas": lambda: scipy_blas_products(handle, a, w, out, inner),
+            "torch": repeat(lambda: torch.matmul(ta, tw.T, out=tout)),
+        }
+        for name, fn in candidates.items():
+            best = min(wall_times(fn, repeats)) / inner
+            rates[f"{name}_gflops_batch{batch}"] = 2 * batch * 512 * 512 / best / 1e9
+    return rates
+
+
+def numba_matmul_flops(network: Network, steps: np.ndarray) -> float:
+    """FLOPs of the matrix products the synchronous Numba relaxation runs: the input projection once per sample,
+    then per step and per still-active sample W_i s_i and W_i^T s_{i+1} for every W_i, i >= 1."""
+    n = network.layer_sizes
+    per_row_step = sum(4 * n[i] * n[i + 1] for i in range(1, len(n) - 1))
+    return float(2 * n[0] * n[1] * len(steps) + per_row_step * steps.sum())
+
+
+def load_inputs(batch: int) -> tuple:
+    try:
+        from ebm_sim.datasets import load_fashion_mnist
+        data = load_fashion_mnist()
+        return data.x_test[:batch], "fashion-mnist test images"
+    except (FileNotFoundError, ValueError):
+        return np.random.default_rng(0).random((batch, LAYERS[0]), dtype=np.float32), "uniform noise in [0, 1]"
+
+
+def run(args) -> dict:
+    import torch
+    from ebm_sim import torch_twin
+    from ebm_sim.storage import load_network
+
+    network = (load_network(args.network) if args.network else Network.init(LAYERS, seed=0)).astype(np.float32)
+    if network.layer_sizes[0] != LAYERS[0]:
+        raise SystemExit(f"the benchmark needs a network with {LAYERS[0]} inputs, got {network.layer_sizes}")
+    inputs, source = load_inputs(256)
+    repeats = {1: 20 if args.quick else 100, 256: 3 if args.quick else 10}
+    results = {"network": {"layer_sizes": list(network.layer_sizes), "source": args.network or "Network.init(seed=0)",
+                           "hash": network.content_hash()},
+               "inputs": source, "tol": args.tol, "dtype": "float32",
+               "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()},
+               "per_batch": {}}
+    compile_start = time.perf_counter()
+    for method in ("fixed_point", "euler", "alternating", "rk45"):
+        relax(network, inputs[:2], method=method, tol=args.tol)
+    results["numba_compile_s"] = time.perf_counter() - compile_start
+
+    for batch in (1, 256):
+        x = inputs[:batch]
+        n = repeats[batch]
+        row = {}
+        for method in ("fixed_point", "euler", "alternating", "rk45"):
+            out = relax(network, x, method=method, tol=args.tol, max_steps=5000)
+            times = wall_times(lambda: relax(network, x, method=method, tol=args.tol, max_steps=5000), n)
+            row[f"numba_{method}"] = summary(times, out.steps.max())
+            row[f"numba_{method}"]["converged"] = float(out.converged.mean())
+            row[f"numba_{method}"]["mean_steps"] = float(out.steps.mean())
+            if method == "fixed_point":
+                flops = numba_matmul_flops(network, out.steps)
+                row["numba_fixed_point"]["matmul_gflops"] = flops / statistics.median(times) / 1e9
+        for method in ("fixed_point", "euler"):
+            for hoist in (False, True):
+                name = f"torch_{method}" + ("_hoisted" if hoist else "")
+                out = torch_twin.relax(network, x, method=method, tol=args.tol, max_steps=5000, hoist_input=hoist)
+                times = wall_times(lambda: torch_twin.relax(network, x, method=method, tol=args.tol, max_steps=5000,
+                                                            hoist_input=hoist), n)
+                row[name] = summary(times, out.steps)
+                row[name]["converged"] = float(out.converged.float().mean())
+        out = relax(network, x, method="fixed_point", tol=args.tol, backend="numpy")
+        row["numpy_fixed_point"] = summary(wall_times(
+            lambda: relax(network, x, method="fixed_point", tol=args.tol, backend="numpy"), max(1, n // 5)),
+            out.steps.max())
+        ivp_samples = 1 if args.quick else min(batch, 4)
+        start = time.perf_counter()
+        out = relax(network, x[:ivp_samples], method="solve_ivp", tol=args.tol, max_steps=20000)
+        per_sample = (time.perf_counter() - start) / ivp_samples
+        row["solve_ivp"] = {"time_to_equilibrium_s": per_sample * batch, "steps": int(out.steps.max()),
+                            "steps_per_s": float(out.steps.mean()) / per_sample,
+                            "converged": float(out.converged.mean()),
+                            "note": f"per-sample solver: {ivp_samples} sample(s) timed, time scaled to batch {batch}"}
+        reference = row["numba_fixed_point"]["time_to_equilibrium_s"]
+        for name, entry in row.items():
+            entry["time_over_numba_fixed_point"] = entry["time_to_equilibrium_s"] / reference
+        results["per_batch"][str(batch)] = row
+
+    rates = gemm_rates(5 if args.quick else 20)
+    results["gemm"] = rates
+    for batch in (1, 256):
+        row = results["per_batch"][str(batch)]
+        numba_t = row["numba_fixed_point"]["time_to_equilibrium_s"]
+        results[f"numba_over_torch_batch{batch}"] = row["torch_fixed_point"]["time_to_equilibrium_s"] / numba_t
+        results[f"numba_over_torch_hoisted_batch{batch}"] = (
+            row["torch_fixed_point_hoisted"]["time_to_equilibrium_s"] / numba_t)
+    achieved = results["per_batch"]["256"]["numba_fixed_point"]["matmul_gflops"]
+    best = max(rates[k] for k in rates if k.endswith("batch256"))
+    results["gemm_fraction_batch256"] = achieved / rates["numpy_gflops_batch256"]
+    results["gemm_fraction_vs_best_batch256"] = achieved / best
+    results["targets"] = {"numba_over_torch_batch1": 5.0, "numba_over_torch_batch256": 1.5,
+                          "gemm_fraction_batch256": 0.8}
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (under a minute)")
+    parser.add_argument("--network", help="an HDF5 network with 784 inputs (default: a seeded random one)")
+    parser.add_argument("--tol", type=float, default=1e-4)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "relax.json"))
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")  # Numba's "cannot cache" notices
+    results = run(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(out)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
