@@ -46,7 +46,7 @@ def run_demo(out_dir="runs/demo", *, layers=(64, 256, 10), seed: int = 0, gain: 
              max_steps: int = 1000, ivp_samples: int = 5, trajectory_samples: int = 8, log=None) -> dict:
     """Run the demo (see the module docstring) and return its results as a dict; ``log`` gets progress lines."""
     from . import storage
-    from .cli import run_relax
+    from .batch_relax import run_relax
     from .datasets import load_dataset
     from .network import Network
     from .relax import relax

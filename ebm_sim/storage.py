@@ -116,7 +116,7 @@ def _header(fmt: str, datasets: dict, config: dict) -> dict:
 
 
 @contextmanager
-def _atomic_path(path: Path):
+def atomic_path(path: Path):
     """Yield a temporary path next to ``path``; on success fsync it and rename it onto ``path``; on any
     exception remove it (the target is untouched)."""
     if not path.parent.is_dir():
@@ -139,7 +139,7 @@ def _write_artifact(path, fmt: str, datasets: dict, config: dict) -> str:
     """Atomically write ``datasets`` (name -> array) and the header + ``config`` attributes; return the hash."""
     path = Path(path)
     attrs = _header(fmt, datasets, config)
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "x") as f:
             for name in sorted(datasets):
                 f.create_dataset(name, data=datasets[name])

@@ -11,7 +11,8 @@ import pytest
 
 import ebm_sim.relax as relax_module
 from ebm_sim import cli, demo, storage
-from ebm_sim.cli import main, partial_path
+from ebm_sim.batch_relax import partial_path
+from ebm_sim.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -236,4 +237,4 @@ def test_demo_results(tmp_path):
     assert e["decreased"] and all(last < first for first, last in zip(e["first"], e["last"]))
     assert 0.0 <= res["relax"]["accuracy"] <= 1.0
     assert res["file_vs_memory_max_diff"] < 1e-5
-    assert cli.partial_path(res["paths"]["fixed_points"]).name == "fixed_points.h5.partial.npz"
+    assert partial_path(res["paths"]["fixed_points"]).name == "fixed_points.h5.partial.npz"

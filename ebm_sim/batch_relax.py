@@ -1,0 +1,236 @@
+"""Relax a whole dataset to its fixed points and store them: resumable batch work behind ``ebm relax``.
+
+Finished batches are saved atomically to ``<OUT>.partial.npz`` (every ``checkpoint_every`` batches and on Ctrl-C);
+a later call with the same network, data and settings continues from there. The partial file is deleted once the
+final ``ebm-fixed-points`` artifact is written, and nothing is ever written under the final name before the end.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .storage import atomic_path
+
+PARTIAL_SUFFIX = ".partial.npz"
+PARTIAL_FORMAT = "ebm-relax-partial/1"
+
+
+class RunError(RuntimeError):
+    """A run that cannot finish (e.g. diverging dynamics): exit status 1."""
+
+
+def partial_path(out) -> Path:
+    """Where ``ebm relax -o OUT`` keeps its finished batches until OUT is written: ``OUT.partial.npz``."""
+    out = Path(out)
+    return out.with_name(out.name + PARTIAL_SUFFIX)
+
+
+def _run_key(network_hash: str, x: np.ndarray, y: np.ndarray, settings: dict) -> str:
+    """Identity of a relaxation run (network, exact data, settings incl. batch size): a partial file is only
+    resumed by a run with the same key."""
+    data = hashlib.sha256()
+    for array in (x, y):
+        array = np.ascontiguousarray(array)
+        data.update(f"{array.dtype.str}{array.shape}".encode())
+        data.update(array)
+    return json.dumps({"format": PARTIAL_FORMAT, "network_hash": network_hash, "data_sha256": data.hexdigest(),
+                       "settings": settings}, sort_keys=True, default=str)
+
+
+def _save_partial(path: Path, key: str, done: int, elapsed: float, parts: dict) -> None:
+    """Atomically write the finished samples [0, done) to ``path`` (temporary file in the same folder, fsync,
+    rename); an exception (Ctrl-C included) removes the temporary file and leaves ``path`` as it was."""
+    arrays = {"key": np.array(key), "done": np.array(done, dtype=np.int64),
+              "elapsed": np.array(elapsed, dtype=np.float64)}
+    for name, chunks in parts.items():
+        arrays[name] = np.concatenate(chunks) if chunks else np.empty(0)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+
+
+def _load_partial(path: Path, key: str, num_layers: int, log) -> tuple[int, float, dict] | None:
+    """(done, elapsed, parts) from a partial file made by the same run, else None (with a note why)."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            stored_key = str(z["key"][()])
+            if stored_key != key:
+                log(f"note: ignoring {path}: it was made by a different run (network, data or settings differ); "
+                    f"starting from the beginning")
+                return None
+            done, elapsed = int(z["done"]), float(z["elapsed"])
+            names = [f"s{k}" for k in range(1, num_layers + 1)] + ["residuals", "steps", "converged"]
+            parts = {name: [z[name]] for name in names}
+    except Exception as e:  # unreadable / truncated partial: start again rather than fail
+        log(f"note: ignoring unreadable {path} ({type(e).__name__}: {e}); starting from the beginning")
+        return None
+    if any(p[0].shape[0] != done for p in parts.values()):
+        log(f"note: ignoring inconsistent {path}; starting from the beginning")
+        return None
+    return done, elapsed, parts
+
+
+def relax_to_file(network, x, labels, out, *, method: str = "fixed_point", tol: float = 1e-4,
+                  max_steps: int = 1000, dt: float | None = None, batch_size: int = 256, dtype=None,
+                  meta: dict | None = None, checkpoint_every: int = 10, resume: bool = True,
+                  progress: bool = True, log=None) -> dict:
+    """Relax every row of x (N, n_0) in batches and write an ``ebm-fixed-points`` file to ``out``.
+
+    Resumable: finished batches go to ``partial_path(out)`` every ``checkpoint_every`` batches and on Ctrl-C
+    (KeyboardInterrupt is re-raised); a later call with the same network, data and settings continues from it.
+    dtype: run in float32/float64 (default: the network's). meta: extra entries for the stored settings (dataset,
+    split, limit). Returns a summary dict (samples, converged, steps, residual, accuracy, time, paths).
+    Raises ValueError for bad settings and RunError if the dynamics diverge (finished batches are kept).
+    """
+    from . import storage
+    from .relax import RelaxSettings, relax
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {out}: directory {out.parent} does not exist")
+    if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
+        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+    if not (isinstance(checkpoint_every, (int, np.integer)) and checkpoint_every >= 1):
+        raise ValueError(f"checkpoint interval must be a positive number of batches, got {checkpoint_every!r}")
+    source_hash = network.content_hash()
+    run_net = network if dtype is None else network.astype(dtype)
+    relax_settings = RelaxSettings(method=method, tol=tol, max_steps=max_steps, dt=dt)  # validates early
+    x = np.ascontiguousarray(x, dtype=run_net.dtype)
+    labels = np.asarray(labels)
+    if x.ndim != 2 or x.shape[1] != run_net.layer_sizes[0]:
+        raise ValueError(f"the network takes {run_net.layer_sizes[0]} inputs but the data has shape {x.shape}")
+    if labels.shape != (x.shape[0],):
+        raise ValueError(f"{x.shape[0]} inputs but labels of shape {labels.shape}")
+    if x.shape[0] == 0:
+        raise ValueError("no samples to relax")
+    settings = {**relax_settings.as_dict(), "dtype": str(run_net.dtype), "batch_size": int(batch_size),
+                "on_divergence": "flag", **(meta or {})}
+    num, num_layers = x.shape[0], run_net.num_layers
+    key = _run_key(source_hash, x, labels, settings)
+    ppath = partial_path(out)
+
+    parts = {f"s{k}": [] for k in range(1, num_layers + 1)}
+    parts.update(residuals=[], steps=[], converged=[])
+    done, previous = 0, 0.0
+    if resume:
+        loaded = _load_partial(ppath, key, num_layers, log)
+        if loaded is not None:
+            done, previous, parts = loaded
+            log(f"resuming from {ppath}: {done}/{num} samples already relaxed")
+    resumed_from = done
+    start = time.perf_counter()
+
+    def elapsed():
+        return previous + time.perf_counter() - start
+
+    from tqdm import tqdm
+    bar = tqdm(total=num, initial=done, unit="sample", desc=f"relax {method}", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    batches_since_save = 0
+    try:
+        while done < num:
+            stop = min(done + batch_size, num)
+            result = relax(run_net, x[done:stop], method=method, tol=tol, max_steps=max_steps, dt=dt,
+                           on_divergence="flag")
+            if np.any(result.diverged):
+                bad = done + np.nonzero(result.diverged)[0]
+                if done > resumed_from:
+                    _save_partial(ppath, key, done, elapsed(), parts)
+                raise RunError(f"the {method} dynamics diverged (NaN or inf) for {len(bad)} of the samples "
+                               f"{done}..{stop - 1} (first: {bad[:5].tolist()}); lower --dt or check the weights' "
+                               f"scale. The {done} samples before them are kept in {ppath}")
+            for k, s in enumerate(result.states, start=1):
+                parts[f"s{k}"].append(s)
+            parts["residuals"].append(result.residual)
+            parts["steps"].append(result.steps)
+            parts["converged"].append(result.converged)
+            done = stop
+            bar.update(stop - bar.n)
+            batches_since_save += 1
+            if done < num and batches_since_save >= checkpoint_every:
+                _save_partial(ppath, key, done, elapsed(), parts)
+                batches_since_save = 0
+    except KeyboardInterrupt:
+        bar.close()
+        if done > resumed_from:
+            _save_partial(ppath, key, done, elapsed(), parts)
+        log(f"interrupted: {done}/{num} samples are saved in {ppath}; run the same command again to resume")
+        raise
+    finally:
+        bar.close()
+
+    states = [np.concatenate(parts[f"s{k}"]) for k in range(1, num_layers + 1)]
+    residuals, steps = np.concatenate(parts["residuals"]), np.concatenate(parts["steps"])
+    converged = np.concatenate(parts["converged"])
+    storage.save_fixed_points(out, x, labels, states, residuals, steps, converged, settings, source_hash)
+    ppath.unlink(missing_ok=True)
+    predictions = np.argmax(states[-1], axis=1)
+    return {"path": str(out), "samples": num, "converged": int(np.count_nonzero(converged)),
+            "converged_fraction": float(np.mean(converged)), "steps_mean": float(np.mean(steps)),
+            "steps_max": int(np.max(steps)), "residual_max": float(np.max(residuals)),
+            "accuracy": float(np.mean(predictions == labels)), "time_s": elapsed(),
+            "resumed_from": resumed_from, "network_hash": source_hash, "settings": settings,
+            "trained": bool(network.history)}
+
+
+def run_relax(network_path, dataset: str, out, *, data_dir=None, split: str = "test", limit: int | None = None,
+              **kwargs) -> dict:
+    """``ebm relax``: load the network file and the dataset split, check their sizes, and call
+    :func:`relax_to_file` (keyword arguments are passed on). Returns its summary dict."""
+    from . import datasets, storage
+
+    if split not in ("test", "train"):
+        raise ValueError(f"split must be 'test' or 'train', got {split!r}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be a positive number of samples, got {limit}")
+    network_path, out = Path(network_path), Path(out)
+    if out.exists() and network_path.exists() and out.resolve() == network_path.resolve():
+        raise ValueError(f"the output {out} is the network file itself; choose another -o")
+    network = storage.load_network(network_path)
+    ds = datasets.load_dataset(dataset, data_dir, limit_train=limit if split == "train" else None,
+                               limit_test=limit if split == "test" else None)
+    if ds.num_features != network.layer_sizes[0]:
+        shape = "x".join(str(s) for s in ds.image_shape)
+        raise ValueError(f"{network_path} takes {network.layer_sizes[0]} inputs "
+                         f"(layers {'-'.join(map(str, network.layer_sizes))}) but {ds.name} has "
+                         f"{ds.num_features} features per sample ({shape} images); create a network whose first "
+                         f"layer has {ds.num_features} units (e.g. ebm init --layers {ds.num_features},...)")
+    x, y = (ds.x_test, ds.y_test) if split == "test" else (ds.x_train, ds.y_train)
+    meta = {"dataset": ds.name, "split": split, "limit": limit, "network_file": network_path.name}
+    summary = relax_to_file(network, x, y, out, meta=meta, **kwargs)
+    summary.update(dataset=ds.name, split=split, limit=limit, num_classes=ds.num_classes)
+    return summary
+
+
+def format_relax_summary(s: dict) -> str:
+    """Human-readable text of a :func:`run_relax` / :func:`relax_to_file` summary."""
+    st = s["settings"]
+    head = f"relaxed {s['samples']} samples"
+    if "dataset" in s:
+        head += f" of {s['dataset']} ({s['split']} split" + (f", stratified subsample of {s['limit']})"
+                                                           if s.get("limit") else ")")
+    head += (f" with {st['method']} (tol {st['tol']:g}, max steps {st['max_steps']}, dt {st['dt']:g}, "
+             f"{st['dtype']}, batch {st['batch_size']})")
+    note = "meaningful only for a trained network"
+    if not s["trained"]:
+        note += "; this network has no training history, so expect chance level"
+    timing = f"{s['time_s']:.2f} s"
+    if s["resumed_from"]:
+        timing += f" in total (resumed after {s['resumed_from']} samples)"
+    return "\n".join([
+        head,
+        f"  converged:    {s['converged']}/{s['samples']} ({100 * s['converged_fraction']:.1f}%)",
+        f"  steps:        mean {s['steps_mean']:.1f}, max {s['steps_max']}",
+        f"  max residual: {s['residual_max']:.3g}",
+        f"  accuracy:     {100 * s['accuracy']:.1f}% (argmax of the output layer vs labels; {note})",
+        f"  time:         {timing}",
+        f"  wrote:        {s['path']}",
+    ])
