@@ -355,7 +355,7 @@ def relax_rk45(blas, x, weights, biases, col, slope, beta, target, initial, tol,
         _projected_velocity(Y, K[6], rows, weights, col, blas, x_proj, biases, beta, y, slope, H)
         for r in range(rows):
             h = step_size[r]
-            total = 0.0
+            error = 0.0
             for c in range(width):
                 err = 0.0
                 for j in range(7):
@@ -365,8 +365,7 @@ def relax_rk45(blas, x, weights, biases, col, slope, beta, target, initial, tol,
                 y5c = min(max(y5, 0.0), 1.0)
                 y4c = min(max(y4, 0.0), 1.0)
                 scale = atol + rtol * max(abs(S[r, c]), abs(y5c))
-                total += ((y5c - y4c) / scale) ** 2
-            error = np.sqrt(total / width)
+                error = max(error, abs(y5c - y4c) / scale)
             if error <= 1.0:
                 for c in range(width):
                     S[r, c] = min(max(Y[r, c], 0.0), 1.0)

@@ -95,7 +95,7 @@ def _relax_rk45(network, x, settings, target, states, record):
         y4 = y5 - h[:, None] * sum(c * k for c, k in zip(DP_E, ks))
         y5c, y4c = np.clip(y5, 0.0, 1.0), np.clip(y4, 0.0, 1.0)
         scale = settings.atol + settings.rtol * np.maximum(np.abs(s), np.abs(y5c))
-        error = np.sqrt(np.mean(((y5c - y4c) / scale) ** 2, axis=1))
+        error = np.max(np.abs(y5c - y4c) / scale, axis=1)
         accept = active & (error <= 1.0)
         with np.errstate(divide="ignore", invalid="ignore"):
             grow = np.where(error == 0.0, 10.0, np.minimum(10.0, 0.9 * error ** -0.2))
