@@ -10,6 +10,7 @@ with the nudge on the output layer, cost C = 1/2 ||s_L - y||^2 (MSE):
     h_L <- h_L - beta (s_L - y)
 Energy (per sample; Scellier & Bengio 2017 with rho(s) = s inside the box):
     E(s) = sum_k ||s_k||^2 / (2a) - sum_k s_{k+1}^T W_k s_k - sum_k b_k^T s_k + beta C(s_L, y)
+         = sum_k ||s_k||^2 / (2a) - Phi(x, s)              (Phi: the primitive function below)
     dE/ds_k = s_k / a - h_k
 Continuous-time dynamics (a positive rescaling of -dE/ds, so E decreases along it):
     ds_k/dt = -a dE/ds_k = a h_k - s_k,      projected onto [0, 1] after every step
@@ -49,19 +50,27 @@ def local_fields(network: Network, x, states, beta: float = 0.0, target=None) ->
     return fields
 
 
-def energy(network: Network, x, states, beta: float = 0.0, target=None) -> np.ndarray:
-    """E(s) + beta C per sample, shape (B,). See the module docstring for the formula."""
-    a = network.slope
+def primitive(network: Network, x, states, beta: float = 0.0, target=None) -> np.ndarray:
+    """The primitive function of the discrete-time form (Ernoult et al. 2019), per sample, shape (B,):
+        Phi(x, s) = sum_k s_{k+1}^T W_k s_k + sum_k b_k^T s_k - beta C(s_L, y)
+    Its gradient dPhi/ds_k is ``local_fields``; the discrete-time dynamics are s <- rho(dPhi/ds) = clip(a h, 0, 1).
+    """
     layers = [x] + list(states)
-    e = np.zeros(x.shape[0], dtype=np.float64)
+    phi = np.zeros(x.shape[0], dtype=np.float64)
     for k in range(1, network.num_layers + 1):
         s, below = layers[k].astype(np.float64), layers[k - 1].astype(np.float64)
         w, b = network.weights[k - 1].astype(np.float64), network.biases[k - 1].astype(np.float64)
-        e += 0.5 / a * np.sum(s * s, axis=1) - np.sum(s * (below @ w.T), axis=1) - s @ b
+        phi += np.sum(s * (below @ w.T), axis=1) + s @ b
     y = _nudge_target(network, target, x.shape[0], beta)
     if y is not None:
-        e += 0.5 * beta * np.sum((states[-1].astype(np.float64) - y) ** 2, axis=1)
-    return e
+        phi -= 0.5 * beta * np.sum((states[-1].astype(np.float64) - y) ** 2, axis=1)
+    return phi
+
+
+def energy(network: Network, x, states, beta: float = 0.0, target=None) -> np.ndarray:
+    """E(s) + beta C per sample, shape (B,). See the module docstring for the formula."""
+    squares = sum(np.sum(s.astype(np.float64) ** 2, axis=1) for s in states)
+    return 0.5 / network.slope * squares - primitive(network, x, states, beta, target)
 
 
 def energy_gradient(network: Network, x, states, beta: float = 0.0, target=None) -> list:

@@ -80,26 +80,28 @@ def _field(i, S, H, rows, weights, col, blas, x_proj, biases, beta, target):
     _finish_field(i, S, H, rows, len(weights), col, weights[i].shape[0], x_proj, biases, beta, target)
 
 
-@njit(cache=True, fastmath=False)
+@njit(cache=True)
 def _euler_update(i, S, H, rows, num_layers, col, n_i, x_proj, biases, beta, target, slope, dt, residual):
     """Layer i: h = coupling (in H) + constant terms (+ nudge), then s <- clip(s + dt (a h - s), 0, 1), or
-    clip(a h) when dt == 1; residual[r] = max(residual[r], max_j |change|). One pass, no allocation; NaN is
-    kept (and so flagged by the residual) rather than clipped away."""
+    clip(a h) when dt == 1; residual[r] = max(residual[r], max_j |change|). No allocation; NaN is kept (and so
+    flagged by the residual) rather than clipped away."""
     c0 = col[i]
     zero = S.dtype.type(0.0)
     one = S.dtype.type(1.0)
     a = S.dtype.type(slope)
     step = S.dtype.type(dt)
-    nudge = S.dtype.type(beta) if i == num_layers - 1 else zero
     fixed_point = dt == 1.0
+    if i == num_layers - 1 and beta != 0.0:  # the nudge only touches the (small) output layer
+        for r in range(rows):
+            for j in range(n_i):
+                H[r, c0 + j] -= beta * (S[r, c0 + j] - target[r, j])
     for r in range(rows):
         constant = _layer_constant(i, r, c0, n_i, x_proj, biases)
-        pull = target[r, :] if nudge != zero else constant  # with nudge = 0 the pull term is exactly zero
         largest = zero
         invalid = False
         for j in range(n_i):  # branch-free body (min/max, not if/elif): it vectorizes, ~7x faster
             old = S[r, c0 + j]
-            h = H[r, c0 + j] + constant[j] - nudge * (old - pull[j])
+            h = H[r, c0 + j] + constant[j]
             new = a * h if fixed_point else old + step * (a * h - old)
             new = min(max(new, zero), one)  # NaN stays NaN (it is the first argument)
             largest = max(largest, abs(new - old))
@@ -351,8 +353,8 @@ def relax_rk45(blas, x, weights, biases, col, slope, beta, target, initial, tol,
                         acc += _DP_A[stage, j] * K[j, r, c]
                     Y[r, c] = S[r, c] + h * acc
             _projected_velocity(Y, K[stage], rows, weights, col, blas, x_proj, biases, beta, y, slope, H)
-        # Y now holds y5 (the last row of the tableau equals the fifth-order weights): k_7 = f(y5)
-        _projected_velocity(Y, K[6], rows, weights, col, blas, x_proj, biases, beta, y, slope, H)
+        # the last stage evaluated the flow at y5 (the tableau's last row is the fifth-order weights): Y = y5,
+        # K[6] = f(y5), the FSAL stage the error estimate needs
         for r in range(rows):
             h = step_size[r]
             error = 0.0

@@ -14,6 +14,7 @@ Backends: "numba" (fast kernels), "numpy" (the plain reference of :mod:`ebm_sim.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,7 +62,7 @@ class RelaxSettings:
         if self.dt is not None:
             positive["dt"] = self.dt
         for name, value in positive.items():
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
         if self.method in ("euler", "fixed_point", "alternating") and self.dt > 1.0:
             raise ValueError(f"dt = {self.dt} > 1 overshoots the fixed point (the update is s + dt (a h - s))")
@@ -70,7 +71,7 @@ class RelaxSettings:
                              f"use method='euler' for dt = {self.dt}")
         if not (isinstance(self.max_steps, (int, np.integer)) and self.max_steps >= 1):
             raise ValueError(f"max_steps must be an integer >= 1, got {self.max_steps!r}")
-        if not math.isfinite(self.beta):
+        if not (isinstance(self.beta, numbers.Real) and math.isfinite(self.beta)):
             raise ValueError(f"beta must be finite, got {self.beta!r}")
 
     def as_dict(self) -> dict:
