@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -107,9 +108,72 @@ def load_inputs(batch: int) -> tuple:
         return np.random.default_rng(0).random((batch, LAYERS[0]), dtype=np.float32), "uniform noise in [0, 1]"
 
 
-def run(args) -> dict:
+def numba_group(network, inputs, args, repeats) -> dict:
+    """The Numba kernels, every method, batch 1 and 256; also the matmul FLOP rate of fixed_point."""
+    compile_start = time.perf_counter()
+    for method in ("fixed_point", "euler", "alternating", "rk45"):
+        relax(network, inputs[:2], method=method, tol=args.tol)
+    out_rows = {"numba_compile_or_cache_load_s": time.perf_counter() - compile_start}
+    for batch in (1, 256):
+        x, row = inputs[:batch], {}
+        for method in ("fixed_point", "euler", "alternating", "rk45"):
+            out = relax(network, x, method=method, tol=args.tol, max_steps=5000)
+            times = wall_times(lambda: relax(network, x, method=method, tol=args.tol, max_steps=5000), repeats[batch])
+            row[f"numba_{method}"] = {**summary(times, out.steps.max()), "converged": float(out.converged.mean()),
+                                      "mean_steps": float(out.steps.mean())}
+            if method == "fixed_point":
+                flops = numba_matmul_flops(network, out.steps)
+                row["numba_fixed_point"]["matmul_gflops"] = flops / statistics.median(times) / 1e9
+        out_rows[str(batch)] = row
+    return out_rows
+
+
+def torch_group(network, inputs, args, repeats) -> dict:
+    """The same equations in eager torch on CPU, reference style and with the input term hoisted."""
     import torch
     from ebm_sim import torch_twin
+
+    out_rows = {"torch_threads": torch.get_num_threads()}
+    for batch in (1, 256):
+        x, row = inputs[:batch], {}
+        for method in ("fixed_point", "euler"):
+            for hoist in (False, True):
+                name = f"torch_{method}" + ("_hoisted" if hoist else "")
+                out = torch_twin.relax(network, x, method=method, tol=args.tol, max_steps=5000, hoist_input=hoist)
+                times = wall_times(lambda: torch_twin.relax(network, x, method=method, tol=args.tol, max_steps=5000,
+                                                            hoist_input=hoist), repeats[batch])
+                row[name] = {**summary(times, out.steps), "converged": float(out.converged.float().mean())}
+        out_rows[str(batch)] = row
+    return out_rows
+
+
+def reference_group(network, inputs, args, repeats) -> dict:
+    """The numpy reference (fixed_point) and scipy's RK45 (per sample, a few samples timed, scaled to the batch)."""
+    out_rows = {}
+    for batch in (1, 256):
+        x, row = inputs[:batch], {}
+        out = relax(network, x, method="fixed_point", tol=args.tol, backend="numpy")
+        times = wall_times(lambda: relax(network, x, method="fixed_point", tol=args.tol, backend="numpy"),
+                           max(1, repeats[batch] // 5))
+        row["numpy_fixed_point"] = summary(times, out.steps.max())
+        samples = 1 if args.quick else min(batch, 4)
+        start = time.perf_counter()
+        out = relax(network, x[:samples], method="solve_ivp", tol=args.tol, max_steps=20000)
+        per_sample = (time.perf_counter() - start) / samples
+        row["solve_ivp"] = {"time_to_equilibrium_s": per_sample * batch, "steps": int(out.steps.max()),
+                            "steps_per_s": float(out.steps.mean()) / per_sample,
+                            "converged": float(out.converged.mean()),
+                            "note": f"per-sample solver: {samples} sample(s) timed, time scaled to batch {batch}"}
+        out_rows[str(batch)] = row
+    return out_rows
+
+
+GROUPS = {"numba": numba_group, "torch": torch_group, "reference": reference_group,
+          "gemm": lambda network, inputs, args, repeats: gemm_rates(5 if args.quick else 20)}
+
+
+def run_group(args) -> dict:
+    """One group of measurements in this process (called in a fresh subprocess per group, see ``run``)."""
     from ebm_sim.storage import load_network
 
     network = (load_network(args.network) if args.network else Network.init(LAYERS, seed=0)).astype(np.float32)
@@ -117,64 +181,48 @@ def run(args) -> dict:
         raise SystemExit(f"the benchmark needs a network with {LAYERS[0]} inputs, got {network.layer_sizes}")
     inputs, source = load_inputs(256)
     repeats = {1: 20 if args.quick else 100, 256: 3 if args.quick else 10}
-    results = {"network": {"layer_sizes": list(network.layer_sizes), "source": args.network or "Network.init(seed=0)",
-                           "hash": network.content_hash()},
-               "inputs": source, "tol": args.tol, "dtype": "float32",
-               "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()},
+    result = GROUPS[args.group](network, inputs, args, repeats)
+    result["_meta"] = {"inputs": source, "network_hash": network.content_hash()}
+    return result
+
+
+def run(args) -> dict:
+    """Each group runs in its own process: torch's OpenMP threads and OpenBLAS's threads keep spinning for a
+    while after a call, so measuring one library right after the other in one process slows the second one
+    (measured: Numba's batch-256 time up to 1.9x longer right after torch calls)."""
+    groups = {}
+    for group in GROUPS:
+        command = [sys.executable, __file__, "--group", group, "--tol", str(args.tol)]
+        command += ["--quick"] if args.quick else []
+        command += ["--network", args.network] if args.network else []
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"benchmark group {group!r} failed:\n{done.stderr[-3000:]}")
+        groups[group] = json.loads(done.stdout.strip().splitlines()[-1])
+    meta = groups["numba"].pop("_meta")
+    for group in groups.values():
+        group.pop("_meta", None)
+    rates = groups.pop("gemm")
+    results = {"network": {"layer_sizes": list(LAYERS), "source": args.network or "Network.init(seed=0)",
+                           "hash": meta["network_hash"]},
+               "inputs": meta["inputs"], "tol": args.tol, "dtype": "float32",
+               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                           "torch_threads": groups["torch"].pop("torch_threads")},
+               "numba_compile_or_cache_load_s": groups["numba"].pop("numba_compile_or_cache_load_s"),
                "per_batch": {}}
-    compile_start = time.perf_counter()
-    for method in ("fixed_point", "euler", "alternating", "rk45"):
-        relax(network, inputs[:2], method=method, tol=args.tol)
-    results["numba_compile_s"] = time.perf_counter() - compile_start
-
-    for batch in (1, 256):
-        x = inputs[:batch]
-        n = repeats[batch]
-        row = {}
-        for method in ("fixed_point", "euler", "alternating", "rk45"):
-            out = relax(network, x, method=method, tol=args.tol, max_steps=5000)
-            times = wall_times(lambda: relax(network, x, method=method, tol=args.tol, max_steps=5000), n)
-            row[f"numba_{method}"] = summary(times, out.steps.max())
-            row[f"numba_{method}"]["converged"] = float(out.converged.mean())
-            row[f"numba_{method}"]["mean_steps"] = float(out.steps.mean())
-            if method == "fixed_point":
-                flops = numba_matmul_flops(network, out.steps)
-                row["numba_fixed_point"]["matmul_gflops"] = flops / statistics.median(times) / 1e9
-        for method in ("fixed_point", "euler"):
-            for hoist in (False, True):
-                name = f"torch_{method}" + ("_hoisted" if hoist else "")
-                out = torch_twin.relax(network, x, method=method, tol=args.tol, max_steps=5000, hoist_input=hoist)
-                times = wall_times(lambda: torch_twin.relax(network, x, method=method, tol=args.tol, max_steps=5000,
-                                                            hoist_input=hoist), n)
-                row[name] = summary(times, out.steps)
-                row[name]["converged"] = float(out.converged.float().mean())
-        out = relax(network, x, method="fixed_point", tol=args.tol, backend="numpy")
-        row["numpy_fixed_point"] = summary(wall_times(
-            lambda: relax(network, x, method="fixed_point", tol=args.tol, backend="numpy"), max(1, n // 5)),
-            out.steps.max())
-        ivp_samples = 1 if args.quick else min(batch, 4)
-        start = time.perf_counter()
-        out = relax(network, x[:ivp_samples], method="solve_ivp", tol=args.tol, max_steps=20000)
-        per_sample = (time.perf_counter() - start) / ivp_samples
-        row["solve_ivp"] = {"time_to_equilibrium_s": per_sample * batch, "steps": int(out.steps.max()),
-                            "steps_per_s": float(out.steps.mean()) / per_sample,
-                            "converged": float(out.converged.mean()),
-                            "note": f"per-sample solver: {ivp_samples} sample(s) timed, time scaled to batch {batch}"}
+    for batch in ("1", "256"):
+        row = {**groups["numba"][batch], **groups["torch"][batch], **groups["reference"][batch]}
         reference = row["numba_fixed_point"]["time_to_equilibrium_s"]
-        for name, entry in row.items():
+        for entry in row.values():
             entry["time_over_numba_fixed_point"] = entry["time_to_equilibrium_s"] / reference
-        results["per_batch"][str(batch)] = row
-
-    rates = gemm_rates(5 if args.quick else 20)
-    results["gemm"] = rates
-    for batch in (1, 256):
-        row = results["per_batch"][str(batch)]
-        numba_t = row["numba_fixed_point"]["time_to_equilibrium_s"]
-        results[f"numba_over_torch_batch{batch}"] = row["torch_fixed_point"]["time_to_equilibrium_s"] / numba_t
+        results["per_batch"][batch] = row
+        torch_time = row["torch_fixed_point"]["time_to_equilibrium_s"]
+        results[f"numba_over_torch_batch{batch}"] = torch_time / reference
         results[f"numba_over_torch_hoisted_batch{batch}"] = (
-            row["torch_fixed_point_hoisted"]["time_to_equilibrium_s"] / numba_t)
+            row["torch_fixed_point_hoisted"]["time_to_equilibrium_s"] / reference)
+    results["gemm"] = rates
     achieved = results["per_batch"]["256"]["numba_fixed_point"]["matmul_gflops"]
-    best = max(rates[k] for k in rates if k.endswith("batch256"))
+    best = max(value for key, value in rates.items() if key.endswith("batch256"))
     results["gemm_fraction_batch256"] = achieved / rates["numpy_gflops_batch256"]
     results["gemm_fraction_vs_best_batch256"] = achieved / best
     results["targets"] = {"numba_over_torch_batch1": 5.0, "numba_over_torch_batch256": 1.5,
@@ -188,8 +236,11 @@ def main(argv=None):
     parser.add_argument("--network", help="an HDF5 network with 784 inputs (default: a seeded random one)")
     parser.add_argument("--tol", type=float, default=1e-4)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "relax.json"))
+    parser.add_argument("--group", choices=sorted(GROUPS), help=argparse.SUPPRESS)  # internal: one group
     args = parser.parse_args(argv)
-    warnings.simplefilter("ignore")  # Numba's "cannot cache" notices
+    if args.group:
+        print(json.dumps(run_group(args)))
+        return
     results = run(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

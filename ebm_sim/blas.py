@@ -10,6 +10,8 @@ Row-major C (m, n) = A (m, k) @ B (k, n) is column-major C^T = B^T A^T, so each 
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -83,3 +85,41 @@ def rows_times_w(blas, rows, a_ptr, lda, k, w_ptr, n, c_ptr, ldc, accumulate):
     routine, scalars = blas
     _gemm_col_major(routine, _NO_TRANSPOSE, _NO_TRANSPOSE, n, rows, k, w_ptr, n, a_ptr, lda,
                     1.0 if accumulate else 0.0, c_ptr, ldc, scalars)
+
+
+class _SingleThreadedScope:
+    """Context manager: SciPy's OpenBLAS runs single-threaded inside it (re-entrant across threads; the previous
+    thread count comes back when the last scope exits). The kernels parallelise over samples themselves: each
+    worker thread relaxes its own rows and calls BLAS in its own thread, with no synchronisation between them."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved = None
+        self._controller = None
+
+    def _blas(self):
+        if self._controller is None:
+            from threadpoolctl import ThreadpoolController
+            found = [lib for lib in ThreadpoolController().lib_controllers
+                     if lib.internal_api == "openblas" and "scipy" in lib.filepath]
+            self._controller = found[0] if found else False  # False: not OpenBLAS, leave threads alone
+        return self._controller
+
+    def __enter__(self):
+        with self._lock:
+            blas = self._blas()
+            if blas and self._depth == 0:
+                self._saved = blas.get_num_threads()
+                blas.set_num_threads(1)
+            self._depth += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._depth -= 1
+            blas = self._blas()
+            if blas and self._depth == 0 and self._saved is not None:
+                blas.set_num_threads(self._saved)
+
+
+single_threaded = _SingleThreadedScope()

@@ -20,9 +20,29 @@ Kernels:
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from .blas import rows_times_w, rows_times_wt
+
+
+def _bits(a):
+    """The same memory as unsigned integers of the same width (uint32 for float32, uint64 for float64)."""
+    raise NotImplementedError("only callable from Numba-compiled code")
+
+
+@overload(_bits)
+def _bits_impl(a):
+    unsigned = np.uint32 if a.dtype == types.float32 else np.uint64
+    return lambda a: a.view(unsigned)
+
+
+@njit(cache=True, inline="always")
+def _nan_max(a, b):
+    """max(a, b), NaN if either is NaN."""
+    if a != a or b != b:
+        return a + b
+    return a if a > b else b
 
 # ------------------------------------------------------------------------------------------------ fields
 
@@ -80,34 +100,54 @@ def _field(i, S, H, rows, weights, col, blas, x_proj, biases, beta, target):
     _finish_field(i, S, H, rows, len(weights), col, weights[i].shape[0], x_proj, biases, beta, target)
 
 
+@njit(cache=True, inline="always")
+def _advance(old, h, a, step, fixed_point, zero, one):
+    """(|new - old|, new) with new = clip(old + step (a h - old), 0, 1), or clip(a h) for the fixed-point map;
+    NaN stays NaN (it is the first argument of max and min)."""
+    new = a * h if fixed_point else old + step * (a * h - old)
+    new = min(max(new, zero), one)
+    return abs(new - old), new
+
+
 @njit(cache=True)
 def _euler_update(i, S, H, rows, num_layers, col, n_i, x_proj, biases, beta, target, slope, dt, residual):
     """Layer i: h = coupling (in H) + constant terms (+ nudge), then s <- clip(s + dt (a h - s), 0, 1), or
     clip(a h) when dt == 1; residual[r] = max(residual[r], max_j |change|). No allocation; NaN is kept (and so
-    flagged by the residual) rather than clipped away."""
+    flagged by the residual) rather than clipped away.
+
+    Two vectorizable passes per row: the update, which leaves |change| in H (free once the layer is updated), then
+    the maximum of |change| taken over the IEEE bit patterns as unsigned integers. For non-negative floats that
+    order is the numeric order, and NaN sorts above everything, so the residual is NaN exactly when a change is
+    (a floating-point max reduction that respects NaN does not vectorize: ~4x slower, measured)."""
     c0 = col[i]
     zero = S.dtype.type(0.0)
     one = S.dtype.type(1.0)
     a = S.dtype.type(slope)
     step = S.dtype.type(dt)
     fixed_point = dt == 1.0
+    bits = _bits(H)
     if i == num_layers - 1 and beta != 0.0:  # the nudge only touches the (small) output layer
         for r in range(rows):
             for j in range(n_i):
                 H[r, c0 + j] -= beta * (S[r, c0 + j] - target[r, j])
     for r in range(rows):
-        constant = _layer_constant(i, r, c0, n_i, x_proj, biases)
-        largest = zero
-        invalid = False
-        for j in range(n_i):  # branch-free body (min/max, not if/elif): it vectorizes, ~7x faster
-            old = S[r, c0 + j]
-            h = H[r, c0 + j] + constant[j]
-            new = a * h if fixed_point else old + step * (a * h - old)
-            new = min(max(new, zero), one)  # NaN stays NaN (it is the first argument)
-            largest = max(largest, abs(new - old))
-            invalid |= new != new
-            S[r, c0 + j] = new
-        residual[r] = np.nan if invalid else max(residual[r], largest)
+        # two loops rather than one over a view that is either x_proj[r] or a slice of biases: the unified view
+        # type has an unknown stride and the loop would not vectorize
+        s_row = S[r, c0:c0 + n_i]
+        h_row = H[r, c0:c0 + n_i]
+        if i == 0:
+            constant = x_proj[r]
+            for j in range(n_i):
+                h_row[j], s_row[j] = _advance(s_row[j], h_row[j] + constant[j], a, step, fixed_point, zero, one)
+        else:
+            constant = biases[c0:c0 + n_i]
+            for j in range(n_i):
+                h_row[j], s_row[j] = _advance(s_row[j], h_row[j] + constant[j], a, step, fixed_point, zero, one)
+        largest = bits[r, c0]
+        for j in range(1, n_i):
+            largest = max(largest, bits[r, c0 + j])
+        bits[r, c0] = largest
+        residual[r] = _nan_max(residual[r], H[r, c0])
 
 
 # ------------------------------------------------------------------------------------------------ small batches
@@ -213,7 +253,7 @@ def _record(trajectory, step, S, rows, index):
 # ------------------------------------------------------------------------------------------------ kernels
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def relax_fixed_point(blas, x, weights, biases, col, slope, dt, alternating, beta, target, initial, tol, max_steps,
                       record, trajectory, out_states, out_steps, out_residual, out_converged, out_diverged):
     """Euler / fixed-point relaxation of a batch. See the module docstring.
@@ -300,7 +340,7 @@ def _projected_velocity(Y, K, rows, weights, col, blas, x_proj, biases, beta, ta
             K[r, c] = v
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def relax_rk45(blas, x, weights, biases, col, slope, beta, target, initial, tol, max_steps, rtol, atol, dt0, dt_max,
                record, trajectory, out_states, out_steps, out_residual, out_converged, out_diverged):
     """Adaptive Dormand-Prince relaxation of a batch (arguments as ``relax_fixed_point``).

@@ -1,10 +1,13 @@
 """Glue between :func:`ebm_sim.relax.relax` and the Numba kernels: packing, output arrays, unpacking."""
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from . import kernels
-from .blas import make_handle
+from .blas import make_handle, single_threaded
 from .network import Network
 from .relax import RelaxResult, RelaxSettings
 
@@ -25,8 +28,26 @@ def unpack_states(packed: np.ndarray, network: Network) -> list:
     return [np.ascontiguousarray(part) for part in np.split(packed, bounds, axis=-1)]
 
 
-def relax_numba(network: Network, x, settings: RelaxSettings, target, initial, record: bool) -> RelaxResult:
-    """Run the kernel of ``settings.method`` on a validated batch (see :func:`ebm_sim.relax.relax`)."""
+MIN_ROWS_PER_THREAD = 32
+
+
+def worker_count(batch: int, threads: int | None) -> int:
+    """Threads for a batch: one per available core (or ``threads``), each with at least MIN_ROWS_PER_THREAD rows."""
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not (isinstance(threads, (int, np.integer)) and threads >= 1):
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    return max(1, min(int(threads), batch // MIN_ROWS_PER_THREAD))
+
+
+def relax_numba(network: Network, x, settings: RelaxSettings, target, initial, record: bool,
+                threads: int | None = None) -> RelaxResult:
+    """Run the kernel of ``settings.method`` on a validated batch (see :func:`ebm_sim.relax.relax`).
+
+    Samples relax independently, so the batch is split into contiguous chunks, one per worker thread, and each
+    chunk runs the whole kernel (its own early stopping) with single-threaded BLAS: no synchronisation at all
+    between workers during the relaxation. With record=True one worker runs (recording is for analysis).
+    """
     batch, dtype = x.shape[0], network.dtype
     width = sum(network.layer_sizes[1:])
     start = np.zeros((batch, width), dtype=dtype) if initial is None else pack_states(initial)
@@ -37,21 +58,31 @@ def relax_numba(network: Network, x, settings: RelaxSettings, target, initial, r
     col = column_offsets(network)
     trajectory = (np.empty((settings.max_steps + 1, batch, width), dtype=dtype) if record
                   else np.empty((1, 1, 1), dtype=dtype))
-    out_states = np.empty((batch, width), dtype=dtype)
-    out_steps = np.zeros(batch, dtype=np.int64)
-    out_residual = np.zeros(batch, dtype=np.float64)
-    out_converged = np.zeros(batch, dtype=np.bool_)
-    out_diverged = np.zeros(batch, dtype=np.bool_)
-    outputs = (out_states, out_steps, out_residual, out_converged, out_diverged)
+    outputs = (np.empty((batch, width), dtype=dtype), np.zeros(batch, dtype=np.int64),
+               np.zeros(batch, dtype=np.float64), np.zeros(batch, dtype=np.bool_), np.zeros(batch, dtype=np.bool_))
     slope = float(network.slope)
-    if settings.method == "rk45":
-        kernels.relax_rk45(make_handle(dtype), x, weights, biases, col, slope, settings.beta, target, start, settings.tol,
-                           settings.max_steps, settings.rtol, settings.atol, settings.dt, settings.dt_max,
-                           record, trajectory, *outputs)
-    else:
-        kernels.relax_fixed_point(make_handle(dtype), x, weights, biases, col, slope, float(settings.dt),
-                                  settings.method == "alternating", settings.beta, target, start, settings.tol,
-                                  settings.max_steps, record, trajectory, *outputs)
+
+    def run_chunk(rows: slice):
+        chunk_outputs = [out[rows] for out in outputs]
+        if settings.method == "rk45":
+            kernels.relax_rk45(make_handle(dtype), x[rows], weights, biases, col, slope, settings.beta,
+                               target[rows], start[rows], settings.tol, settings.max_steps, settings.rtol,
+                               settings.atol, settings.dt, settings.dt_max, record, trajectory, *chunk_outputs)
+        else:
+            kernels.relax_fixed_point(make_handle(dtype), x[rows], weights, biases, col, slope, float(settings.dt),
+                                      settings.method == "alternating", settings.beta, target[rows], start[rows],
+                                      settings.tol, settings.max_steps, record, trajectory, *chunk_outputs)
+
+    workers = 1 if record else worker_count(batch, threads)
+    bounds = np.linspace(0, batch, workers + 1).astype(int)
+    chunks = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    with single_threaded:
+        if workers == 1:
+            run_chunk(chunks[0])
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(run_chunk, chunks))  # list(): re-raise a worker's exception here
+    out_states, out_steps, out_residual, out_converged, out_diverged = outputs
     result = RelaxResult(unpack_states(out_states, network), out_steps, out_residual, out_converged,
                          out_diverged, settings)
     if record:

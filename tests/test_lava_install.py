@@ -101,7 +101,34 @@ def test_lava_compat_script_reports_already_in_place():
     import sys
     result = subprocess.run([sys.executable, lava_compat.__file__], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "already in place" in result.stdout and str(var_model_path()) in result.stdout
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(lava_compat.PATCHES)
+    assert all("already in place" in line for line in lines)
+    assert "var_model.py" in lines[0] and "multiprocessing.py" in lines[1]
+
+
+def test_start_method_patch_on_snippets():
+    patch = lava_compat.START_METHOD
+    broken = "import multiprocessing as mp\nif True:\n    mp.set_start_method('fork')\n"
+    fixed, changed = patch_source(broken, patch)
+    assert changed and patch.fixed in fixed and patch_source(fixed, patch) == (fixed, False)
+    with pytest.raises(RuntimeError, match="start-method"):
+        patch_source("x = 1\n", patch)
+
+
+def test_lava_runtime_imports_after_the_multiprocessing_context_was_fixed():
+    """tqdm's lock fixes the multiprocessing context; unpatched, Lava's import-time set_start_method then raises
+    'context has already been set'. Checked in a fresh interpreter so the order is certain."""
+    import subprocess
+    import sys
+    code = ("import multiprocessing as mp, tqdm\n"
+            "tqdm.tqdm.get_lock()\n"
+            "assert mp.get_start_method(allow_none=True) is not None\n"
+            "import lava.magma.runtime.message_infrastructure.multiprocessing\n"
+            "print(mp.get_start_method())\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "fork"
 
 
 def test_installed_compiler_imports_and_byteencoder_is_frozen():
