@@ -8,7 +8,8 @@ Methods (the dynamics are in :mod:`ebm_sim.energy`):
   "fixed_point"  synchronous fixed-point iteration s <- clip(a h) (Euler with dt = 1), residual max |s_{t+1} - s_t|
   "alternating"  fixed-point iteration of layers s_1, s_3, ... then s_2, s_4, ... (block Gauss-Seidel)
   "rk45"         adaptive Dormand-Prince 5(4) with error control (rtol, atol) on the projected flow
-  "solve_ivp"    scipy.integrate.solve_ivp on the projected flow, one sample at a time (slow reference)
+  "solve_ivp"    SciPy's RK45 (the solver behind solve_ivp) on the projected flow, float64, one sample at a time,
+                 stepped by hand so that tol and max_steps are checked after every step (slow reference)
 Backends: "numba" (fast kernels), "numpy" (the plain reference of :mod:`ebm_sim.reference`).
 """
 from __future__ import annotations
