@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.ebm-installed
 LAVA_VERSION := 0.10.0
 
-.PHONY: install demo test bench-quick clean
+.PHONY: install demo test bench-quick data clean
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ test: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/relax.py --quick
+
+# Real Fashion-MNIST, offline, from Debian (the benchmarks use it; tests that need it skip without it).
+data:
+	test -d /usr/share/datasets/fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
