@@ -1,0 +1,444 @@
+"""Equilibrium propagation (EP) training on the Numba simulator.
+
+One training step on a minibatch (x, y), with the dynamics of :mod:`ebm_sim.energy`:
+  1. free phase: relax from zero to the free fixed point s^0 (at most ``free_steps`` steps, or until ``tol``);
+  2. nudged phase(s) from s^0 with E + beta C (at most ``nudged_steps`` steps each):
+       "positive"  one-sided +beta:          g = (dE/dtheta(s^+) - dE/dtheta(s^0)) / beta
+       "symmetric" +beta and -beta (default): g = (dE/dtheta(s^+) - dE/dtheta(s^-)) / (2 beta)   (Laborieux 2021)
+       "random"    one-sided with a random sign per minibatch (seeded)
+     With E = ... - sum_k s_{k+1}^T W_k s_k - sum_k b_k^T s_k:  dE/dW_k = -s_{k+1} s_k^T, dE/db_k = -s_k
+     (batch means), and g -> dL/dtheta as beta -> 0, L = C(s^0) (Scellier & Bengio 2017);
+  3. the optimizer (SGD with momentum or Adam, per-layer learning rates, weight decay, constant or cosine schedule)
+     descends g.
+
+Costs: "mse" C = 1/2 ||s_L - y||^2 on the output state. Minibatches come from a permutation seeded by
+(seed, epoch), and random nudging signs from (seed, epoch, batch), so a run is reproducible and an interrupted
+run resumed from its last epoch checkpoint ends with exactly the weights of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .network import Network
+from .relax import METHODS, relax
+
+NUDGINGS = ("symmetric", "positive", "random")
+COSTS = ("mse",)
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "cosine")
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+@dataclass
+class TrainConfig:
+    """Hyperparameters of EP training (validated on creation; every field is stored with the checkpoints)."""
+
+    epochs: int = 10
+    batch_size: int = 50
+    beta: float = 0.5
+    nudging: str = "symmetric"
+    cost: str = "mse"
+    method: str = "fixed_point"
+    free_steps: int = 30
+    nudged_steps: int = 10
+    tol: float = 1e-4
+    dt: float | None = None
+    optimizer: str = "adam"
+    lr: float | list = 5e-4
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    seed: int = 0
+    eval_batch_size: int = 1000
+
+    def __post_init__(self):
+        def positive_int(name):
+            value = getattr(self, name)
+            if not (isinstance(value, numbers.Integral) and value >= 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+        def real(name, low=None, low_inclusive=True, high=None):
+            value = getattr(self, name)
+            if not (isinstance(value, numbers.Real) and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            if low is not None and (value < low or (value == low and not low_inclusive)):
+                raise ValueError(f"{name} must be {'>=' if low_inclusive else '>'} {low}, got {value!r}")
+            if high is not None and value >= high:
+                raise ValueError(f"{name} must be < {high}, got {value!r}")
+
+        for name in ("epochs", "batch_size", "free_steps", "nudged_steps", "eval_batch_size"):
+            positive_int(name)
+        for name, allowed in (("nudging", NUDGINGS), ("cost", COSTS), ("optimizer", OPTIMIZERS),
+                              ("schedule", SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        if self.method not in METHODS or self.method == "solve_ivp":
+            raise ValueError(f"method must be one of euler, fixed_point, alternating, rk45, got {self.method!r}")
+        real("beta", 0.0, low_inclusive=False)  # every nudging mode needs beta > 0 (the sign is the mode's job)
+        real("tol", 0.0, low_inclusive=False)
+        real("momentum", 0.0, high=1.0)
+        real("weight_decay", 0.0)
+        lrs = self.lr if isinstance(self.lr, (list, tuple)) else [self.lr]
+        for value in lrs:
+            if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"learning rates must be finite and >= 0, got {self.lr!r}")
+        if isinstance(self.lr, tuple):
+            self.lr = list(self.lr)
+        if not isinstance(self.seed, numbers.Integral):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    def layer_rates(self, num_layers: int) -> list:
+        """One learning rate per weight matrix (its bias shares it)."""
+        if isinstance(self.lr, list):
+            if len(self.lr) != num_layers:
+                raise ValueError(f"{len(self.lr)} learning rates given for a network with {num_layers} weight "
+                                 f"matrices: give one per layer or a single value")
+            return [float(v) for v in self.lr]
+        return [float(self.lr)] * num_layers
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------ costs
+class MSECost:
+    """C = 1/2 ||s_L - y||^2 on the output state, y one-hot; the prediction is argmax s_L."""
+
+    name = "mse"
+
+    @staticmethod
+    def target(labels, num_classes, dtype):
+        return np.eye(num_classes, dtype=dtype)[labels]
+
+    @staticmethod
+    def loss(states, target) -> np.ndarray:
+        return 0.5 * np.sum((states[-1].astype(np.float64) - target) ** 2, axis=1)
+
+    @staticmethod
+    def predictions(states) -> np.ndarray:
+        return np.argmax(states[-1], axis=1)
+
+
+COST_CLASSES = {"mse": MSECost}
+
+
+# ------------------------------------------------------------------------------------------------ EP gradient
+def energy_parameter_gradient(x, states) -> list:
+    """dE/dtheta at ``states``, batch mean: [dE/dW_0, dE/db_1, dE/dW_1, ...] = [-s_1 x^T, -s_1, -s_2 s_1^T, ...]."""
+    below = [x] + list(states[:-1])
+    batch = x.shape[0]
+    grads = []
+    for s_above, s_below in zip(states, below):
+        grads.append(-(s_above.T @ s_below) / batch)
+        grads.append(-s_above.mean(axis=0))
+    return grads
+
+
+@dataclass
+class EPStep:
+    """What one EP step measured: gradient estimate (same order as ``parameters``), free states and statistics."""
+
+    gradient: list
+    free_states: list
+    free_steps: np.ndarray
+    free_residual: np.ndarray
+    nudged_steps: float
+
+
+def ep_gradient(network: Network, x, target, config: TrainConfig, sign: float = 1.0) -> EPStep:
+    """The EP estimate of dL/dtheta on a minibatch (see the module docstring). ``sign`` (+1 or -1) is the sign of
+    beta for one-sided nudging ("positive" uses +1; "random" draws it)."""
+    common = dict(method=config.method, tol=config.tol, dt=config.dt)
+    free = relax(network, x, max_steps=config.free_steps, **common)
+
+    def nudged(beta):
+        return relax(network, x, max_steps=config.nudged_steps, beta=beta, target=target, initial=free.states,
+                     **common)
+
+    if config.nudging == "symmetric":
+        plus, minus = nudged(config.beta), nudged(-config.beta)
+        high, low, scale = plus.states, minus.states, 2 * config.beta
+        nudged_steps = 0.5 * (plus.steps.mean() + minus.steps.mean())
+    else:
+        beta = sign * config.beta
+        one = nudged(beta)
+        high, low, scale = (one.states, free.states, beta)
+        nudged_steps = float(one.steps.mean())
+    gradient = [(h - l) / scale for h, l in zip(energy_parameter_gradient(x, high),
+                                                energy_parameter_gradient(x, low))]
+    return EPStep(gradient, free.states, free.steps, free.residual, float(nudged_steps))
+
+
+# ------------------------------------------------------------------------------------------------ optimizers
+def parameters(network: Network) -> list:
+    """The trainable arrays in EP order: [W_0, b_1, W_1, b_2, ...] (views: updating them updates the network)."""
+    return [p for pair in zip(network.weights, network.biases) for p in pair]
+
+
+class SGD:
+    """theta <- theta - lr (v), v <- momentum v + g + weight_decay theta (PyTorch's SGD with momentum)."""
+
+    def __init__(self, params, rates, momentum=0.9, weight_decay=0.0):
+        self.rates, self.momentum, self.weight_decay = list(rates), momentum, weight_decay
+        self.velocity = [np.zeros_like(p) for p in params]
+
+    def step(self, params, grads, scale=1.0):
+        for p, g, v, lr in zip(params, grads, self.velocity, self.rates):
+            g = g + self.weight_decay * p if self.weight_decay else g
+            v *= self.momentum
+            v += g
+            p -= (scale * lr) * v.astype(p.dtype, copy=False)
+
+    def state(self) -> dict:
+        return {f"velocity_{i}": v for i, v in enumerate(self.velocity)}
+
+    def load(self, state: dict):
+        self.velocity = [np.array(state[f"velocity_{i}"]) for i in range(len(self.velocity))]
+
+
+class Adam:
+    """Adam (Kingma & Ba 2015) with L2 weight decay added to the gradient (PyTorch's Adam)."""
+
+    def __init__(self, params, rates, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        self.rates, self.betas, self.eps, self.weight_decay = list(rates), betas, eps, weight_decay
+        self.first = [np.zeros(p.shape, dtype=np.float64) for p in params]
+        self.second = [np.zeros(p.shape, dtype=np.float64) for p in params]
+        self.count = 0
+
+    def step(self, params, grads, scale=1.0):
+        self.count += 1
+        b1, b2 = self.betas
+        correction1, correction2 = 1 - b1 ** self.count, 1 - b2 ** self.count
+        for p, g, m, v, lr in zip(params, grads, self.first, self.second, self.rates):
+            g = g.astype(np.float64) + (self.weight_decay * p if self.weight_decay else 0.0)
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * g * g
+            update = (scale * lr / correction1) * m / (np.sqrt(v / correction2) + self.eps)
+            p -= update.astype(p.dtype)
+
+    def state(self) -> dict:
+        state = {"count": np.int64(self.count)}
+        state.update({f"first_{i}": m for i, m in enumerate(self.first)})
+        state.update({f"second_{i}": v for i, v in enumerate(self.second)})
+        return state
+
+    def load(self, state: dict):
+        self.count = int(state["count"])
+        self.first = [np.array(state[f"first_{i}"]) for i in range(len(self.first))]
+        self.second = [np.array(state[f"second_{i}"]) for i in range(len(self.second))]
+
+
+def make_optimizer(network: Network, config: TrainConfig):
+    rates = [lr for lr in config.layer_rates(network.num_layers) for _ in range(2)]  # W_k and b_{k+1}
+    params = parameters(network)
+    if config.optimizer == "sgd":
+        return SGD(params, rates, config.momentum, config.weight_decay)
+    return Adam(params, rates, weight_decay=config.weight_decay)
+
+
+def schedule_scale(config: TrainConfig, epoch: int) -> float:
+    """Learning-rate multiplier of an epoch (0-based): 1, or cosine annealing 1/2 (1 + cos(pi epoch / epochs))."""
+    if config.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / config.epochs))
+    return 1.0
+
+
+# ------------------------------------------------------------------------------------------------ data checks
+def check_data(network: Network, x, labels, num_classes: int, what: str) -> None:
+    """Clear errors before any work: sizes that do not fit the network, labels out of range, NaN inputs."""
+    x = np.asarray(x)
+    labels = np.asarray(labels)
+    sizes = network.layer_sizes
+    if x.ndim != 2 or x.shape[1] != sizes[0]:
+        raise ValueError(f"the network's input layer has {sizes[0]} units but the {what} inputs have shape "
+                         f"{x.shape}: layer sizes {'-'.join(map(str, sizes))} do not fit this dataset")
+    if sizes[-1] != num_classes:
+        raise ValueError(f"the network's output layer has {sizes[-1]} units but the dataset has {num_classes} "
+                         f"classes: layer sizes {'-'.join(map(str, sizes))} do not fit this dataset")
+    if labels.shape != (x.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{what} labels must be integers of shape ({x.shape[0]},), got {labels.dtype} "
+                         f"{labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{what} labels must lie in [0, {num_classes}), found {labels.min()}..{labels.max()}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{what} inputs hold NaN or inf")
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def evaluate(network: Network, x, labels, config: TrainConfig) -> dict:
+    """Free phase on (x, labels) in batches: accuracy, mean loss, mean steps, largest residual."""
+    cost = COST_CLASSES[config.cost]
+    num_classes = network.layer_sizes[-1]
+    correct, loss, steps, residual = 0, 0.0, 0.0, 0.0
+    for start in range(0, x.shape[0], config.eval_batch_size):
+        xb, yb = x[start:start + config.eval_batch_size], labels[start:start + config.eval_batch_size]
+        result = relax(network, xb, method=config.method, tol=config.tol, max_steps=config.free_steps, dt=config.dt)
+        correct += int(np.sum(cost.predictions(result.states) == yb))
+        loss += float(np.sum(cost.loss(result.states, cost.target(yb, num_classes, network.dtype))))
+        steps += float(np.sum(result.steps))
+        residual = max(residual, float(result.residual.max()))
+    n = x.shape[0]
+    return {"accuracy": correct / n, "loss": loss / n, "steps_mean": steps / n, "residual_max": residual}
+
+
+# ------------------------------------------------------------------------------------------------ training
+HISTORY_KEYS = ("epoch", "lr_scale", "loss", "train_acc", "test_acc", "test_loss", "free_steps_mean",
+                "free_residual_max", "nudged_steps_mean", "seconds")
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs besides the network: the next epoch, optimizer state and history."""
+
+    epoch: int = 0
+    history: dict = field(default_factory=lambda: {key: [] for key in HISTORY_KEYS})
+
+
+def batch_order(config: TrainConfig, epoch: int, num_samples: int) -> np.ndarray:
+    """The seeded permutation of an epoch: depends only on (seed, epoch), so a resumed run sees the same one."""
+    return np.random.default_rng([config.seed, epoch]).permutation(num_samples)
+
+
+def nudge_sign(config: TrainConfig, epoch: int, batch: int) -> float:
+    if config.nudging != "random":
+        return 1.0
+    return 1.0 if np.random.default_rng([config.seed, epoch, batch, 1]).random() < 0.5 else -1.0
+
+
+def train_epoch(network: Network, optimizer, x, labels, config: TrainConfig, epoch: int, progress=None) -> dict:
+    """One epoch of EP over (x, labels); updates ``network`` in place. Returns the epoch's training statistics."""
+    cost = COST_CLASSES[config.cost]
+    num_classes = network.layer_sizes[-1]
+    params = parameters(network)
+    scale = schedule_scale(config, epoch)
+    order = batch_order(config, epoch, x.shape[0])
+    correct, loss, free_steps, nudged_steps, residual, batches = 0, 0.0, 0.0, 0.0, 0.0, 0
+    for index, start in enumerate(range(0, x.shape[0], config.batch_size)):
+        rows = order[start:start + config.batch_size]
+        xb, yb = x[rows], labels[rows]
+        target = cost.target(yb, num_classes, network.dtype)
+        step = ep_gradient(network, xb, target, config, nudge_sign(config, epoch, index))
+        optimizer.step(params, step.gradient, scale)
+        correct += int(np.sum(cost.predictions(step.free_states) == yb))
+        loss += float(np.sum(cost.loss(step.free_states, target)))
+        free_steps += float(np.sum(step.free_steps))
+        nudged_steps += step.nudged_steps * len(rows)
+        residual = max(residual, float(step.free_residual.max()))
+        batches += 1
+        if progress is not None:
+            progress.update(len(rows))
+            progress.set_postfix(loss=f"{loss / (start + len(rows)):.4f}",
+                                 acc=f"{correct / (start + len(rows)):.3f}", refresh=False)
+    n = x.shape[0]
+    return {"loss": loss / n, "train_acc": correct / n, "free_steps_mean": free_steps / n,
+            "free_residual_max": residual, "nudged_steps_mean": nudged_steps / n, "lr_scale": scale}
+
+
+def data_fingerprint(x, labels) -> str:
+    """SHA-256 of the training data (exact bytes): a resumed run must see the same data."""
+    import hashlib
+    digest = hashlib.sha256()
+    for array in (np.ascontiguousarray(x), np.ascontiguousarray(labels)):
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def fit(network: Network, x_train, y_train, x_test, y_test, config: TrainConfig, checkpoint_path=None,
+        resume: bool = False, progress: bool = True, log=print, extra_attrs: dict | None = None) -> Network:
+    """Train ``network`` in place with EP and return it; its ``history`` holds one entry per epoch of every key of
+    HISTORY_KEYS (loss, train and test accuracy, mean free-phase steps, largest residual, seconds per epoch...).
+
+    checkpoint_path: the network's HDF5 file, rewritten atomically after every epoch with the weights, the history
+    and a checkpoint (next epoch, optimizer state, configuration, data fingerprint). resume=True continues from that
+    file (same configuration and data required) and ends with exactly the weights of an uninterrupted run.
+    All inputs are checked before any work.
+    """
+    from tqdm import tqdm
+
+    from . import storage
+
+    num_classes = network.layer_sizes[-1]
+    check_data(network, x_train, y_train, num_classes, "training")
+    check_data(network, x_test, y_test, num_classes, "test")
+    config.layer_rates(network.num_layers)  # per-layer rates must match the depth
+    if resume and checkpoint_path is None:
+        raise ValueError("resume needs the checkpoint file (the network file written by a previous run)")
+    x_train = np.ascontiguousarray(x_train, dtype=network.dtype)
+    x_test = np.ascontiguousarray(x_test, dtype=network.dtype)
+    fingerprint = data_fingerprint(x_train, y_train)
+    settings = {"config": config.as_dict(), "data": fingerprint}
+    optimizer = make_optimizer(network, config)
+    state = TrainState()
+    if resume:
+        network, state = _resume(checkpoint_path, network, optimizer, settings, log)
+    if state.epoch >= config.epochs:
+        log(f"nothing to do: {checkpoint_path} already holds {state.epoch} of {config.epochs} epochs")
+        return network
+    for epoch in range(state.epoch, config.epochs):
+        start = time.perf_counter()
+        with tqdm(total=x_train.shape[0], desc=f"epoch {epoch + 1}/{config.epochs}", unit="sample",
+                  disable=not progress, leave=False, dynamic_ncols=True) as bar:
+            stats = train_epoch(network, optimizer, x_train, y_train, config, epoch, bar)
+        test = evaluate(network, x_test, y_test, config)
+        stats.update(epoch=epoch + 1, test_acc=test["accuracy"], test_loss=test["loss"],
+                     seconds=time.perf_counter() - start)
+        for key in HISTORY_KEYS:
+            state.history[key].append(float(stats[key]))
+        network.history = {key: list(values) for key, values in state.history.items()}
+        if not np.all([np.all(np.isfinite(p)) for p in parameters(network)]):
+            raise FloatingPointError(f"training diverged in epoch {epoch + 1}: the parameters hold NaN or inf; "
+                                     f"lower the learning rate or beta (last checkpoint kept)")
+        log(f"epoch {epoch + 1}/{config.epochs}: loss {stats['loss']:.4f}, train {100 * stats['train_acc']:.2f}%, "
+            f"test {100 * stats['test_acc']:.2f}%, free steps {stats['free_steps_mean']:.1f}, "
+            f"{stats['seconds']:.1f} s")
+        if checkpoint_path is not None:
+            checkpoint = {"epoch": np.int64(epoch + 1), "settings": _json(settings),
+                          "optimizer": optimizer.state()}
+            storage.save_network(checkpoint_path, network, extra_attrs=extra_attrs, checkpoint=checkpoint)
+    return network
+
+
+def _json(value) -> str:
+    import json
+    return json.dumps(value, sort_keys=True)
+
+
+def _resume(path, network: Network, optimizer, settings: dict, log):
+    """Load the network and training state saved at ``path``; refuse a file made by another configuration/data."""
+    import json
+
+    from . import storage
+
+    stored_network = storage.load_network(path)
+    checkpoint = storage.load_checkpoint(path)
+    if checkpoint is None:
+        raise ValueError(f"{path} holds a network but no training checkpoint: nothing to resume")
+    stored = json.loads(str(checkpoint["settings"]))
+    if stored["data"] != settings["data"]:
+        raise ValueError(f"cannot resume from {path}: it was trained on other data (fingerprints "
+                         f"{stored['data'][:12]} vs {settings['data'][:12]})")
+    differing = sorted(key for key in settings["config"] if stored["config"].get(key) != settings["config"][key])
+    if differing:
+        details = ", ".join(f"{key}: {stored['config'].get(key)!r} -> {settings['config'][key]!r}"
+                            for key in differing)
+        raise ValueError(f"cannot resume from {path}: the training configuration differs ({details})")
+    if stored_network.layer_sizes != network.layer_sizes:
+        raise ValueError(f"cannot resume from {path}: it holds a {stored_network.layer_sizes} network, "
+                         f"not {network.layer_sizes}")
+    # the optimizer was built for ``network``'s arrays: copy the stored parameters into them
+    for mine, theirs in zip(parameters(network), parameters(stored_network)):
+        mine[...] = theirs
+    optimizer.load(checkpoint["optimizer"])
+    state = TrainState(epoch=int(checkpoint["epoch"]),
+                       history={key: list(stored_network.history.get(key, [])) for key in HISTORY_KEYS})
+    network.history = dict(stored_network.history)
+    log(f"resuming from {path} after epoch {state.epoch}")
+    return network, state
