@@ -72,6 +72,53 @@ def cmd_info(args) -> int:
     return status
 
 
+def _rates(text: str):
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"learning rates must be numbers separated by commas, got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def cmd_train(args) -> int:
+    from . import datasets
+    from .network import Network
+    from .training import TrainConfig, fit
+
+    out = Path(args.output)
+    if out.exists() and not (args.resume or args.overwrite):
+        raise ValueError(f"{out} exists: pass --resume to continue its training or --overwrite to start over")
+    if args.resume and not out.exists():
+        raise FileNotFoundError(f"--resume: no such file {out} (nothing to resume)")
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, beta=args.beta, nudging=args.nudging,
+                         cost=args.cost, method=args.method, free_steps=args.free_steps,
+                         nudged_steps=args.nudged_steps, tol=args.tol, optimizer=args.optimizer, lr=args.lr,
+                         momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
+                         seed=args.seed)
+    data = datasets.load_dataset(args.dataset, args.data_dir, limit_train=args.limit_train,
+                                 limit_test=args.limit_test, seed=args.seed)
+    sizes = args.layers
+    if sizes[0] != data.num_features or sizes[-1] != data.num_classes:
+        raise ValueError(f"layer sizes {'-'.join(map(str, sizes))} do not fit {data.name}: its inputs have "
+                         f"{data.num_features} features and it has {data.num_classes} classes (e.g. --layers "
+                         f"{data.num_features},512,{data.num_classes})")
+    network = Network.init(sizes, seed=args.seed, dtype=args.dtype, activation=args.activation, gain=args.gain)
+    print(f"training {'-'.join(map(str, sizes))} on {data.name} ({len(data.y_train)} train / {len(data.y_test)} "
+          f"test samples) with EP: {config.nudging} nudging, beta {config.beta:g}, {config.cost}, "
+          f"{config.method} (free {config.free_steps} / nudged {config.nudged_steps} steps, tol {config.tol:g}), "
+          f"{config.optimizer} lr {config.lr}, {config.epochs} epochs; checkpoints in {out}", flush=True)
+    network = fit(network, data.x_train, data.y_train, data.x_test, data.y_test, config, checkpoint_path=out,
+                  resume=args.resume, progress=not args.no_progress, log=lambda msg: print(msg, flush=True),
+                  extra_attrs={"dataset": data.name, "init": {"seed": args.seed, "gain": args.gain}},
+                  num_classes=data.num_classes)
+    history = network.history
+    if history.get("test_acc"):
+        best = max(history["test_acc"])
+        print(f"final test accuracy {100 * history['test_acc'][-1]:.2f}% (best {100 * best:.2f}%), "
+              f"{sum(history['seconds']):.1f} s in total; wrote {out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from . import demo
 
@@ -84,6 +131,7 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .datasets import DATASET_NAMES
     from .network import ACTIVATIONS
+    from .training import COSTS, NUDGINGS, OPTIMIZERS, SCHEDULES
 
     parser = argparse.ArgumentParser(
         prog=PROG, description="ebm-toolkit: simulate energy-based models (Hopfield energy, equilibrium "
@@ -132,6 +180,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-o", "--output", required=True, metavar="FIXED_POINTS.h5", help="fixed-point file to write")
     p.set_defaults(func=cmd_relax)
+
+    p = sub.add_parser("train", help="train a network with equilibrium propagation",
+                       description="Train a layered Hopfield network with EP on the Numba simulator. The network "
+                                   "file is rewritten atomically after every epoch (weights, history, optimizer "
+                                   "state); --resume continues an interrupted run exactly.")
+    p.add_argument("--dataset", required=True, metavar="NAME", help=f"one of {', '.join(DATASET_NAMES)}")
+    p.add_argument("--data-dir", metavar="DIR", default=None, help="folder with the dataset files")
+    p.add_argument("--limit-train", type=int, default=None, metavar="N", help="seeded subsample of N training samples")
+    p.add_argument("--limit-test", type=int, default=None, metavar="N", help="seeded subsample of N test samples")
+    p.add_argument("--layers", type=_layers, required=True, metavar="N0,...,NL",
+                   help="layer sizes, input first and classes last, e.g. 784,512,10")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialization, batches and nudging signs")
+    p.add_argument("--gain", type=float, default=1.0, help="scale of the initial weights (default 1.0)")
+    p.add_argument("--activation", choices=sorted(ACTIVATIONS), default="hard_sigmoid")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--beta", type=float, default=0.5, help="nudging strength (> 0; default 0.5)")
+    p.add_argument("--nudging", choices=NUDGINGS, default="symmetric",
+                   help="symmetric +/-beta (default), positive (one-sided +beta) or random (one-sided, random sign)")
+    p.add_argument("--cost", choices=COSTS, default="mse")
+    p.add_argument("--method", choices=RELAX_METHODS, default="fixed_point", help="integrator of both phases")
+    p.add_argument("--free-steps", type=int, default=30, help="step cap of the free phase (default 30)")
+    p.add_argument("--nudged-steps", type=int, default=10, help="step cap of each nudged phase (default 10)")
+    p.add_argument("--tol", type=float, default=1e-4, help="residual at which a phase stops early (default 1e-4)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    p.add_argument("--lr", type=_rates, default=5e-4,
+                   help="learning rate, or one per weight matrix separated by commas (default 5e-4)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--schedule", choices=SCHEDULES, default="constant", help="constant or cosine annealing")
+    p.add_argument("--resume", action="store_true", help="continue the training saved in -o")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("-o", "--output", required=True, metavar="NET.h5", help="network file (checkpointed every epoch)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("info", help="describe an artifact (network, fixed points, trajectory)",
                        description="Print the header, hash check and contents of ebm-toolkit HDF5 files. "

@@ -352,20 +352,23 @@ def data_fingerprint(x, labels) -> str:
 
 
 def fit(network: Network, x_train, y_train, x_test, y_test, config: TrainConfig, checkpoint_path=None,
-        resume: bool = False, progress: bool = True, log=print, extra_attrs: dict | None = None) -> Network:
+        resume: bool = False, progress: bool = True, log=print, extra_attrs: dict | None = None,
+        num_classes: int | None = None) -> Network:
     """Train ``network`` in place with EP and return it; its ``history`` holds one entry per epoch of every key of
     HISTORY_KEYS (loss, train and test accuracy, mean free-phase steps, largest residual, seconds per epoch...).
 
     checkpoint_path: the network's HDF5 file, rewritten atomically after every epoch with the weights, the history
     and a checkpoint (next epoch, optimizer state, configuration, data fingerprint). resume=True continues from that
     file (same configuration and data required) and ends with exactly the weights of an uninterrupted run.
+    num_classes: the dataset's (default: the largest label + 1); the output layer must have that many units.
     All inputs are checked before any work.
     """
     from tqdm import tqdm
 
     from . import storage
 
-    num_classes = network.layer_sizes[-1]
+    if num_classes is None:
+        num_classes = int(max(np.max(y_train), np.max(y_test))) + 1
     check_data(network, x_train, y_train, num_classes, "training")
     check_data(network, x_test, y_test, num_classes, "test")
     config.layer_rates(network.num_layers)  # per-layer rates must match the depth
@@ -425,7 +428,10 @@ def _resume(path, network: Network, optimizer, settings: dict, log):
     if stored["data"] != settings["data"]:
         raise ValueError(f"cannot resume from {path}: it was trained on other data (fingerprints "
                          f"{stored['data'][:12]} vs {settings['data'][:12]})")
-    differing = sorted(key for key in settings["config"] if stored["config"].get(key) != settings["config"][key])
+    # with a constant schedule more epochs extend the run exactly; a cosine schedule depends on the epoch count
+    free_keys = {"epochs"} if settings["config"]["schedule"] == "constant" else set()
+    differing = sorted(key for key in settings["config"]
+                       if key not in free_keys and stored["config"].get(key) != settings["config"][key])
     if differing:
         details = ", ".join(f"{key}: {stored['config'].get(key)!r} -> {settings['config'][key]!r}"
                             for key in differing)
