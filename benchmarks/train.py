@@ -1,0 +1,175 @@
+"""Benchmark: EP training on the Numba simulator — accuracy on digits and Fashion-MNIST, and speed against torch.
+
+    python benchmarks/train.py [--quick] [--out benchmarks/results/train.json]
+
+Accuracy (the trained networks are written, without optimizer state, to benchmarks/results/networks/):
+  digits          64-256-10        RECIPES["digits"]
+  fashion         784-512-10       RECIPES["fashion"]
+  fashion_deep    784-512-512-10   RECIPES["fashion_deep"]
+Speed: seconds per Fashion-MNIST epoch of this trainer against the torch implementation of the same algorithm written
+the way the reference EP code bases do it (autograd on Phi, benchmarks/torch_ep_reference.py): 784-512-10, batch 50,
+T1 = 30 free and T2 = 10 nudged steps with no early stopping on either side (same steps), Adam 5e-4, beta 0.5,
+symmetric nudging; timed on a subset and scaled to the 60,000 training images. Also reported: this trainer's epoch
+with its default early stopping (tol 1e-4), which is how it is used.
+--quick: digits in full, Fashion-MNIST one epoch on 3,000 images, speed on 1,000 images (well under a minute);
+its accuracies are marked quick and are not the benchmark's figures.
+Each group runs in its own process (torch's and OpenBLAS's idle threads would slow the other library down).
+The JSON is written to --out and printed as the last line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from ebm_sim import storage  # noqa: E402
+from ebm_sim.datasets import load_dataset  # noqa: E402
+from ebm_sim.network import Network  # noqa: E402
+from ebm_sim.training import TrainConfig, fit  # noqa: E402
+
+NETWORK_DIR = ROOT / "benchmarks" / "results" / "networks"
+RECIPES = {
+    "digits": dict(dataset="digits", layers=(64, 256, 10),
+                   config=dict(epochs=15, batch_size=32, beta=0.5, lr=2e-3, schedule="cosine")),
+    "fashion": dict(dataset="fashion-mnist", layers=(784, 512, 10),
+                    config=dict(epochs=15, batch_size=50, beta=0.5, lr=1e-3, schedule="cosine")),
+    "fashion_deep": dict(dataset="fashion-mnist", layers=(784, 512, 512, 10),
+                         config=dict(epochs=10, batch_size=50, beta=0.5, lr=[1e-3, 5e-4, 2e-4], schedule="cosine")),
+}
+SPEED = dict(layers=(784, 512, 10), batch_size=50, beta=0.5, T1=30, T2=10, lr=5e-4)
+
+
+def accuracy_group(name: str, quick: bool) -> dict:
+    """Train one recipe; returns its figures and writes the network (no optimizer state) for later benchmarks."""
+    recipe = RECIPES[name]
+    config = dict(recipe["config"])
+    limit = None
+    if quick and recipe["dataset"] != "digits":
+        config["epochs"], limit = 1, 3000
+    data = load_dataset(recipe["dataset"], limit_train=limit)
+    network = Network.init(recipe["layers"], seed=0)
+    train_config = TrainConfig(**config)
+    start = time.perf_counter()
+    fit(network, data.x_train, data.y_train, data.x_test, data.y_test, train_config, progress=False,
+        log=lambda msg: print(msg, file=sys.stderr, flush=True), num_classes=data.num_classes)
+    total = time.perf_counter() - start
+    history = network.history
+    result = {"dataset": recipe["dataset"], "layers": list(recipe["layers"]), "config": train_config.as_dict(),
+              "train_samples": int(len(data.y_train)), "test_samples": int(len(data.y_test)),
+              "test_acc": history["test_acc"][-1], "best_test_acc": max(history["test_acc"]),
+              "train_acc": history["train_acc"][-1], "epoch_s_mean": float(np.mean(history["seconds"])),
+              "total_s": total, "free_steps_mean_last_epoch": history["free_steps_mean"][-1],
+              "history": history, "quick": bool(quick and limit is not None)}
+    if not result["quick"]:
+        NETWORK_DIR.mkdir(parents=True, exist_ok=True)
+        path = NETWORK_DIR / f"{name}_{'-'.join(map(str, recipe['layers']))}.h5"
+        storage.save_network(path, network, extra_attrs={"dataset": recipe["dataset"], "recipe": name,
+                                                         "config": train_config.as_dict()})
+        result["network_file"] = str(path.relative_to(ROOT))
+    return result
+
+
+def speed_inputs(quick: bool):
+    data = load_dataset("fashion-mnist", limit_train=1000 if quick else 6000)
+    return data.x_train, data.y_train
+
+
+def numba_speed_group(quick: bool) -> dict:
+    x, y = speed_inputs(quick)
+    results = {}
+    for label, tol in (("same_steps", 1e-30), ("early_stopping", 1e-4)):
+        network = Network.init(SPEED["layers"], seed=0)
+        config = TrainConfig(epochs=1, batch_size=SPEED["batch_size"], beta=SPEED["beta"], lr=SPEED["lr"],
+                             free_steps=SPEED["T1"], nudged_steps=SPEED["T2"], tol=tol)
+        from ebm_sim.training import make_optimizer, train_epoch
+        optimizer = make_optimizer(network, config)
+        train_epoch(network, optimizer, x[:200], y[:200], config, epoch=0)  # warm-up (compilation, caches)
+        start = time.perf_counter()
+        stats = train_epoch(network, optimizer, x, y, config, epoch=0)
+        seconds = time.perf_counter() - start
+        results[label] = {"samples": int(len(y)), "seconds": seconds, "epoch_s_60k": seconds * 60000 / len(y),
+                          "free_steps_mean": stats["free_steps_mean"], "nudged_steps_mean": stats["nudged_steps_mean"],
+                          "train_acc": stats["train_acc"]}
+    return results
+
+
+def torch_speed_group(quick: bool) -> dict:
+    import torch
+    import torch_ep_reference as reference
+
+    x, y = speed_inputs(quick)
+    network = Network.init(SPEED["layers"], seed=0)
+    settings = dict(batch_size=SPEED["batch_size"], beta=SPEED["beta"], T1=SPEED["T1"], T2=SPEED["T2"],
+                    lr=SPEED["lr"], optimizer="adam", seed=0, epoch=0)
+    module = reference.TorchEPNet.from_network(network)
+    reference.train_epoch(module, x[:200], y[:200], **settings)  # warm-up
+    stats = reference.train_epoch(module, x, y, **settings)
+    return {"samples": int(len(y)), "seconds": stats["seconds"], "epoch_s_60k": stats["seconds"] * 60000 / len(y),
+            "train_acc": stats["train_acc"], "torch_threads": torch.get_num_threads()}
+
+
+GROUPS = {"digits": lambda q: accuracy_group("digits", q), "fashion": lambda q: accuracy_group("fashion", q),
+          "fashion_deep": lambda q: accuracy_group("fashion_deep", q), "numba_speed": numba_speed_group,
+          "torch_speed": torch_speed_group}
+
+
+def run(args) -> dict:
+    groups = {}
+    for group in GROUPS:
+        command = [sys.executable, __file__, "--group", group] + (["--quick"] if args.quick else [])
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"benchmark group {group!r} failed:\n{done.stderr[-3000:]}")
+        groups[group] = json.loads(done.stdout.strip().splitlines()[-1])
+    same = groups["numba_speed"]["same_steps"]
+    results = {
+        "quick": args.quick,
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "digits_test_acc": groups["digits"]["test_acc"],
+        "fashion_test_acc": groups["fashion"]["test_acc"],
+        "fashion_deep_test_acc": groups["fashion_deep"]["test_acc"],
+        # seconds per 60,000-image epoch (the quick run trains on a subset: scaled, and marked quick)
+        "fashion_epoch_s": groups["fashion"]["epoch_s_mean"] * 60000 / groups["fashion"]["train_samples"],
+        "fashion_budget": {"epochs": groups["fashion"]["config"]["epochs"],
+                           "epoch_s": groups["fashion"]["epoch_s_mean"], "total_s": groups["fashion"]["total_s"]},
+        "numba_over_torch_epoch": groups["torch_speed"]["epoch_s_60k"] / same["epoch_s_60k"],
+        "numba_early_stopping_over_torch_epoch": (groups["torch_speed"]["epoch_s_60k"]
+                                                  / groups["numba_speed"]["early_stopping"]["epoch_s_60k"]),
+        "speed": {"setting": SPEED, "numba": groups["numba_speed"], "torch_autograd": groups["torch_speed"]},
+        "runs": {name: groups[name] for name in ("digits", "fashion", "fashion_deep")},
+        "targets": {"digits_test_acc": 0.97, "fashion_test_acc": 0.88, "numba_over_torch_epoch": 2.0},
+    }
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small settings (under a minute)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train.json"))
+    parser.add_argument("--group", choices=sorted(GROUPS), help=argparse.SUPPRESS)  # internal: one group
+    args = parser.parse_args(argv)
+    if args.group:
+        print(json.dumps(GROUPS[args.group](args.quick)))
+        return
+    results = run(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(out)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
