@@ -102,7 +102,8 @@ def cmd_train(args) -> int:
         raise ValueError(f"layer sizes {'-'.join(map(str, sizes))} do not fit {data.name}: its inputs have "
                          f"{data.num_features} features and it has {data.num_classes} classes (e.g. --layers "
                          f"{data.num_features},512,{data.num_classes})")
-    network = Network.init(sizes, seed=args.seed, dtype=args.dtype, activation=args.activation, gain=args.gain)
+    network = Network.init(sizes, seed=args.seed, dtype=args.dtype, activation=args.activation, gain=args.gain,
+                           readout=args.cost == "cross_entropy")
     print(f"training {'-'.join(map(str, sizes))} on {data.name} ({len(data.y_train)} train / {len(data.y_test)} "
           f"test samples) with EP: {config.nudging} nudging, beta {config.beta:g}, {config.cost}, "
           f"{config.method} (free {config.free_steps} / nudged {config.nudged_steps} steps, tol {config.tol:g}), "
@@ -200,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=0.5, help="nudging strength (> 0; default 0.5)")
     p.add_argument("--nudging", choices=NUDGINGS, default="symmetric",
                    help="symmetric +/-beta (default), positive (one-sided +beta) or random (one-sided, random sign)")
-    p.add_argument("--cost", choices=COSTS, default="mse")
+    p.add_argument("--cost", choices=COSTS, default="mse",
+                   help="mse on the output layer (default), or cross_entropy through a softmax readout: the last "
+                        "layer then reads out the one before it and is not part of the dynamics")
     p.add_argument("--method", choices=RELAX_METHODS, default="fixed_point", help="integrator of both phases")
     p.add_argument("--free-steps", type=int, default=30, help="step cap of the free phase (default 30)")
     p.add_argument("--nudged-steps", type=int, default=10, help="step cap of each nudged phase (default 10)")

@@ -8,6 +8,8 @@ Local field (the gradient of the primitive function Phi, Ernoult et al. 2019):
     h_k = dPhi/ds_k = W_{k-1} s_{k-1} + W_k^T s_{k+1} + b_k          (the W_k^T term only for k < L)
 with the nudge on the output layer, cost C = 1/2 ||s_L - y||^2 (MSE):
     h_L <- h_L - beta (s_L - y)
+or, for a network with a softmax readout (``network.readout``; s_L is then the last hidden layer and
+logits = W_r s_L + b_r), the cross-entropy C = -sum y log softmax(logits):  h_L <- h_L - beta W_r^T (softmax - y)
 Energy (per sample; Scellier & Bengio 2017 with rho(s) = s inside the box):
     E(s) = sum_k ||s_k||^2 / (2a) - sum_k s_{k+1}^T W_k s_k - sum_k b_k^T s_k + beta C(s_L, y)
          = sum_k ||s_k||^2 / (2a) - Phi(x, s)              (Phi: the primitive function below)
@@ -27,7 +29,7 @@ from .network import Network
 
 
 def _nudge_target(network: Network, target, batch: int, beta: float):
-    """The (B, n_L) target array, or None when beta == 0 (no nudge)."""
+    """The (B, n_L) target array (n_L = classes with a readout), or None when beta == 0 (no nudge)."""
     if beta == 0.0:
         return None
     if target is None:
@@ -35,35 +37,61 @@ def _nudge_target(network: Network, target, batch: int, beta: float):
     return np.asarray(target, dtype=network.dtype).reshape(batch, network.layer_sizes[-1])
 
 
+def softmax(logits) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def cost(network: Network, states, target) -> np.ndarray:
+    """C per sample (B,): 1/2 ||s_L - y||^2, or with a readout the cross-entropy -sum y log softmax(W_r s + b_r)."""
+    if not network.readout:
+        return 0.5 * np.sum((states[-1].astype(np.float64) - target) ** 2, axis=1)
+    logits = network.logits([s.astype(np.float64) for s in states]).astype(np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probabilities = shifted - np.log(np.sum(np.exp(shifted), axis=1, keepdims=True))
+    return -np.sum(target * log_probabilities, axis=1)
+
+
+def cost_gradient(network: Network, states, target) -> np.ndarray:
+    """dC/ds on the last state layer: s_L - y, or W_r^T (softmax(W_r s + b_r) - y) with a readout."""
+    if not network.readout:
+        return states[-1] - target
+    return (softmax(network.logits(states)) - target) @ network.weights[-1]
+
+
 def local_fields(network: Network, x, states, beta: float = 0.0, target=None) -> list:
-    """h_k = W_{k-1} s_{k-1} + W_k^T s_{k+1} + b_k (nudged on the output layer); list of (B, n_k)."""
+    """h_k = W_{k-1} s_{k-1} + W_k^T s_{k+1} + b_k (nudged on the last state layer: - beta dC/ds); list of (B, n_k).
+    With a readout, only the layers that relax have fields (the readout enters through the nudge)."""
+    dynamic = network.dynamics()
     layers = [x] + list(states)
     fields = []
-    for k in range(1, network.num_layers + 1):
-        h = layers[k - 1] @ network.weights[k - 1].T + network.biases[k - 1]
-        if k < network.num_layers:
-            h = h + layers[k + 1] @ network.weights[k]
+    for k in range(1, dynamic.num_layers + 1):
+        h = layers[k - 1] @ dynamic.weights[k - 1].T + dynamic.biases[k - 1]
+        if k < dynamic.num_layers:
+            h = h + layers[k + 1] @ dynamic.weights[k]
         fields.append(h)
     y = _nudge_target(network, target, x.shape[0], beta)
     if y is not None:
-        fields[-1] = fields[-1] - beta * (states[-1] - y)
+        fields[-1] = fields[-1] - beta * cost_gradient(network, states, y)
     return fields
 
 
 def primitive(network: Network, x, states, beta: float = 0.0, target=None) -> np.ndarray:
     """The primitive function of the discrete-time form (Ernoult et al. 2019), per sample, shape (B,):
-        Phi(x, s) = sum_k s_{k+1}^T W_k s_k + sum_k b_k^T s_k - beta C(s_L, y)
+        Phi(x, s) = sum_k s_{k+1}^T W_k s_k + sum_k b_k^T s_k - beta C(s, y)
     Its gradient dPhi/ds_k is ``local_fields``; the discrete-time dynamics are s <- rho(dPhi/ds) = clip(a h, 0, 1).
     """
+    dynamic = network.dynamics()
     layers = [x] + list(states)
     phi = np.zeros(x.shape[0], dtype=np.float64)
-    for k in range(1, network.num_layers + 1):
+    for k in range(1, dynamic.num_layers + 1):
         s, below = layers[k].astype(np.float64), layers[k - 1].astype(np.float64)
-        w, b = network.weights[k - 1].astype(np.float64), network.biases[k - 1].astype(np.float64)
+        w, b = dynamic.weights[k - 1].astype(np.float64), dynamic.biases[k - 1].astype(np.float64)
         phi += np.sum(s * (below @ w.T), axis=1) + s @ b
     y = _nudge_target(network, target, x.shape[0], beta)
     if y is not None:
-        phi -= 0.5 * beta * np.sum((states[-1].astype(np.float64) - y) ** 2, axis=1)
+        phi -= beta * cost(network, states, y)
     return phi
 
 

@@ -80,24 +80,57 @@ def _layer_constant(i, r, c0, n_i, x_proj, biases):
 
 
 @njit(cache=True)
-def _finish_field(i, S, H, rows, num_layers, col, n_i, x_proj, biases, beta, target):
-    """Add the constant terms to layer i's field; nudge the output layer: h_L <- h_L - beta (s_L - y)."""
+def _apply_nudge(S, H, rows, c0, n_i, nudge):
+    """h_L <- h_L - beta dC/ds_L on the last state layer (columns c0 : c0 + n_i). ``nudge`` = (beta, target,
+    readout_w, readout_b). Without a readout (readout_w has no rows) C = 1/2 ||s_L - y||^2 and dC/ds_L = s_L - y;
+    with one, C = cross-entropy of softmax(W_r s_L + b_r) against y and dC/ds_L = W_r^T (softmax(...) - y)."""
+    beta, target, readout_w, readout_b = nudge
+    if beta == 0.0:
+        return
+    if readout_w.shape[0] == 0:
+        for r in range(rows):
+            for j in range(n_i):
+                H[r, c0 + j] -= beta * (S[r, c0 + j] - target[r, j])
+        return
+    classes = readout_w.shape[0]
+    error = np.empty(classes, dtype=np.float64)
+    for r in range(rows):
+        for c in range(classes):
+            total = float(readout_b[c])
+            for j in range(n_i):
+                total += readout_w[c, j] * S[r, c0 + j]
+            error[c] = total
+        largest = error.max()
+        norm = 0.0
+        for c in range(classes):
+            error[c] = np.exp(error[c] - largest)
+            norm += error[c]
+        for c in range(classes):
+            error[c] = error[c] / norm - target[r, c]
+        for j in range(n_i):
+            pull = 0.0
+            for c in range(classes):
+                pull += readout_w[c, j] * error[c]
+            H[r, c0 + j] -= beta * pull
+
+
+@njit(cache=True)
+def _finish_field(i, S, H, rows, num_layers, col, n_i, x_proj, biases, nudge):
+    """Add the constant terms to layer i's field and, on the last state layer, the nudge."""
     c0 = col[i]
-    nudged = i == num_layers - 1 and beta != 0.0
     for r in range(rows):
         constant = _layer_constant(i, r, c0, n_i, x_proj, biases)
         for j in range(n_i):
             H[r, c0 + j] += constant[j]
-        if nudged:
-            for j in range(n_i):
-                H[r, c0 + j] -= beta * (S[r, c0 + j] - target[r, j])
+    if i == num_layers - 1:
+        _apply_nudge(S, H, rows, c0, n_i, nudge)
 
 
 @njit(cache=True)
-def _field(i, S, H, rows, weights, col, blas, x_proj, biases, beta, target):
+def _field(i, S, H, rows, weights, col, blas, x_proj, biases, nudge):
     """Layer i's full local field h = dPhi/ds (nudged on the output layer) into H, from the states in S."""
     _coupling(i, S, H, rows, weights, col, blas)
-    _finish_field(i, S, H, rows, len(weights), col, weights[i].shape[0], x_proj, biases, beta, target)
+    _finish_field(i, S, H, rows, len(weights), col, weights[i].shape[0], x_proj, biases, nudge)
 
 
 @njit(cache=True, inline="always")
@@ -110,7 +143,7 @@ def _advance(old, h, a, step, fixed_point, zero, one):
 
 
 @njit(cache=True)
-def _euler_update(i, S, H, rows, num_layers, col, n_i, x_proj, biases, beta, target, slope, dt, residual):
+def _euler_update(i, S, H, rows, num_layers, col, n_i, x_proj, biases, nudge, slope, dt, residual):
     """Layer i: h = coupling (in H) + constant terms (+ nudge), then s <- clip(s + dt (a h - s), 0, 1), or
     clip(a h) when dt == 1; residual[r] = max(residual[r], max_j |change|). No allocation; NaN is kept (and so
     flagged by the residual) rather than clipped away.
@@ -126,10 +159,8 @@ def _euler_update(i, S, H, rows, num_layers, col, n_i, x_proj, biases, beta, tar
     step = S.dtype.type(dt)
     fixed_point = dt == 1.0
     bits = _bits(H)
-    if i == num_layers - 1 and beta != 0.0:  # the nudge only touches the (small) output layer
-        for r in range(rows):
-            for j in range(n_i):
-                H[r, c0 + j] -= beta * (S[r, c0 + j] - target[r, j])
+    if i == num_layers - 1:  # the nudge only touches the (small) last state layer
+        _apply_nudge(S, H, rows, c0, n_i, nudge)
     for r in range(rows):
         # two loops rather than one over a view that is either x_proj[r] or a slice of biases: the unified view
         # type has an unknown stride and the loop would not vectorize
@@ -254,12 +285,15 @@ def _record(trajectory, step, S, rows, index):
 
 
 @njit(cache=True, nogil=True)
-def relax_fixed_point(blas, x, weights, biases, col, slope, dt, alternating, beta, target, initial, tol, max_steps,
-                      record, trajectory, out_states, out_steps, out_residual, out_converged, out_diverged):
+def relax_fixed_point(blas, x, weights, biases, col, slope, dt, alternating, beta, target, readout_w, readout_b,
+                      initial, tol, max_steps, record, trajectory, out_states, out_steps, out_residual, out_converged,
+                      out_diverged):
     """Euler / fixed-point relaxation of a batch. See the module docstring.
 
-    blas: ``ebm_sim.blas.make_handle(dtype)``; x (B, n_0); weights: tuple of W_i (n_{i+1}, n_i); biases: flat (N,) b_1..b_L in layer order; col (L,) column
-    offsets; target (B, n_L) (unused when beta == 0); initial (B, N). Outputs are written in place:
+    blas: ``ebm_sim.blas.make_handle(dtype)``; x (B, n_0); weights: tuple of W_i (n_{i+1}, n_i); biases: flat (N,)
+    b_1..b_L in layer order; col (L,) column offsets; target (B, n_L), or (B, classes) with a readout (unused when
+    beta == 0); readout_w (classes, n_L) and readout_b (classes,): the softmax readout of the cross-entropy nudge, or
+    arrays with no rows for the MSE nudge; initial (B, N). Outputs are written in place:
     out_states (B, N), out_steps/out_residual/out_converged/out_diverged (B,). When ``record`` is true,
     trajectory (max_steps + 1, B, N) receives the state after every step of every still-active sample.
     """
@@ -269,6 +303,7 @@ def relax_fixed_point(blas, x, weights, biases, col, slope, dt, alternating, bet
     H = np.empty_like(S)
     x_proj = _input_projection(x, weights, biases, blas)
     y = target.copy()
+    nudge = (beta, y, readout_w, readout_b)
     index = np.arange(batch)
     residual = np.zeros(batch, dtype=np.float64)
     empty_vectors = [np.empty(0, dtype=np.float64)][:0]
@@ -284,7 +319,7 @@ def relax_fixed_point(blas, x, weights, biases, col, slope, dt, alternating, bet
             for parity in range(2):
                 for i in range(parity, num_layers, 2):
                     _coupling(i, S, H, rows, weights, col, blas)
-                    _euler_update(i, S, H, rows, num_layers, col, weights[i].shape[0], x_proj, biases, beta, y,
+                    _euler_update(i, S, H, rows, num_layers, col, weights[i].shape[0], x_proj, biases, nudge,
                                   slope, dt, residual)
         else:
             if rows <= SMALL_BATCH:
@@ -293,7 +328,7 @@ def relax_fixed_point(blas, x, weights, biases, col, slope, dt, alternating, bet
                 for i in range(num_layers):
                     _coupling(i, S, H, rows, weights, col, blas)
             for i in range(num_layers):
-                _euler_update(i, S, H, rows, num_layers, col, weights[i].shape[0], x_proj, biases, beta, y,
+                _euler_update(i, S, H, rows, num_layers, col, weights[i].shape[0], x_proj, biases, nudge,
                               slope, dt, residual)
         if dt != 1.0:
             residual[:rows] /= dt
@@ -327,10 +362,10 @@ _DP_E = np.array([71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 /
 
 
 @njit(cache=True)
-def _projected_velocity(Y, K, rows, weights, col, blas, x_proj, biases, beta, target, slope, H):
+def _projected_velocity(Y, K, rows, weights, col, blas, x_proj, biases, nudge, slope, H):
     """K = P_Y(a h(Y) - Y): the flow at Y with components pushing out of [0, 1] at a bound set to zero."""
     for i in range(len(weights)):
-        _field(i, Y, H, rows, weights, col, blas, x_proj, biases, beta, target)
+        _field(i, Y, H, rows, weights, col, blas, x_proj, biases, nudge)
     width = Y.shape[1]
     for r in range(rows):
         for c in range(width):
@@ -341,7 +376,8 @@ def _projected_velocity(Y, K, rows, weights, col, blas, x_proj, biases, beta, ta
 
 
 @njit(cache=True, nogil=True)
-def relax_rk45(blas, x, weights, biases, col, slope, beta, target, initial, tol, max_steps, rtol, atol, dt0, dt_max,
+def relax_rk45(blas, x, weights, biases, col, slope, beta, target, readout_w, readout_b, initial, tol, max_steps,
+               rtol, atol, dt0, dt_max,
                record, trajectory, out_states, out_steps, out_residual, out_converged, out_diverged):
     """Adaptive Dormand-Prince relaxation of a batch (arguments as ``relax_fixed_point``).
 
@@ -356,11 +392,12 @@ def relax_rk45(blas, x, weights, biases, col, slope, beta, target, initial, tol,
     Y = np.empty_like(S)
     x_proj = _input_projection(x, weights, biases, blas)
     y = target.copy()
+    nudge = (beta, y, readout_w, readout_b)
     index = np.arange(batch)
     residual = np.zeros(batch, dtype=np.float64)
     step_size = np.full(batch, dt0, dtype=np.float64)
     K0 = K[0]
-    _projected_velocity(S, K0, batch, weights, col, blas, x_proj, biases, beta, y, slope, H)
+    _projected_velocity(S, K0, batch, weights, col, blas, x_proj, biases, nudge, slope, H)
     if record:
         trajectory[0, :, :] = S
     rows = batch
@@ -392,7 +429,7 @@ def relax_rk45(blas, x, weights, biases, col, slope, beta, target, initial, tol,
                     for j in range(stage):
                         acc += _DP_A[stage, j] * K[j, r, c]
                     Y[r, c] = S[r, c] + h * acc
-            _projected_velocity(Y, K[stage], rows, weights, col, blas, x_proj, biases, beta, y, slope, H)
+            _projected_velocity(Y, K[stage], rows, weights, col, blas, x_proj, biases, nudge, slope, H)
         # the last stage evaluated the flow at y5 (the tableau's last row is the fifth-order weights): Y = y5,
         # K[6] = f(y5), the FSAL stage the error estimate needs
         for r in range(rows):
@@ -415,6 +452,6 @@ def relax_rk45(blas, x, weights, biases, col, slope, beta, target, initial, tol,
             else:
                 factor = max(0.2, 0.9 * error ** -0.2) if np.isfinite(error) else 0.2
             step_size[r] = min(h * factor, dt_max)
-        _projected_velocity(S, K0, rows, weights, col, blas, x_proj, biases, beta, y, slope, H)
+        _projected_velocity(S, K0, rows, weights, col, blas, x_proj, biases, nudge, slope, H)
         if record:
             _record(trajectory, step, S, rows, index)

@@ -32,12 +32,16 @@ class Network:
     weights: list of L arrays, W_k with shape (n_{k+1}, n_k)
     biases:  list of L arrays, b_{k+1} with shape (n_{k+1},)
     activation: a key of ``ACTIVATIONS``
+    readout: when True the last layer is not part of the dynamics but a softmax readout of s_{L-1}:
+        logits = W_{L-1} s_{L-1} + b_L, used by the cross-entropy cost (as in the CIFAR recipes of Laborieux et al.
+        2021); the states are s_1 .. s_{L-1}. When False (default) every layer is dynamic and s_L is the output.
     """
 
     weights: list
     biases: list
     activation: str = "hard_sigmoid"
     history: dict = field(default_factory=dict)
+    readout: bool = False
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -46,6 +50,8 @@ class Network:
             raise ValueError("a network needs at least one weight matrix (input -> output)")
         if len(self.weights) != len(self.biases):
             raise ValueError(f"{len(self.weights)} weight matrices but {len(self.biases)} bias vectors")
+        if self.readout and len(self.weights) < 2:
+            raise ValueError("a network with a softmax readout needs at least one hidden layer before it")
         dtype = _check_dtype(np.asarray(self.weights[0]).dtype)
         self.weights = [np.ascontiguousarray(w, dtype=dtype) for w in self.weights]
         self.biases = [np.ascontiguousarray(b, dtype=dtype) for b in self.biases]
@@ -72,6 +78,27 @@ class Network:
         return len(self.weights)
 
     @property
+    def state_sizes(self) -> tuple:
+        """Sizes of the layers that relax: n_1 .. n_L, or n_1 .. n_{L-1} with a readout."""
+        return self.layer_sizes[1:-1] if self.readout else self.layer_sizes[1:]
+
+    def dynamics(self) -> "Network":
+        """The part that relaxes: the network itself, or without its readout layer (shares the arrays)."""
+        if not self.readout:
+            return self
+        return Network(self.weights[:-1], self.biases[:-1], self.activation)
+
+    def readout_layer(self):
+        """(W, b) of the softmax readout, or None."""
+        return (self.weights[-1], self.biases[-1]) if self.readout else None
+
+    def logits(self, states) -> np.ndarray:
+        """The readout's logits W_{L-1} s_{L-1} + b_L (B, classes); without a readout, the output states s_L."""
+        if not self.readout:
+            return states[-1]
+        return states[-1] @ self.weights[-1].T + self.biases[-1]
+
+    @property
     def slope(self) -> float:
         return ACTIVATIONS[self.activation]
 
@@ -83,7 +110,7 @@ class Network:
         """A copy with parameters in ``dtype`` (float32 or float64)."""
         dtype = _check_dtype(dtype)
         return Network([w.astype(dtype) for w in self.weights], [b.astype(dtype) for b in self.biases],
-                       self.activation, dict(self.history))
+                       self.activation, dict(self.history), self.readout)
 
     def copy(self) -> "Network":
         return self.astype(self.dtype)
@@ -91,12 +118,13 @@ class Network:
     def scaled(self, factor: float) -> "Network":
         """A copy with every weight and bias multiplied by ``factor`` (to control the contraction rate)."""
         return Network([w * self.dtype.type(factor) for w in self.weights],
-                       [b * self.dtype.type(factor) for b in self.biases], self.activation, dict(self.history))
+                       [b * self.dtype.type(factor) for b in self.biases], self.activation, dict(self.history),
+                       self.readout)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def init(cls, layer_sizes, seed: int = 0, dtype=np.float32, activation: str = "hard_sigmoid",
-             gain: float = 1.0) -> "Network":
+             gain: float = 1.0, readout: bool = False) -> "Network":
         """Seeded initialization: W_k ~ U(-g/sqrt(n_k), g/sqrt(n_k)), b ~ U(same) (torch.nn.Linear's default).
 
         layer_sizes: (n_0, ..., n_L) with at least two entries, all positive integers.
@@ -115,21 +143,22 @@ class Network:
             bound = gain / np.sqrt(n_in)
             weights.append(rng.uniform(-bound, bound, size=(n_out, n_in)).astype(dtype))
             biases.append(rng.uniform(-bound, bound, size=n_out).astype(dtype))
-        return cls(weights, biases, activation)
+        return cls(weights, biases, activation, readout=readout)
 
     # ------------------------------------------------------------------ identity
     def content_hash(self) -> str:
         """SHA-256 over architecture, activation, dtype and the exact parameter bytes."""
         h = hashlib.sha256()
-        h.update(repr((self.layer_sizes, self.activation, str(self.dtype))).encode())
+        identity = (self.layer_sizes, self.activation, str(self.dtype))
+        h.update(repr(identity + (("readout",) if self.readout else ())).encode())  # unchanged without a readout
         for array in (*self.weights, *self.biases):
             h.update(np.ascontiguousarray(array).tobytes())
         return h.hexdigest()
 
     def zero_states(self, batch: int) -> list:
-        """Initial states (all zeros) for layers 1..L: list of (batch, n_k) arrays."""
-        return [np.zeros((batch, n), dtype=self.dtype) for n in self.layer_sizes[1:]]
+        """Initial states (all zeros) of the layers that relax: list of (batch, n_k) arrays."""
+        return [np.zeros((batch, n), dtype=self.dtype) for n in self.state_sizes]
 
     def __repr__(self) -> str:
         return (f"Network(layer_sizes={self.layer_sizes}, activation={self.activation!r}, "
-                f"dtype={self.dtype}, hash={self.content_hash()[:12]})")
+                f"{'readout=True, ' if self.readout else ''}dtype={self.dtype}, hash={self.content_hash()[:12]})")

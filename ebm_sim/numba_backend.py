@@ -14,7 +14,7 @@ from .relax import RelaxResult, RelaxSettings
 
 def column_offsets(network: Network) -> np.ndarray:
     """col[i] = n_1 + ... + n_i: where layer i (0-based, s_{i+1}) starts in the packed (B, N) state buffer."""
-    return np.concatenate([[0], np.cumsum(network.layer_sizes[1:-1])]).astype(np.int64)
+    return np.concatenate([[0], np.cumsum(network.state_sizes[:-1])]).astype(np.int64)
 
 
 def pack_states(states) -> np.ndarray:
@@ -24,7 +24,7 @@ def pack_states(states) -> np.ndarray:
 
 def unpack_states(packed: np.ndarray, network: Network) -> list:
     """(…, N) buffer -> list of (…, n_k) arrays (copies)."""
-    bounds = np.cumsum(network.layer_sizes[1:])[:-1]
+    bounds = np.cumsum(network.state_sizes)[:-1]
     return [np.ascontiguousarray(part) for part in np.split(packed, bounds, axis=-1)]
 
 
@@ -49,13 +49,16 @@ def relax_numba(network: Network, x, settings: RelaxSettings, target, initial, r
     between workers during the relaxation. With record=True one worker runs (recording is for analysis).
     """
     batch, dtype = x.shape[0], network.dtype
-    width = sum(network.layer_sizes[1:])
+    width = sum(network.state_sizes)
     start = np.zeros((batch, width), dtype=dtype) if initial is None else pack_states(initial)
     if target is None:
         target = np.zeros((batch, network.layer_sizes[-1]), dtype=dtype)
-    weights = tuple(network.weights)
-    biases = np.concatenate(network.biases)
-    col = column_offsets(network)
+    dynamic = network.dynamics()
+    weights = tuple(dynamic.weights)
+    biases = np.concatenate(dynamic.biases)
+    readout = network.readout_layer()
+    readout_w, readout_b = readout if readout else (np.empty((0, width), dtype=dtype), np.empty(0, dtype=dtype))
+    col = column_offsets(dynamic)
     trajectory = (np.empty((settings.max_steps + 1, batch, width), dtype=dtype) if record
                   else np.empty((1, 1, 1), dtype=dtype))
     outputs = (np.empty((batch, width), dtype=dtype), np.zeros(batch, dtype=np.int64),
@@ -66,11 +69,12 @@ def relax_numba(network: Network, x, settings: RelaxSettings, target, initial, r
         chunk_outputs = [out[rows] for out in outputs]
         if settings.method == "rk45":
             kernels.relax_rk45(make_handle(dtype), x[rows], weights, biases, col, slope, settings.beta,
-                               target[rows], start[rows], settings.tol, settings.max_steps, settings.rtol,
+                               target[rows], readout_w, readout_b, start[rows], settings.tol, settings.max_steps, settings.rtol,
                                settings.atol, settings.dt, settings.dt_max, record, trajectory, *chunk_outputs)
         else:
             kernels.relax_fixed_point(make_handle(dtype), x[rows], weights, biases, col, slope, float(settings.dt),
-                                      settings.method == "alternating", settings.beta, target[rows], start[rows],
+                                      settings.method == "alternating", settings.beta, target[rows], readout_w,
+                                      readout_b, start[rows],
                                       settings.tol, settings.max_steps, record, trajectory, *chunk_outputs)
 
     workers = 1 if record else worker_count(batch, threads)

@@ -35,11 +35,11 @@ def euler_step(network, x, states, dt, beta, target, alternating=False):
     if alternating:
         for parity in (0, 1):  # 0-based layers 0, 2, ... are s_1, s_3, ...
             fields = E.local_fields(network, x, new, beta, target)
-            for k in range(parity, network.num_layers, 2):
+            for k in range(parity, len(states), 2):
                 update(k, fields)
     else:
         fields = E.local_fields(network, x, states, beta, target)
-        for k in range(network.num_layers):
+        for k in range(len(states)):
             update(k, fields)
     return new
 
@@ -77,7 +77,7 @@ def _relax_rk45(network, x, settings, target, states, record):
     active = np.ones(batch, dtype=bool)
     frames = [states]
     cat = lambda layers: np.concatenate(layers, axis=1)  # noqa: E731
-    split = lambda flat: np.split(flat, np.cumsum(network.layer_sizes[1:])[:-1], axis=1)  # noqa: E731
+    split = lambda flat: np.split(flat, np.cumsum(network.state_sizes)[:-1], axis=1)  # noqa: E731
     f = lambda flat: cat(flow(network, x, split(flat), settings.beta, target))  # noqa: E731
     s = cat(states)
     while True:
@@ -110,7 +110,7 @@ def _relax_solve_ivp(network, x, settings, target, states, record):
     """SciPy's adaptive RK45 (the solver ``solve_ivp(method="RK45")`` runs, with the settings' rtol/atol) on the
     projected flow in float64, one sample at a time, stepped by hand so that the residual max |P(ds/dt)| < tol and
     the step cap are checked after every step. steps counts the solver's steps."""
-    sizes = np.cumsum(network.layer_sizes[1:])[:-1]
+    sizes = np.cumsum(network.state_sizes)[:-1]
     net64 = network.astype(np.float64)
     finals, steps, residuals = [], [], []
     for b in range(x.shape[0]):
@@ -153,5 +153,5 @@ def relax_reference(network: Network, x, settings: RelaxSettings, target, initia
     result = RelaxResult([np.ascontiguousarray(s, dtype=network.dtype) for s in states], steps, residual,
                          residual < settings.tol, diverged, settings)
     if record:
-        result.trajectory = [np.stack([frame[k] for frame in frames]) for k in range(network.num_layers)]
+        result.trajectory = [np.stack([frame[k] for frame in frames]) for k in range(len(network.state_sizes))]
     return result

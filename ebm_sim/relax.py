@@ -86,7 +86,7 @@ class RelaxSettings:
 class RelaxResult:
     """The outcome of a relaxation of B samples.
 
-    states: list of L arrays (B, n_k), the final states of layers 1..L
+    states: list of arrays (B, n_k), the final states of the layers that relax (1..L, or 1..L-1 with a readout)
     steps: (B,) int, steps taken by each sample (attempted steps for rk45; solver steps for solve_ivp)
     residual: (B,) the final residual (see the method's definition); converged: residual < tol
     diverged: (B,) bool, NaN or inf appeared
@@ -109,7 +109,8 @@ class RelaxResult:
         return self.states[-1]
 
     def predictions(self) -> np.ndarray:
-        return np.argmax(self.states[-1], axis=1)
+        """argmax of the output states, or of the readout's logits (set by ``relax`` for readout networks)."""
+        return np.argmax(self.extras.get("logits", self.states[-1]), axis=1)
 
 
 def check_inputs(network: Network, x, beta: float, target, initial):
@@ -143,10 +144,11 @@ def check_inputs(network: Network, x, beta: float, target, initial):
     else:
         target = None
     if initial is not None:
-        if len(initial) != network.num_layers:
-            raise ValueError(f"initial needs {network.num_layers} arrays (one per layer), got {len(initial)}")
+        sizes = network.state_sizes
+        if len(initial) != len(sizes):
+            raise ValueError(f"initial needs {len(sizes)} arrays (one per layer that relaxes), got {len(initial)}")
         checked = []
-        for k, (s, n) in enumerate(zip(initial, network.layer_sizes[1:]), start=1):
+        for k, (s, n) in enumerate(zip(initial, sizes), start=1):
             s = np.asarray(s)
             if s.shape != (batch, n):
                 raise ValueError(f"initial state of layer {k} must have shape ({batch}, {n}), got {s.shape}")
@@ -176,7 +178,7 @@ def relax(network: Network, x, method: str = "fixed_point", tol: float = 1e-4, m
     x, target, initial = check_inputs(network, x, settings.beta, target, initial)
     if record:
         frames = settings.max_steps + 1
-        size = frames * x.shape[0] * sum(network.layer_sizes[1:]) * network.dtype.itemsize
+        size = frames * x.shape[0] * sum(network.state_sizes) * network.dtype.itemsize
         if size > MAX_TRAJECTORY_BYTES:
             raise ValueError(f"recording {frames} steps of {x.shape[0]} samples needs {size / 2 ** 30:.1f} GiB; "
                              f"lower max_steps or the batch size")
@@ -186,6 +188,8 @@ def relax(network: Network, x, method: str = "fixed_point", tol: float = 1e-4, m
     else:
         from . import numba_backend
         result = numba_backend.relax_numba(network, x, settings, target, initial, record, threads)
+    if network.readout:
+        result.extras["logits"] = network.logits(result.states)
     if record:
         from .energy import energy
         result.energy = np.stack([energy(network, x, [t[f] for t in result.trajectory], settings.beta, target)

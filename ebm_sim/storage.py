@@ -336,7 +336,8 @@ def save_network(path, network: Network, extra_attrs: dict | None = None,
                 checkpoint/<key>[/<key>...]  one per leaf of ``checkpoint`` (only if given)
       attrs     layer_sizes (int64 array (L+1,)), activation (str), dtype ("float32"/"float64"),
                 network_hash (str, ``network.content_hash()``), history_types (JSON {name: "list"|"array"}),
-                has_checkpoint (bool), extra (JSON of ``extra_attrs``, "{}" if None)
+                has_checkpoint (bool), extra (JSON of ``extra_attrs``, "{}" if None),
+                readout (bool, only when true: the last layer is a softmax readout; absent = False)
 
     checkpoint: optional dict of numpy arrays, numeric/bool scalars, str, or nested dicts of these (e.g. the
     epoch, optimizer state, a JSON-encoded RNG state); read back with ``load_checkpoint``. The whole file is
@@ -353,6 +354,8 @@ def save_network(path, network: Network, extra_attrs: dict | None = None,
               "dtype": str(network.dtype), "network_hash": network.content_hash(),
               "history_types": _to_json(history_types, "history"), "has_checkpoint": checkpoint is not None,
               "extra": _to_json(extra_attrs or {}, "extra_attrs")}
+    if network.readout:
+        config["readout"] = True
     return _write_artifact(path, "ebm-network", datasets, config)
 
 
@@ -367,7 +370,7 @@ def load_network(path) -> Network:
     for key, kind in json.loads(attrs["history_types"]).items():
         (array,) = _take(path, datasets, [f"history/{key}"])
         history[key] = array if kind == "array" else (array.tolist() if array.ndim == 1 else list(array))
-    network = Network(weights, biases, attrs["activation"], history)
+    network = Network(weights, biases, attrs["activation"], history, readout=bool(attrs.get("readout", False)))
     if network.content_hash() != attrs["network_hash"]:
         raise ArtifactError(f"{path}: network hash mismatch (stored {attrs['network_hash'][:12]}, "
                             f"loaded {network.content_hash()[:12]}): corrupt or not written by this toolkit")

@@ -11,7 +11,10 @@ One training step on a minibatch (x, y), with the dynamics of :mod:`ebm_sim.ener
   3. the optimizer (SGD with momentum or Adam, per-layer learning rates, weight decay, constant or cosine schedule)
      descends g.
 
-Costs: "mse" C = 1/2 ||s_L - y||^2 on the output state. Minibatches come from a permutation seeded by
+Costs: "mse" C = 1/2 ||s_L - y||^2 on the output state; "cross_entropy" C = -sum y log softmax(W_r s_L + b_r) through
+a softmax readout that is not part of the dynamics (a network made with ``readout=True``, as in the CIFAR recipes of
+Laborieux et al. 2021); its nudge is -beta W_r^T (softmax - y) and the readout's own gradient (softmax - y) s_L^T is
+taken directly at the free fixed point. Minibatches come from a permutation seeded by
 (seed, epoch), and random nudging signs from (seed, epoch, batch), so a run is reproducible and an interrupted
 run resumed from its last epoch checkpoint ends with exactly the weights of an uninterrupted one.
 """
@@ -24,11 +27,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from . import energy
 from .network import Network
 from .relax import METHODS, relax
 
 NUDGINGS = ("symmetric", "positive", "random")
-COSTS = ("mse",)
+COSTS = ("mse", "cross_entropy")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
 
@@ -106,25 +110,27 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------------------------------------ costs
-class MSECost:
-    """C = 1/2 ||s_L - y||^2 on the output state, y one-hot; the prediction is argmax s_L."""
-
-    name = "mse"
-
-    @staticmethod
-    def target(labels, num_classes, dtype):
-        return np.eye(num_classes, dtype=dtype)[labels]
-
-    @staticmethod
-    def loss(states, target) -> np.ndarray:
-        return 0.5 * np.sum((states[-1].astype(np.float64) - target) ** 2, axis=1)
-
-    @staticmethod
-    def predictions(states) -> np.ndarray:
-        return np.argmax(states[-1], axis=1)
+def one_hot(labels, num_classes: int, dtype) -> np.ndarray:
+    return np.eye(num_classes, dtype=dtype)[labels]
 
 
-COST_CLASSES = {"mse": MSECost}
+def batch_loss(network: Network, states, target) -> np.ndarray:
+    """C per sample: MSE on s_L, or cross-entropy of the softmax readout (see ``energy.cost``)."""
+    return energy.cost(network, states, target)
+
+
+def predictions(network: Network, states) -> np.ndarray:
+    """argmax of s_L, or of the readout's logits."""
+    return np.argmax(network.logits(states), axis=1)
+
+
+def check_cost(network: Network, cost: str) -> None:
+    """The cost fixes the output: MSE on the last state layer, cross-entropy through a softmax readout."""
+    if cost == "cross_entropy" and not network.readout:
+        raise ValueError("cost 'cross_entropy' needs a network with a softmax readout: "
+                         "Network.init(..., readout=True) (ebm train --cost cross_entropy makes one)")
+    if cost == "mse" and network.readout:
+        raise ValueError("this network ends in a softmax readout: train it with cost 'cross_entropy'")
 
 
 # ------------------------------------------------------------------------------------------------ EP gradient
@@ -171,6 +177,9 @@ def ep_gradient(network: Network, x, target, config: TrainConfig, sign: float = 
         nudged_steps = float(one.steps.mean())
     gradient = [(h - l) / scale for h, l in zip(energy_parameter_gradient(x, high),
                                                 energy_parameter_gradient(x, low))]
+    if network.readout:  # the readout is outside the energy: its loss gradient is direct, at the free state
+        error = energy.softmax(network.logits(free.states)) - target
+        gradient += [error.T @ free.states[-1] / x.shape[0], error.mean(axis=0)]
     return EPStep(gradient, free.states, free.steps, free.residual, float(nudged_steps))
 
 
@@ -274,14 +283,13 @@ def check_data(network: Network, x, labels, num_classes: int, what: str) -> None
 # ------------------------------------------------------------------------------------------------ evaluation
 def evaluate(network: Network, x, labels, config: TrainConfig) -> dict:
     """Free phase on (x, labels) in batches: accuracy, mean loss, mean steps, largest residual."""
-    cost = COST_CLASSES[config.cost]
     num_classes = network.layer_sizes[-1]
     correct, loss, steps, residual = 0, 0.0, 0.0, 0.0
     for start in range(0, x.shape[0], config.eval_batch_size):
         xb, yb = x[start:start + config.eval_batch_size], labels[start:start + config.eval_batch_size]
         result = relax(network, xb, method=config.method, tol=config.tol, max_steps=config.free_steps, dt=config.dt)
-        correct += int(np.sum(cost.predictions(result.states) == yb))
-        loss += float(np.sum(cost.loss(result.states, cost.target(yb, num_classes, network.dtype))))
+        correct += int(np.sum(predictions(network, result.states) == yb))
+        loss += float(np.sum(batch_loss(network, result.states, one_hot(yb, num_classes, network.dtype))))
         steps += float(np.sum(result.steps))
         residual = max(residual, float(result.residual.max()))
     n = x.shape[0]
@@ -314,7 +322,6 @@ def nudge_sign(config: TrainConfig, epoch: int, batch: int) -> float:
 
 def train_epoch(network: Network, optimizer, x, labels, config: TrainConfig, epoch: int, progress=None) -> dict:
     """One epoch of EP over (x, labels); updates ``network`` in place. Returns the epoch's training statistics."""
-    cost = COST_CLASSES[config.cost]
     num_classes = network.layer_sizes[-1]
     params = parameters(network)
     scale = schedule_scale(config, epoch)
@@ -323,11 +330,11 @@ def train_epoch(network: Network, optimizer, x, labels, config: TrainConfig, epo
     for index, start in enumerate(range(0, x.shape[0], config.batch_size)):
         rows = order[start:start + config.batch_size]
         xb, yb = x[rows], labels[rows]
-        target = cost.target(yb, num_classes, network.dtype)
+        target = one_hot(yb, num_classes, network.dtype)
         step = ep_gradient(network, xb, target, config, nudge_sign(config, epoch, index))
         optimizer.step(params, step.gradient, scale)
-        correct += int(np.sum(cost.predictions(step.free_states) == yb))
-        loss += float(np.sum(cost.loss(step.free_states, target)))
+        correct += int(np.sum(predictions(network, step.free_states) == yb))
+        loss += float(np.sum(batch_loss(network, step.free_states, target)))
         free_steps += float(np.sum(step.free_steps))
         nudged_steps += step.nudged_steps * len(rows)
         residual = max(residual, float(step.free_residual.max()))
@@ -372,6 +379,7 @@ def fit(network: Network, x_train, y_train, x_test, y_test, config: TrainConfig,
     check_data(network, x_train, y_train, num_classes, "training")
     check_data(network, x_test, y_test, num_classes, "test")
     config.layer_rates(network.num_layers)  # per-layer rates must match the depth
+    check_cost(network, config.cost)
     if resume and checkpoint_path is None:
         raise ValueError("resume needs the checkpoint file (the network file written by a previous run)")
     x_train = np.ascontiguousarray(x_train, dtype=network.dtype)

@@ -206,3 +206,45 @@ def test_cli_train_then_resume(tmp_path, capsys):
     assert main(["train", "--dataset", "digits", "--layers", "64,32,10", "--lr", "-1", "-o",
                  str(tmp_path / "x.h5")]) == 2
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_cross_entropy_readout_learns_and_refuses_a_mismatched_network(digits):
+    x, y, xt, yt = digits
+    network = Network.init((64, 64, 32, 10), seed=0, readout=True)
+    fit(network, x, y, xt, yt, small_config(cost="cross_entropy"), progress=False, log=quiet)
+    assert network.history["test_acc"][-1] > 0.6
+    assert network.history["loss"][-1] < network.history["loss"][0]
+    with pytest.raises(ValueError, match="needs a network with a softmax readout"):
+        fit(Network.init((64, 32, 10), seed=0), x, y, xt, yt, small_config(cost="cross_entropy"), progress=False,
+            log=quiet)
+    with pytest.raises(ValueError, match="train it with cost 'cross_entropy'"):
+        fit(Network.init((64, 32, 10), seed=0, readout=True), x, y, xt, yt, small_config(), progress=False,
+            log=quiet)
+
+
+def test_cross_entropy_ep_gradient_matches_finite_differences():
+    """Readout network 6-5-4-3 (two relaxing layers, softmax readout): symmetric EP with a small beta against central
+    differences of the mean cross-entropy at the free fixed point, every parameter including the readout's."""
+    from ebm_sim import energy
+    from ebm_sim.relax import relax
+    network = Network.init((6, 5, 4, 3), seed=1, dtype=np.float64, gain=0.8, readout=True)
+    x = np.random.default_rng(0).random((4, 6))
+    target = np.eye(3)[[0, 1, 2, 0]]
+
+    def loss():
+        free = relax(network, x, tol=1e-13, max_steps=100000)
+        return energy.cost(network, free.states, target).mean()
+
+    config = TrainConfig(beta=1e-3, tol=1e-13, free_steps=100000, nudged_steps=100000, cost="cross_entropy")
+    estimate = ep_gradient(network, x, target, config).gradient
+    for param, grad in zip(parameters(network), estimate):
+        numeric = np.zeros_like(param)
+        for index in np.ndindex(param.shape):
+            old = param[index]
+            param[index] = old + 1e-6
+            up = loss()
+            param[index] = old - 1e-6
+            down = loss()
+            param[index] = old
+            numeric[index] = (up - down) / 2e-6
+        assert np.abs(grad - numeric).max() <= 1e-5 * np.abs(numeric).max() + 1e-9
