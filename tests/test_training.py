@@ -211,8 +211,8 @@ def test_cli_train_then_resume(tmp_path, capsys):
 def test_cross_entropy_readout_learns_and_refuses_a_mismatched_network(digits):
     x, y, xt, yt = digits
     network = Network.init((64, 64, 32, 10), seed=0, readout=True)
-    fit(network, x, y, xt, yt, small_config(cost="cross_entropy"), progress=False, log=quiet)
-    assert network.history["test_acc"][-1] > 0.6
+    fit(network, x, y, xt, yt, small_config(cost="cross_entropy", epochs=5), progress=False, log=quiet)
+    assert network.history["test_acc"][-1] > 0.6  # chance is 0.1
     assert network.history["loss"][-1] < network.history["loss"][0]
     with pytest.raises(ValueError, match="needs a network with a softmax readout"):
         fit(Network.init((64, 32, 10), seed=0), x, y, xt, yt, small_config(cost="cross_entropy"), progress=False,
