@@ -57,12 +57,20 @@ class RelaxSettings:
         # the step size chatter at the stability limit and the residual stalls near rtol instead of reaching tol.
         # SciPy's RK45 measures the error in the RMS norm, which lets a few components chatter: it needs local
         # tolerances ~1000x below tol to reach tol (measured on 784-512-512-10 and 64-256-10 networks).
-        local = self.tol * (1e-3 if self.method == "solve_ivp" else 1.0)
+        if not (isinstance(self.tol, numbers.Real) and math.isfinite(self.tol) and self.tol >= 0):
+            raise ValueError(f"tol must be a finite number >= 0, got {self.tol!r}")
+        local = (self.tol or 1e-4) * (1e-3 if self.method == "solve_ivp" else 1.0)  # tol 0: unused by the family
         if self.rtol is None:
             self.rtol = local
         if self.atol is None:
             self.atol = local / 10
-        positive = {"tol": self.tol, "rtol": self.rtol, "atol": self.atol, "dt_max": self.dt_max}
+        # tol = 0 turns the convergence test off (the fixed-point family then runs exactly max_steps steps);
+        # the adaptive methods derive their local tolerances from it, so they need tol > 0
+        if self.tol == 0 and self.method in ("euler", "fixed_point", "alternating"):
+            positive = {}
+        else:
+            positive = {"tol": self.tol}
+        positive.update(rtol=self.rtol, atol=self.atol, dt_max=self.dt_max)
         if self.dt is not None:
             positive["dt"] = self.dt
         for name, value in positive.items():

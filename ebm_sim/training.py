@@ -50,7 +50,7 @@ class TrainConfig:
     method: str = "fixed_point"
     free_steps: int = 30
     nudged_steps: int = 10
-    tol: float = 1e-4
+    tol: float = 1e-4  # a phase stops when its residual falls below tol; 0: always the full step counts
     dt: float | None = None
     optimizer: str = "adam"
     lr: float | list = 5e-4
@@ -84,7 +84,7 @@ class TrainConfig:
         if self.method not in METHODS or self.method == "solve_ivp":
             raise ValueError(f"method must be one of euler, fixed_point, alternating, rk45, got {self.method!r}")
         real("beta", 0.0, low_inclusive=False)  # every nudging mode needs beta > 0 (the sign is the mode's job)
-        real("tol", 0.0, low_inclusive=False)
+        real("tol", 0.0, low_inclusive=self.method != "rk45")  # 0: fixed step counts, no early stopping
         real("momentum", 0.0, high=1.0)
         real("weight_decay", 0.0)
         lrs = self.lr if isinstance(self.lr, (list, tuple)) else [self.lr]

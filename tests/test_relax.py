@@ -507,9 +507,9 @@ def small():
     (dict(method="euler", dt=-0.1), "dt must be a positive finite number"),
     (dict(method="fixed_point", dt=0.5), "is the fixed-point iteration"),
     (dict(method="alternating", dt=0.5), "is the fixed-point iteration"),
-    (dict(tol=-1e-4), "tol must be a positive finite number"),
-    (dict(tol=0.0), "tol must be a positive finite number"),
-    (dict(tol=float("nan")), "tol must be a positive finite number"),
+    (dict(tol=-1e-4), "tol must be a finite number >= 0"),
+    (dict(method="rk45", tol=0.0), "tol must be a positive finite number"),
+    (dict(tol=float("nan")), "tol must be a finite number >= 0"),
     (dict(method="rk45", rtol=-1.0), "rtol must be a positive finite number"),
     (dict(method="rk45", atol=0.0), "atol must be a positive finite number"),
     (dict(method="rk45", dt_max=0.0), "dt_max must be a positive finite number"),
@@ -578,3 +578,13 @@ def test_relax_accepts_a_single_sample_and_converts_dtypes(small):
 def test_network_rejects_bad_parameters(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_tol_zero_runs_exactly_max_steps(small):
+    """tol = 0 turns the convergence test off for the fixed-point family: every sample takes max_steps steps."""
+    net, x, _ = small
+    for method in ("fixed_point", "euler", "alternating"):
+        result = relax(net, x, method=method, tol=0.0, max_steps=17)
+        assert np.all(result.steps == 17) and not result.converged.any(), method
+        reference = relax(net, x, method=method, tol=0.0, max_steps=17, backend="numpy")
+        np.testing.assert_allclose(cat(result.states), cat(reference.states), atol=1e-6)

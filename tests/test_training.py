@@ -143,7 +143,8 @@ def test_resume_refuses_other_settings_or_data(digits, tmp_path):
     (dict(nudging="sideways"), "unknown nudging 'sideways'"),
     (dict(optimizer="lbfgs"), "unknown optimizer 'lbfgs'"),
     (dict(method="solve_ivp"), "method must be one of"),
-    (dict(tol=0.0), "tol must be > 0"),
+    (dict(tol=-1e-4), "tol must be >= 0"),
+    (dict(tol=0.0, method="rk45"), "tol must be > 0"),
     (dict(free_steps=0), "free_steps must be a positive integer"),
 ])
 def test_nonsensical_hyperparameters_are_refused(overrides, phrase):
