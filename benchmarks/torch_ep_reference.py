@@ -81,6 +81,9 @@ class TorchEPNet(nn.Module):
 
     @classmethod
     def from_network(cls, network: Network) -> "TorchEPNet":
+        if getattr(network, "readout", False):
+            raise ValueError("the torch EP reference implements the MSE cost on the output state only; "
+                             "a network with a softmax readout (readout=True) is not supported")
         module = cls(network.layer_sizes, network.activation, _TORCH_DTYPES[np.dtype(network.dtype)])
         with torch.no_grad():
             for syn, w, b in zip(module.synapses, network.weights, network.biases):

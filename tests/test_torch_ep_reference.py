@@ -88,6 +88,11 @@ def test_train_epoch_on_network_updates_it_in_place(problem):
     assert network.content_hash() != before and network.dtype == np.float64
 
 
+def test_refuses_readout_network():
+    with pytest.raises(ValueError, match="readout"):
+        ref.TorchEPNet.from_network(Network.init((8, 6, 3), seed=0, readout=True))
+
+
 def test_learns_digits():
     """64-64-10, beta 0.5, T1 20, T2 8, Adam 2e-3, batch 32: measured 85.8 / 93.1 / 95.0% test after 1-3 epochs
     (seed 0; seeds 1 and 2 reach 93.6 and 94.4% after 3 epochs)."""
