@@ -50,7 +50,7 @@ RECIPES = {
 SPEED = dict(layers=(784, 512, 10), batch_size=50, beta=0.5, T1=30, T2=10, lr=5e-4)
 
 
-def accuracy_group(name: str, quick: bool) -> dict:
+def accuracy_group(name: str, quick: bool, networks_dir: Path = NETWORK_DIR) -> dict:
     """Train one recipe; returns its figures and writes the network (no optimizer state) for later benchmarks."""
     recipe = RECIPES[name]
     config = dict(recipe["config"])
@@ -72,11 +72,11 @@ def accuracy_group(name: str, quick: bool) -> dict:
               "total_s": total, "free_steps_mean_last_epoch": history["free_steps_mean"][-1],
               "history": history, "quick": bool(quick and limit is not None)}
     if not result["quick"]:
-        NETWORK_DIR.mkdir(parents=True, exist_ok=True)
-        path = NETWORK_DIR / f"{name}_{'-'.join(map(str, recipe['layers']))}.h5"
+        networks_dir.mkdir(parents=True, exist_ok=True)
+        path = networks_dir / f"{name}_{'-'.join(map(str, recipe['layers']))}.h5"
         storage.save_network(path, network, extra_attrs={"dataset": recipe["dataset"], "recipe": name,
                                                          "config": train_config.as_dict()})
-        result["network_file"] = str(path.relative_to(ROOT))
+        result["network_file"] = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
     return result
 
 
@@ -85,7 +85,7 @@ def speed_inputs(quick: bool):
     return data.x_train, data.y_train
 
 
-def numba_speed_group(quick: bool) -> dict:
+def numba_speed_group(quick: bool, networks_dir=None) -> dict:
     x, y = speed_inputs(quick)
     results = {}
     for label, tol in (("same_steps", 0.0), ("early_stopping", 1e-4)):  # tol 0: exactly T1 and T2 steps
@@ -104,7 +104,7 @@ def numba_speed_group(quick: bool) -> dict:
     return results
 
 
-def torch_speed_group(quick: bool) -> dict:
+def torch_speed_group(quick: bool, networks_dir=None) -> dict:
     import torch
     import torch_ep_reference as reference
 
@@ -119,15 +119,17 @@ def torch_speed_group(quick: bool) -> dict:
             "train_acc": stats["train_acc"], "torch_threads": torch.get_num_threads()}
 
 
-GROUPS = {"digits": lambda q: accuracy_group("digits", q), "fashion": lambda q: accuracy_group("fashion", q),
-          "fashion_deep": lambda q: accuracy_group("fashion_deep", q), "numba_speed": numba_speed_group,
+GROUPS = {"digits": lambda q, d: accuracy_group("digits", q, d),
+          "fashion": lambda q, d: accuracy_group("fashion", q, d),
+          "fashion_deep": lambda q, d: accuracy_group("fashion_deep", q, d), "numba_speed": numba_speed_group,
           "torch_speed": torch_speed_group}
 
 
 def run(args) -> dict:
     groups = {}
     for group in GROUPS:
-        command = [sys.executable, __file__, "--group", group] + (["--quick"] if args.quick else [])
+        command = [sys.executable, __file__, "--group", group, "--networks-dir", str(args.networks_dir)]
+        command += ["--quick"] if args.quick else []
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise SystemExit(f"benchmark group {group!r} failed:\n{done.stderr[-3000:]}")
@@ -157,10 +159,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small settings (under a minute)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train.json"))
+    parser.add_argument("--networks-dir", type=Path, default=NETWORK_DIR,
+                        help="where the trained networks are written (default benchmarks/results/networks)")
     parser.add_argument("--group", choices=sorted(GROUPS), help=argparse.SUPPRESS)  # internal: one group
     args = parser.parse_args(argv)
     if args.group:
-        print(json.dumps(GROUPS[args.group](args.quick)))
+        print(json.dumps(GROUPS[args.group](args.quick, args.networks_dir)))
         return
     results = run(args)
     out = Path(args.out)

@@ -42,3 +42,24 @@ def test_relax_benchmark_quick(tmp_path):
             assert row[name].get("converged", 1.0) == 1.0, name
         # the same equations stop after the same number of synchronous steps in numba and torch
         assert row["numba_fixed_point"]["steps"] == row["torch_fixed_point"]["steps"]
+
+
+def test_train_benchmark_quick(tmp_path):
+    out = tmp_path / "train.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train.py"), "--quick", "--out", str(out),
+                           "--networks-dir", str(tmp_path / "networks")],
+                          capture_output=True, text=True, timeout=600)
+    if done.returncode != 0 and "dataset-fashion-mnist" in done.stderr:
+        import pytest
+        pytest.skip("Fashion-MNIST is not installed (make data)")
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert printed == json.loads(out.read_text()) and printed["quick"] is True
+    for key in ("digits_test_acc", "fashion_test_acc", "fashion_deep_test_acc", "fashion_epoch_s",
+                "numba_over_torch_epoch"):
+        assert np.isfinite(printed[key]) and printed[key] > 0
+    assert printed["digits_test_acc"] > 0.9  # digits trains in full even in quick mode
+    # the speed comparison really runs the same steps on both sides
+    assert printed["speed"]["numba"]["same_steps"]["free_steps_mean"] == 30
+    assert printed["speed"]["numba"]["same_steps"]["nudged_steps_mean"] == 10
+    assert (tmp_path / "networks" / "digits_64-256-10.h5").exists()
