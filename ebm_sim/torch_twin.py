@@ -1,10 +1,14 @@
-"""The Torch twin of the simulator: the same equations (see :mod:`ebm_sim.energy`) in eager PyTorch.
+"""The Torch twin of the simulator: the same equations (see :mod:`ebm_sim.energy`) in eager PyTorch, CPU or CUDA.
 
-Importing this module needs torch; nothing else in ``ebm_sim``'s core does. This first version covers the
-relaxation (Euler, synchronous and alternating fixed-point iteration) the way the reference EP code bases run
-it (Laborieux et al. 2021): every step recomputes every layer's field, including the input term W_0 x, and the
-whole batch steps together until every sample meets the tolerance, checked every step.
-``hoist_input=True`` computes W_0 x + b_1 once instead (the optimisation the Numba kernels use).
+Importing this module needs torch; nothing else in ``ebm_sim``'s core does. It provides
+- ``relax``: Euler, synchronous and alternating fixed-point iteration, with the Numba kernels' stopping rule (each
+  sample stops when its residual meets tol: ``per_sample=True``) or the reference EP code bases' (the whole batch
+  steps until every sample meets tol, checked every step: ``per_sample=False``); optionally differentiable, so that
+  gradients flow through every step (BPTT);
+- ``EBMClassifier``: an ``nn.Module`` mapping images in [0, 1] to logits by running the deployed relaxation;
+- ``ep_gradient``: the EP step of :mod:`ebm_sim.training` on a torch device (``TrainConfig(backend="torch")``).
+``hoist_input=True`` computes W_0 x + b_1 once per relaxation (the Numba kernels always do; the reference codes
+recompute it every step).
 """
 from __future__ import annotations
 
@@ -15,79 +19,207 @@ import torch
 
 from .network import Network
 
+TWIN_METHODS = ("euler", "fixed_point", "alternating")
+
 
 @dataclass
-class TorchRelaxResult:
-    """states: list of (B, n_k) tensors; steps: int, steps the batch took; residual: (B,) tensor;
-    converged: (B,) bool tensor (residual < tol)."""
+class TorchNetwork:
+    """A network's parameters as tensors: the layers that relax, and the softmax readout (W, b) if any."""
 
-    states: list
-    steps: int
-    residual: torch.Tensor
-    converged: torch.Tensor
+    weights: list
+    biases: list
+    slope: float
+    readout: tuple | None = None
+
+    @classmethod
+    def from_network(cls, network: Network, device="cpu", dtype=None, requires_grad: bool = False):
+        dtype = dtype or (torch.float32 if network.dtype == np.float32 else torch.float64)
+
+        def tensor(a):
+            return torch.tensor(a, dtype=dtype, device=device, requires_grad=requires_grad)
+
+        dynamic = network.dynamics()
+        readout = network.readout_layer()
+        return cls([tensor(w) for w in dynamic.weights], [tensor(b) for b in dynamic.biases], network.slope,
+                   None if readout is None else (tensor(readout[0]), tensor(readout[1])))
+
+    @property
+    def dtype(self):
+        return self.weights[0].dtype
+
+    @property
+    def device(self):
+        return self.weights[0].device
+
+    def logits(self, states):
+        """Readout logits W_r s_L + b_r, or the output states s_L without a readout."""
+        if self.readout is None:
+            return states[-1]
+        return torch.addmm(self.readout[1], states[-1], self.readout[0].t())
 
 
 def to_torch(network: Network, device="cpu", dtype=None) -> tuple:
-    """(weights, biases) as lists of tensors on ``device`` (dtype defaults to the network's)."""
-    dtype = dtype or (torch.float32 if network.dtype == np.float32 else torch.float64)
-    weights = [torch.as_tensor(w, dtype=dtype, device=device) for w in network.weights]
-    biases = [torch.as_tensor(b, dtype=dtype, device=device) for b in network.biases]
-    return weights, biases
+    """(weights, biases) of the layers that relax, as lists of tensors on ``device``."""
+    net = TorchNetwork.from_network(network, device, dtype)
+    return net.weights, net.biases
 
 
-def local_fields(weights, biases, x, states, beta=0.0, target=None, input_field=None, layers=None) -> list:
-    """h_k = W_{k-1} s_{k-1} + W_k^T s_{k+1} + b_k for the layers in ``layers`` (0-based; default all), others
-    None. ``input_field`` = x W_0^T + b_1 when precomputed. Nudge: h_L -= beta (s_L - y)."""
+def cost_gradient(net: TorchNetwork, states, target):
+    """dC/ds on the last state layer: s_L - y (MSE), or W_r^T (softmax(W_r s + b_r) - y) with a readout."""
+    if net.readout is None:
+        return states[-1] - target
+    return (torch.softmax(net.logits(states), dim=1) - target) @ net.readout[0]
+
+
+def local_fields(net, biases_or_none, x, states, beta=0.0, target=None, input_field=None, layers=None) -> list:
+    """h_k = W_{k-1} s_{k-1} + W_k^T s_{k+1} + b_k for the layers in ``layers`` (0-based; default all), others None;
+    the last state layer is nudged: h -= beta dC/ds. ``net`` is a TorchNetwork (then ``biases_or_none`` is None), or
+    a list of weight tensors with their biases (MSE only). ``input_field`` = x W_0^T + b_1 when precomputed."""
+    if not isinstance(net, TorchNetwork):
+        net = TorchNetwork(list(net), list(biases_or_none), 1.0)
+    weights, biases = net.weights, net.biases
     num_layers = len(weights)
     below = [x] + list(states[:-1])
     fields = [None] * num_layers
     for k in (range(num_layers) if layers is None else layers):
-        if k == 0 and input_field is not None:
-            h = input_field
-        else:
-            h = torch.addmm(biases[k], below[k], weights[k].t())
+        h = input_field if (k == 0 and input_field is not None) else torch.addmm(biases[k], below[k], weights[k].t())
         if k < num_layers - 1:
             h = h + states[k + 1] @ weights[k + 1]
         if k == num_layers - 1 and beta != 0.0:
-            h = h - beta * (states[k] - target)
+            h = h - beta * cost_gradient(net, states, target)
         fields[k] = h
     return fields
 
 
-def relax(network: Network, x, method: str = "fixed_point", tol: float = 1e-4, max_steps: int = 1000,
-          dt: float | None = None, beta: float = 0.0, target=None, device="cpu",
-          hoist_input: bool = False) -> TorchRelaxResult:
-    """Relax x (B, n_0) with the Torch twin; the stopping rule is the batch's: stop when all residuals < tol.
+@dataclass
+class TorchRelaxResult:
+    """states: list of (B, n_k) tensors; steps: (B,) int tensor (per sample; with per_sample=False every entry is
+    the batch's step count); residual: (B,) tensor; converged: (B,) bool tensor (residual < tol); logits (B, n_L)."""
 
-    method: "euler" (dt, default 0.5), "fixed_point" or "alternating" (dt = 1); residual max |s_{t+1}-s_t| / dt.
+    states: list
+    steps: torch.Tensor
+    residual: torch.Tensor
+    converged: torch.Tensor
+    logits: torch.Tensor
+
+
+def relax(network, x, method: str = "fixed_point", tol: float = 1e-4, max_steps: int = 1000,
+          dt: float | None = None, beta: float = 0.0, target=None, initial=None, device="cpu",
+          hoist_input: bool = False, per_sample: bool = True, differentiable: bool = False) -> TorchRelaxResult:
+    """Relax x (B, n_0) with the Torch twin: the update and residual of :func:`ebm_sim.relax.relax` for
+    "euler" (dt, default 0.5), "fixed_point" and "alternating" (dt = 1); residual max |s_{t+1} - s_t| / dt.
+
+    network: a Network or a TorchNetwork (whose tensors may require grad). tol = 0 runs exactly max_steps steps.
+    per_sample: freeze each sample when it meets tol (the Numba kernels' rule, same steps and states) or step the
+    whole batch until every sample does (the reference codes' rule). differentiable: keep the autograd graph of
+    every step (x and the parameters may require grad); otherwise run under no_grad.
     """
-    if method not in ("euler", "fixed_point", "alternating"):
-        raise ValueError(f"the Torch twin relaxes with euler, fixed_point or alternating, not {method!r}")
+    if method not in TWIN_METHODS:
+        raise ValueError(f"the Torch twin relaxes with {', '.join(TWIN_METHODS)}, not {method!r}")
     dt = (0.5 if method == "euler" else 1.0) if dt is None else dt
-    weights, biases = to_torch(network, device)
-    dtype = weights[0].dtype
-    x = torch.as_tensor(np.asarray(x), dtype=dtype, device=device)
-    target = None if target is None else torch.as_tensor(np.asarray(target), dtype=dtype, device=device)
-    a = network.slope
-    states = [torch.zeros(x.shape[0], n, dtype=dtype, device=device) for n in network.layer_sizes[1:]]
-    input_field = torch.addmm(biases[0], x, weights[0].t()) if hoist_input else None
-    groups = ([list(range(0, len(weights), 2)), list(range(1, len(weights), 2))] if method == "alternating"
-              else [list(range(len(weights)))])
-    residual = torch.full((x.shape[0],), float("inf"), dtype=dtype, device=device)
-    step = 0
-    with torch.no_grad():
-        while step < max_steps:
-            step += 1
-            residual = torch.zeros_like(residual)
+    net = network if isinstance(network, TorchNetwork) else TorchNetwork.from_network(network, device)
+    dtype, device = net.dtype, net.device
+
+    def tensor(a):
+        return a.to(device=device, dtype=dtype) if torch.is_tensor(a) else torch.as_tensor(
+            np.asarray(a), dtype=dtype, device=device)
+
+    x = tensor(x)
+    target = None if target is None else tensor(target)
+    a = net.slope
+    if initial is None:
+        states = [torch.zeros(x.shape[0], w.shape[0], dtype=dtype, device=device) for w in net.weights]
+    else:
+        states = [tensor(s) for s in initial]
+    groups = ([list(range(0, len(net.weights), 2)), list(range(1, len(net.weights), 2))] if method == "alternating"
+              else [list(range(len(net.weights)))])
+    batch = x.shape[0]
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+    steps = torch.zeros(batch, dtype=torch.int64, device=device)
+    residual = torch.full((batch,), float("inf"), dtype=dtype, device=device)
+    with torch.set_grad_enabled(differentiable):
+        input_field = torch.addmm(net.biases[0], x, net.weights[0].t()) if hoist_input else None
+        for _ in range(max_steps):
+            change = torch.zeros(batch, dtype=dtype, device=device)
             for group in groups:
-                fields = local_fields(weights, biases, x, states, beta, target, input_field, group)
+                fields = local_fields(net, None, x, states, beta, target, input_field, group)
                 for k in group:
-                    new = (a * fields[k] if dt == 1.0 else states[k] + dt * (a * fields[k] - states[k]))
-                    new = new.clamp_(0.0, 1.0)
-                    residual = torch.maximum(residual, (new - states[k]).abs().amax(dim=1))
-                    states[k] = new
-            if dt != 1.0:
-                residual = residual / dt
-            if bool((residual < tol).all()):
+                    new = a * fields[k] if dt == 1.0 else states[k] + dt * (a * fields[k] - states[k])
+                    new = new.clamp(0.0, 1.0)
+                    change = torch.maximum(change, (new - states[k]).abs().amax(dim=1).detach())
+                    states[k] = torch.where(active[:, None], new, states[k]) if per_sample else new
+            change = change / dt if dt != 1.0 else change
+            residual = torch.where(active, change, residual) if per_sample else change
+            steps = steps + active.long()
+            if per_sample:
+                active = active & ~(residual < tol) & torch.isfinite(residual)
+                if not bool(active.any()):
+                    break
+            elif bool((residual < tol).all()):
                 break
-    return TorchRelaxResult(states, step, residual, residual < tol)
+    return TorchRelaxResult(states, steps, residual, residual < tol, net.logits(states))
+
+
+class EBMClassifier(torch.nn.Module):
+    """An EBM as a classifier: forward(images in [0, 1], (B, n_0) or (B, ...)) -> logits, by running the deployed
+    relaxation (same integrator, step cap, tolerance, zero initial state and clamping as prediction) with autograd
+    through every step (BPTT), so attacks see what is deployed. Logits: the readout's, or the output states s_L."""
+
+    def __init__(self, network: Network, method: str = "fixed_point", max_steps: int = 30, tol: float = 1e-4,
+                 dt: float | None = None, device="cpu"):
+        super().__init__()
+        self.method, self.max_steps, self.tol, self.dt = method, max_steps, tol, dt
+        self.layer_sizes = network.layer_sizes
+        net = TorchNetwork.from_network(network, device)
+        self._weights = torch.nn.ParameterList([torch.nn.Parameter(w) for w in net.weights])
+        self._biases = torch.nn.ParameterList([torch.nn.Parameter(b) for b in net.biases])
+        self._readout = (torch.nn.ParameterList([torch.nn.Parameter(p) for p in net.readout])
+                         if net.readout is not None else None)
+        self.slope = net.slope
+
+    def twin(self) -> TorchNetwork:
+        readout = None if self._readout is None else (self._readout[0], self._readout[1])
+        return TorchNetwork(list(self._weights), list(self._biases), self.slope, readout)
+
+    def relax(self, x) -> TorchRelaxResult:
+        x = x.reshape(x.shape[0], -1)
+        return relax(self.twin(), x, self.method, self.tol, self.max_steps, self.dt, differentiable=True)
+
+    def forward(self, x):
+        return self.relax(x).logits
+
+
+def ep_gradient(network: Network, x, target, config, sign: float = 1.0, device="cpu"):
+    """The EP step of :func:`ebm_sim.training.ep_gradient` computed with the Torch twin on ``device``: same phases,
+    same stopping rule, same estimate; returns a ``training.EPStep`` of numpy arrays."""
+    from .training import EPStep
+
+    net = TorchNetwork.from_network(network, device)
+    common = dict(method=config.method, tol=config.tol, dt=config.dt)
+    xt = torch.as_tensor(np.asarray(x), dtype=net.dtype, device=device)
+    yt = torch.as_tensor(np.asarray(target), dtype=net.dtype, device=device)
+    free = relax(net, xt, max_steps=config.free_steps, **common)
+
+    def nudged(beta):
+        return relax(net, xt, max_steps=config.nudged_steps, beta=beta, target=yt, initial=free.states, **common)
+
+    if config.nudging == "symmetric":
+        plus, minus = nudged(config.beta), nudged(-config.beta)
+        high, low, scale = plus.states, minus.states, 2 * config.beta
+        nudged_steps = 0.5 * float((plus.steps.double().mean() + minus.steps.double().mean()))
+    else:
+        beta = sign * config.beta
+        one = nudged(beta)
+        high, low, scale = one.states, free.states, beta
+        nudged_steps = float(one.steps.double().mean())
+    batch = xt.shape[0]
+    gradient = []
+    for hi_above, hi_below, lo_above, lo_below in zip(high, [xt] + high[:-1], low, [xt] + low[:-1]):
+        gradient.append(-(hi_above.t() @ hi_below - lo_above.t() @ lo_below) / (batch * scale))
+        gradient.append(-(hi_above - lo_above).mean(dim=0) / scale)
+    if net.readout is not None:
+        error = torch.softmax(free.logits, dim=1) - yt
+        gradient += [error.t() @ free.states[-1] / batch, error.mean(dim=0)]
+    as_numpy = [g.detach().cpu().numpy() for g in gradient]
+    return EPStep(as_numpy, [s.cpu().numpy() for s in free.states], free.steps.cpu().numpy(),
+                  free.residual.double().cpu().numpy(), nudged_steps)

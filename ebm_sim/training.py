@@ -35,6 +35,7 @@ NUDGINGS = ("symmetric", "positive", "random")
 COSTS = ("mse", "cross_entropy")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
+BACKENDS = ("numba", "torch")
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -59,6 +60,8 @@ class TrainConfig:
     schedule: str = "constant"
     seed: int = 0
     eval_batch_size: int = 1000
+    backend: str = "numba"  # or "torch": the EP step runs on the Torch twin, on ``device`` (e.g. "cuda")
+    device: str = "cpu"
 
     def __post_init__(self):
         def positive_int(name):
@@ -83,6 +86,16 @@ class TrainConfig:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         if self.method not in METHODS or self.method == "solve_ivp":
             raise ValueError(f"method must be one of euler, fixed_point, alternating, rk45, got {self.method!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.backend == "torch":
+            if self.method == "rk45":
+                raise ValueError("the torch backend relaxes with euler, fixed_point or alternating, not rk45")
+            import torch
+            try:
+                torch.device(self.device)
+            except RuntimeError as error:
+                raise ValueError(f"unknown torch device {self.device!r}: {error}") from None
         real("beta", 0.0, low_inclusive=False)  # every nudging mode needs beta > 0 (the sign is the mode's job)
         real("tol", 0.0, low_inclusive=self.method != "rk45")  # 0: fixed step counts, no early stopping
         real("momentum", 0.0, high=1.0)
@@ -158,7 +171,11 @@ class EPStep:
 
 def ep_gradient(network: Network, x, target, config: TrainConfig, sign: float = 1.0) -> EPStep:
     """The EP estimate of dL/dtheta on a minibatch (see the module docstring). ``sign`` (+1 or -1) is the sign of
-    beta for one-sided nudging ("positive" uses +1; "random" draws it)."""
+    beta for one-sided nudging ("positive" uses +1; "random" draws it). With ``config.backend == "torch"`` the
+    same step runs on the Torch twin (``config.device``)."""
+    if config.backend == "torch":
+        from .torch_twin import ep_gradient as torch_ep_gradient
+        return torch_ep_gradient(network, x, target, config, sign, config.device)
     common = dict(method=config.method, tol=config.tol, dt=config.dt)
     free = relax(network, x, max_steps=config.free_steps, **common)
 
@@ -437,7 +454,8 @@ def _resume(path, network: Network, optimizer, settings: dict, log):
         raise ValueError(f"cannot resume from {path}: it was trained on other data (fingerprints "
                          f"{stored['data'][:12]} vs {settings['data'][:12]})")
     # with a constant schedule more epochs extend the run exactly; a cosine schedule depends on the epoch count
-    free_keys = {"epochs"} if settings["config"]["schedule"] == "constant" else set()
+    # (backend and device may change: the same equations, up to float rounding)
+    free_keys = {"backend", "device"} | ({"epochs"} if settings["config"]["schedule"] == "constant" else set())
     differing = sorted(key for key in settings["config"]
                        if key not in free_keys and stored["config"].get(key) != settings["config"][key])
     if differing:
