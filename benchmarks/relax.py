@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,22 +29,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _common import run_groups, wall_times, write_results  # noqa: E402
 from ebm_sim.network import Network  # noqa: E402
 from ebm_sim.relax import relax  # noqa: E402
 
 LAYERS = (784, 512, 512, 10)
-
-
-def wall_times(fn, repeats: int) -> list:
-    """Seconds of ``repeats`` calls of fn() after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def summary(times, steps) -> dict:
@@ -192,18 +182,10 @@ def run_group(args) -> dict:
 
 
 def run(args) -> dict:
-    """Each group runs in its own process: torch's OpenMP threads and OpenBLAS's threads keep spinning for a
-    while after a call, so measuring one library right after the other in one process slows the second one
-    (measured: Numba's batch-256 time up to 1.9x longer right after torch calls)."""
-    groups = {}
-    for group in GROUPS:
-        command = [sys.executable, __file__, "--group", group, "--tol", str(args.tol)]
-        command += ["--quick"] if args.quick else []
-        command += ["--network", args.network] if args.network else []
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise SystemExit(f"benchmark group {group!r} failed:\n{done.stderr[-3000:]}")
-        groups[group] = json.loads(done.stdout.strip().splitlines()[-1])
+    """Every group in its own process (see ``_common.run_groups``), then the comparison."""
+    arguments = ["--tol", str(args.tol)] + (["--quick"] if args.quick else [])
+    arguments += ["--network", args.network] if args.network else []
+    groups = run_groups(__file__, GROUPS, arguments)
     meta = groups["numba"].pop("_meta")
     for group in groups.values():
         group.pop("_meta", None)
@@ -246,13 +228,7 @@ def main(argv=None):
     if args.group:
         print(json.dumps(run_group(args)))
         return
-    results = run(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out)
-    print(json.dumps(results))
+    write_results(run(args), args.out)
 
 
 if __name__ == "__main__":

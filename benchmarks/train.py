@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _common import run_groups, write_results  # noqa: E402
 from ebm_sim import storage  # noqa: E402
 from ebm_sim.datasets import load_dataset  # noqa: E402
 from ebm_sim.network import Network  # noqa: E402
@@ -126,14 +126,9 @@ GROUPS = {"digits": lambda q, d: accuracy_group("digits", q, d),
 
 
 def run(args) -> dict:
-    groups = {}
-    for group in GROUPS:
-        command = [sys.executable, __file__, "--group", group, "--networks-dir", str(args.networks_dir)]
-        command += ["--quick"] if args.quick else []
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise SystemExit(f"benchmark group {group!r} failed:\n{done.stderr[-3000:]}")
-        groups[group] = json.loads(done.stdout.strip().splitlines()[-1])
+    """Every group in its own process (see ``_common.run_groups``), then the comparison."""
+    arguments = ["--networks-dir", str(args.networks_dir)] + (["--quick"] if args.quick else [])
+    groups = run_groups(__file__, GROUPS, arguments)
     same = groups["numba_speed"]["same_steps"]
     results = {
         "quick": args.quick,
@@ -166,13 +161,7 @@ def main(argv=None):
     if args.group:
         print(json.dumps(GROUPS[args.group](args.quick, args.networks_dir)))
         return
-    results = run(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out)
-    print(json.dumps(results))
+    write_results(run(args), args.out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import pickle
 import sys
 from pathlib import Path
 
-from .batch_relax import RunError, format_relax_summary, partial_path, run_relax
+from .batch_relax import RunError, format_relax_summary, run_relax
 
 PROG = "ebm"
 RELAX_METHODS = ("fixed_point", "euler", "alternating", "rk45")

@@ -59,7 +59,7 @@ def run_demo(out_dir="runs/demo", *, layers=(64, 256, 10), seed: int = 0, gain: 
              "trajectory": out_dir / "trajectory.h5"}
 
     ds = load_dataset("digits")
-    x, y = ds.x_test, ds.y_test
+    x = ds.x_test
     network = Network.init(layers, seed=seed, gain=gain)
     min_eig = coupling_hessian_min_eig(network)
     log(f"digits: {ds.x_train.shape[0]} train / {x.shape[0]} test images of 8x8 pixels; "

@@ -1,0 +1,45 @@
+"""What every benchmark script shares: timing, one process per group of measurements, writing the JSON result."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def wall_times(fn, repeats: int) -> list:
+    """Seconds of ``repeats`` calls of fn() after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run_groups(script: str, groups, arguments: list) -> dict:
+    """Run ``script --group NAME *arguments`` in a fresh process per group and collect the JSON each prints last.
+
+    One process per group: torch's OpenMP threads and OpenBLAS's threads keep spinning for a while after a call, so
+    timing one library right after another in the same process slows the second (measured: the Numba relaxation up
+    to 1.9x slower right after torch calls)."""
+    results = {}
+    for group in groups:
+        done = subprocess.run([sys.executable, script, "--group", group, *arguments], capture_output=True,
+                              text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"benchmark group {group!r} failed:\n{done.stderr[-3000:]}")
+        results[group] = json.loads(done.stdout.strip().splitlines()[-1])
+    return results
+
+
+def write_results(results: dict, out) -> None:
+    """Write the JSON atomically to ``out`` and print it as the last line."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(out)
+    print(json.dumps(results))
