@@ -128,6 +128,110 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- distill (torch side)
+def _fit_options(args) -> dict:
+    return {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+            "patience": args.patience or None, "val_fraction": args.val_fraction, "schedule": args.schedule}
+
+
+def cmd_distill(args) -> int:
+    from distill.commands import format_distill_summary, run_distill
+
+    try:
+        summary = run_distill(args.network, args.fixed_points, args.output, test_fixed_points=args.test_fixed_points,
+                              resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                              log=lambda msg: print(msg, flush=True), layer_weight=args.layer_weight,
+                              output_weight=args.output_weight, output_target=args.output_target,
+                              init_from_ebm=args.init_from_ebm, **_fit_options(args))
+    except FloatingPointError as e:
+        raise RunError(str(e)) from None
+    print(format_distill_summary(summary))
+    return 0
+
+
+def cmd_baseline(args) -> int:
+    from distill.commands import format_baseline_summary, run_baseline
+
+    try:
+        summary = run_baseline(args.kind, args.dataset, args.layers, args.output, data_dir=args.data_dir,
+                               limit_train=args.limit_train, limit_test=args.limit_test, activation=args.activation,
+                               resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                               log=lambda msg: print(msg, flush=True), eps=args.eps, pgd_steps=args.pgd_steps,
+                               pgd_step_size=args.pgd_step_size, **_fit_options(args))
+    except FloatingPointError as e:
+        raise RunError(str(e)) from None
+    print(format_baseline_summary(summary))
+    return 0
+
+
+def _add_distill_commands(sub) -> None:
+    """``ebm distill`` and ``ebm baseline`` (the work is in distill.commands; torch is imported only when they run)."""
+    from distill.config import BASELINE_KINDS, OUTPUT_TARGETS, SCHEDULES, BaselineConfig, DistillConfig
+
+    from .datasets import DATASET_NAMES
+    from .network import ACTIVATIONS
+
+    def fit_arguments(p, d):
+        p.add_argument("--epochs", type=int, default=d.epochs, help=f"maximum epochs (default {d.epochs})")
+        p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
+        p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr:g})")
+        p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help=f"default {d.schedule}")
+        p.add_argument("--patience", type=int, default=d.patience or 0,
+                       help=f"stop after this many epochs without a lower held-out loss; 0: never (default "
+                            f"{d.patience or 0})")
+        p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                       help=f"share held out for early stopping (default {d.val_fraction:g})")
+        p.add_argument("--seed", type=int, default=d.seed, help="seed of the init, split, batches (and PGD starts)")
+        p.add_argument("--resume", action="store_true", help="continue the interrupted run saved in -o")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    d = DistillConfig()
+    p = sub.add_parser("distill", help="train a feedforward student on a network's fixed points",
+                       description="Distill an EBM into a feedforward network with its layer sizes: per-layer MSE "
+                                   "to the fixed-point states plus a cross-entropy output term, Adam, early stopping "
+                                   "on a held-out split; the student file (ebm-feedforward) is rewritten after every "
+                                   "epoch and records the network's and the fixed points' hashes.")
+    p.add_argument("network", metavar="NET.h5", help="the EBM's network file")
+    p.add_argument("fixed_points", metavar="FIXED_POINTS.h5",
+                   help="its fixed points (ebm relax NET.h5 --split train); refused if made by another network")
+    p.add_argument("--test-fixed-points", metavar="TEST.h5", default=None,
+                   help="fixed points of held-out data (ebm relax --split test) to report accuracy and agreement")
+    p.add_argument("--layer-weight", type=_rates, default=d.layer_weight, metavar="W[,W...]",
+                   help=f"weight of each layer's state MSE, one value or one per state layer (default "
+                        f"{d.layer_weight:g})")
+    p.add_argument("--output-weight", type=float, default=d.output_weight,
+                   help=f"weight of the cross-entropy output term (default {d.output_weight:g})")
+    p.add_argument("--output-target", choices=OUTPUT_TARGETS, default=d.output_target,
+                   help=f"class the output term aims at: the EBM's prediction or the label (default "
+                        f"{d.output_target})")
+    p.add_argument("--init-from-ebm", action="store_true", help="start from the EBM's forward weights W_k, b_k")
+    fit_arguments(p, d)
+    p.add_argument("-o", "--output", required=True, metavar="STUDENT.h5", help="student file to write")
+    p.set_defaults(func=cmd_distill)
+
+    b = BaselineConfig()
+    p = sub.add_parser("baseline", help="train a standard or PGD-adversarially trained feedforward baseline",
+                       description="Train a feedforward network (hard-sigmoid hidden layers) by standard backprop or "
+                                   "PGD adversarial training (Madry et al. 2018, Linf, random start) and report its "
+                                   "test accuracy, clean and under that PGD.")
+    p.add_argument("--kind", choices=BASELINE_KINDS, required=True)
+    p.add_argument("--dataset", required=True, metavar="NAME", help=f"one of {', '.join(DATASET_NAMES)}")
+    p.add_argument("--data-dir", metavar="DIR", default=None, help="folder with the dataset files")
+    p.add_argument("--limit-train", type=int, default=None, metavar="N", help="seeded subsample of N training samples")
+    p.add_argument("--limit-test", type=int, default=None, metavar="N", help="seeded subsample of N test samples")
+    p.add_argument("--layers", type=_layers, required=True, metavar="N0,...,NL",
+                   help="layer sizes, input first and classes last (e.g. the EBM's: 784,512,512,10)")
+    p.add_argument("--activation", choices=sorted(ACTIVATIONS), default="hard_sigmoid")
+    p.add_argument("--eps", type=float, default=b.eps, help=f"PGD Linf budget in pixels (default {b.eps:g})")
+    p.add_argument("--pgd-steps", type=int, default=b.pgd_steps, help=f"default {b.pgd_steps}")
+    p.add_argument("--pgd-step-size", type=float, default=b.pgd_step_size,
+                   help=f"default {b.pgd_step_size:g}")
+    fit_arguments(p, b)
+    p.add_argument("-o", "--output", required=True, metavar="MODEL.h5", help="model file to write")
+    p.set_defaults(func=cmd_baseline)
+
+
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from .datasets import DATASET_NAMES
@@ -231,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "integrator, compare them, check the energy decreases, write three artifacts.")
     p.add_argument("--out-dir", default="runs/demo", metavar="DIR", help="where to write (default runs/demo)")
     p.set_defaults(func=cmd_demo)
+    _add_distill_commands(sub)
     return parser
 
 

@@ -3,7 +3,7 @@
 One self-describing HDF5 file per artifact (full schemas: docs/formats.md). Every file carries the root
 attributes
 
-    format           "ebm-network" | "ebm-fixed-points" | "ebm-trajectory"
+    format           "ebm-network" | "ebm-fixed-points" | "ebm-trajectory" | "ebm-feedforward" (distill.io)
     version          int, FORMAT_VERSION of the writer
     created          ISO 8601 time (UTC) of writing
     toolkit_version  version of ebm-toolkit that wrote it
@@ -39,6 +39,7 @@ FORMATS = {
     "ebm-network": "a network",
     "ebm-fixed-points": "a fixed-point dataset",
     "ebm-trajectory": "a trajectory",
+    "ebm-feedforward": "a feedforward model",  # written by distill.io (torch side), through write_artifact
 }
 HEADER_ATTRS = ("format", "version", "created", "toolkit_version", "content_hash")
 _UNHASHED_ATTRS = ("created", "toolkit_version", "content_hash")
@@ -146,6 +147,21 @@ def _write_artifact(path, fmt: str, datasets: dict, config: dict) -> str:
             for key, value in attrs.items():
                 f.attrs[key] = np.asarray(value, dtype=np.int64) if isinstance(value, list) else value
     return attrs["content_hash"]
+
+
+def write_artifact(path, fmt: str, datasets: dict, config: dict) -> str:
+    """Public hook for a format written outside this module (``"ebm-feedforward"``: ``distill.io``): atomically
+    write ``datasets`` (name -> array, stored as given) and the common header plus ``config`` (str, int, float,
+    bool or int-list attributes; JSON strings for objects); return the content hash. ``fmt`` must be in FORMATS."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}")
+    return _write_artifact(path, fmt, datasets, config)
+
+
+def read_artifact(path, fmt: str) -> tuple[dict, dict]:
+    """Public hook: (datasets, attributes) of an artifact of format ``fmt``, refusing (ArtifactError) a missing,
+    corrupt, wrong-format, unsupported-version or tampered file, as every loader here does."""
+    return _load(path, fmt)
 
 
 def _open_error(path: Path, error: Exception) -> ArtifactError:
@@ -513,6 +529,10 @@ def artifact_info(path) -> dict:
                    "checkpoint_keys": sorted(n[len("checkpoint/"):] for n in datasets
                                              if n.startswith("checkpoint/")) if attrs.get("has_checkpoint") else None,
                    "extra": json.loads(attrs.get("extra", "{}"))}
+    elif fmt == "ebm-feedforward":
+        summary = {key: attrs.get(key) for key in ("kind", "layer_sizes", "activation", "readout", "dataset",
+                                                   "network_hash", "fixed_points_hash", "model_hash")}
+        summary["config"] = json.loads(attrs.get("config", "{}"))
     else:
         summary = {"network_hash": attrs.get("network_hash"), "settings": json.loads(attrs.get("settings", "{}"))}
         keys = ("num_samples", "layer_sizes") if fmt == "ebm-fixed-points" else ("num_steps", "batch_size",

@@ -1,0 +1,120 @@
+"""The work behind ``ebm distill`` and ``ebm baseline`` (the CLI only parses, calls these and prints).
+
+    run_distill(NET.h5, FIXED_POINTS.h5, OUT.h5, ...)  -> summary dict;  format_distill_summary(summary) -> str
+    run_baseline(kind, dataset, layers, OUT.h5, ...)  -> summary dict;  format_baseline_summary(summary) -> str
+
+Both write an ``ebm-feedforward`` file (distill.io), rewritten atomically after every epoch (the best model so far
+plus a checkpoint); ``resume=True`` continues an interrupted run, ``overwrite=True`` replaces an existing file,
+and an existing file is refused otherwise.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _check_output(out: Path, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {out}: directory {out.parent} does not exist")
+    if out.exists() and not (resume or overwrite):
+        raise ValueError(f"{out} exists: pass --resume to continue its training or --overwrite to start over")
+    if resume and not out.exists():
+        raise FileNotFoundError(f"--resume: no such file {out} (nothing to resume)")
+
+
+def run_distill(network_path, fixed_points_path, out, *, test_fixed_points=None, resume: bool = False,
+                overwrite: bool = False, progress: bool = True, log=print, **config) -> dict:
+    """Distill the network of ``network_path`` from the fixed points of ``fixed_points_path`` (refused unless
+    they were computed by that network: stored network hash) into ``out``. config: DistillConfig fields.
+    test_fixed_points: optional fixed points of held-out data (e.g. ``ebm relax --split test``) to measure the
+    student's accuracy and agreement with the EBM. Returns a summary dict."""
+    from ebm_sim import storage
+
+    from .io import stored_content_hash
+    from .train import DistillConfig, compare_with_ebm, distill
+
+    out = Path(out)
+    config = DistillConfig(**config)  # validated before any work
+    _check_output(out, resume, overwrite)
+    network = storage.load_network(network_path)
+    fixed_points = storage.load_fixed_points(fixed_points_path, network=network)
+    test = storage.load_fixed_points(test_fixed_points, network=network) if test_fixed_points else None
+    fp_hash = stored_content_hash(fixed_points_path)
+    provenance = {"network_file": Path(network_path).name, "fixed_points_file": Path(fixed_points_path).name}
+    log(f"distilling {'-'.join(map(str, network.layer_sizes))} (network {network.content_hash()[:12]}) from "
+        f"{len(fixed_points)} fixed points of {fixed_points.settings.get('dataset', 'unknown data')} "
+        f"({config.val_fraction:.0%} held out); checkpoints in {out}")
+    student, history = distill(network, fixed_points, config, checkpoint_path=out, resume=resume, progress=progress,
+                               log=log, fixed_points_hash=fp_hash, provenance=provenance)
+    summary = {"path": str(out), "epochs_run": len(history.get("epoch", [])), "best_epoch": int(history["best_epoch"][0]),
+               "network_hash": network.content_hash(), "fixed_points_hash": fp_hash,
+               "train": compare_with_ebm(student, network, fixed_points)}
+    best = summary["best_epoch"] - 1
+    if "val_agreement" in history and best >= 0:
+        summary["validation"] = {"agreement": history["val_agreement"][best], "accuracy": history["val_accuracy"][best]}
+    if test is not None:
+        summary["test"] = compare_with_ebm(student, network, test)
+    return summary
+
+
+def format_distill_summary(s: dict) -> str:
+    def line(name, r):
+        mse = ", ".join(f"{m:.4f}" for m in r["state_mse"])
+        return (f"  {name:<10} {r['n']:>6} samples: student {100 * r['accuracy']:.2f}%, EBM {100 * r['ebm_accuracy']:.2f}%,"
+                f" agreement {100 * r['agreement']:.2f}%, state MSE per layer {mse}")
+
+    lines = [f"distilled in {s['epochs_run']} epochs (best epoch {s['best_epoch']}), network {s['network_hash'][:12]}, "
+             f"fixed points {s['fixed_points_hash'][:12]}", line("fit set", s["train"])]
+    if "validation" in s:
+        v = s["validation"]
+        lines.append(f"  {'held out':<10} agreement {100 * v['agreement']:.2f}%, accuracy {100 * v['accuracy']:.2f}%")
+    if "test" in s:
+        lines.append(line("test", s["test"]))
+    lines.append(f"wrote {s['path']}")
+    return "\n".join(lines)
+
+
+def run_baseline(kind: str, dataset: str, layers, out, *, data_dir=None, limit_train=None, limit_test=None,
+                 activation: str = "hard_sigmoid", resume: bool = False, overwrite: bool = False,
+                 progress: bool = True, log=print, **config) -> dict:
+    """Train a ``kind`` ("standard" or "pgd-at") baseline with layer sizes ``layers`` on ``dataset`` into ``out``;
+    config: BaselineConfig fields. Evaluates clean test accuracy and accuracy under the training PGD (eps, steps,
+    step size) on the test split. Returns a summary dict."""
+    from ebm_sim import datasets
+
+    from .baselines import BaselineConfig, robust_accuracy, train_baseline
+    from .train import evaluate
+
+    out = Path(out)
+    config = BaselineConfig(kind=kind, **config)
+    _check_output(out, resume, overwrite)
+    data = datasets.load_dataset(dataset, data_dir, limit_train=limit_train, limit_test=limit_test,
+                                 seed=config.seed)
+    sizes = tuple(int(n) for n in layers)
+    if sizes[0] != data.num_features or sizes[-1] != data.num_classes:
+        raise ValueError(f"layer sizes {'-'.join(map(str, sizes))} do not fit {data.name}: its inputs have "
+                         f"{data.num_features} features and it has {data.num_classes} classes (e.g. --layers "
+                         f"{data.num_features},512,{data.num_classes})")
+    what = "standard training" if kind == "standard" else (
+        f"PGD adversarial training (eps {config.eps:g}, {config.pgd_steps} steps of {config.step_size:g})")
+    log(f"{what} of {'-'.join(map(str, sizes))} on {data.name} ({len(data.y_train)} train / {len(data.y_test)} "
+        f"test samples, {config.val_fraction:.0%} held out); checkpoints in {out}")
+    provenance = {"limit_train": limit_train, "limit_test": limit_test, "image_shape": list(data.image_shape)}
+    model, history = train_baseline(sizes, data.x_train, data.y_train, config, activation=activation,
+                                    checkpoint_path=out, resume=resume, progress=progress, log=log,
+                                    dataset=data.name, provenance=provenance)
+    test = evaluate(model, data.x_test, data.y_test)
+    robust = robust_accuracy(model, data.x_test, data.y_test, config.eps, config.pgd_steps, config.step_size,
+                             seed=config.seed)
+    return {"path": str(out), "kind": kind, "dataset": data.name, "epochs_run": len(history.get("epoch", [])),
+            "best_epoch": int(history["best_epoch"][0]), "test_accuracy": test["accuracy"],
+            "test_robust_accuracy": robust["robust_accuracy"], "eps": config.eps, "pgd_steps": config.pgd_steps,
+            "pgd_step_size": config.step_size, "n_test": test["n"]}
+
+
+def format_baseline_summary(s: dict) -> str:
+    return (f"{s['kind']} baseline on {s['dataset']}: {s['epochs_run']} epochs (best epoch {s['best_epoch']}); test "
+            f"accuracy {100 * s['test_accuracy']:.2f}%, under PGD Linf eps {s['eps']:g} ({s['pgd_steps']} steps of "
+            f"{s['pgd_step_size']:g}) {100 * s['test_robust_accuracy']:.2f}% ({s['n_test']} test samples)\n"
+            f"wrote {s['path']}")

@@ -1,0 +1,196 @@
+"""The training loop shared by distillation and the baselines: Adam on minibatches, seeded, early stopping on a
+held-out split, a tqdm bar per epoch, a checkpoint after every epoch and an exact resume.
+
+Reproducibility: the minibatch order of epoch e is ``numpy.random.default_rng([seed, e]).permutation(N)`` and any
+randomness inside a batch loss (PGD's random start) comes from a torch generator seeded by (seed, e), so a run
+interrupted after any epoch and resumed from its checkpoint ends with exactly the parameters of an uninterrupted run.
+
+Checkpoint (the output file itself, rewritten atomically after every epoch, see ``distill.io``): the model stored
+as the file's weights is the best so far (lowest validation loss; the last one without a validation split), so the
+file is always usable; ``checkpoint/`` holds the current parameters and Adam's state, and ``checkpoint_state`` the
+next epoch, the early-stopping counters and a fingerprint of the configuration and data. The final file has no
+checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .config import FitConfig
+from .models import FeedForward
+
+
+def fingerprint(*arrays) -> str:
+    """SHA-256 of arrays' dtypes, shapes and bytes (a resumed run must see the same data)."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def split_indices(num: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train, validation) index split; the validation part has round(val_fraction * num) rows (at least
+    one when val_fraction > 0), the training part at least one."""
+    order = np.random.default_rng([seed, 7919]).permutation(num)
+    num_val = 0 if val_fraction == 0 else min(num - 1, max(1, int(round(val_fraction * num))))
+    if num < 2 and num_val:
+        raise ValueError(f"cannot hold out a validation split from {num} sample(s)")
+    return np.sort(order[num_val:]), np.sort(order[:num_val])
+
+
+def batch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The torch generator of an epoch's in-batch randomness (depends only on (seed, epoch))."""
+    return torch.Generator().manual_seed(int(np.random.default_rng([seed, epoch, 1]).integers(2 ** 62)))
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _flat_state(model: FeedForward, optimizer: torch.optim.Adam) -> dict:
+    weights, biases = model.weights_biases()
+    state = {f"current/W{k}": w for k, w in enumerate(weights)}
+    state.update({f"current/b{k + 1}": b for k, b in enumerate(biases)})
+    for i, p in enumerate(model.parameters()):
+        s = optimizer.state.get(p)
+        if s:
+            state[f"adam/step/{i}"] = s["step"].detach().cpu().numpy().copy()
+            state[f"adam/exp_avg/{i}"] = s["exp_avg"].detach().cpu().numpy().copy()
+            state[f"adam/exp_avg_sq/{i}"] = s["exp_avg_sq"].detach().cpu().numpy().copy()
+    return state
+
+
+def _restore_state(model: FeedForward, optimizer: torch.optim.Adam, flat: dict) -> None:
+    num = model.num_layers
+    model.load_parameters([flat[f"current/W{k}"] for k in range(num)], [flat[f"current/b{k}"] for k in range(1, num + 1)])
+    for i, p in enumerate(model.parameters()):
+        if f"adam/step/{i}" in flat:
+            optimizer.state[p] = {"step": torch.as_tensor(flat[f"adam/step/{i}"]).clone(),
+                                  "exp_avg": torch.as_tensor(flat[f"adam/exp_avg/{i}"]).clone(),
+                                  "exp_avg_sq": torch.as_tensor(flat[f"adam/exp_avg_sq/{i}"]).clone()}
+
+
+def _copy_parameters(model: FeedForward) -> list:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _set_parameters(model: FeedForward, values: list) -> None:
+    with torch.no_grad():
+        for p, v in zip(model.parameters(), values):
+            p.copy_(v)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def fit_model(model: FeedForward, num_train: int, batch_loss: Callable, validate: Callable, config: FitConfig,
+              settings: dict, save: Callable | None = None, checkpoint_path=None, resume: bool = False,
+              progress: bool = True, log=print, desc: str = "train", load_record: Callable | None = None):
+    """Train ``model`` in place; return (model with the best validation parameters, history).
+
+    batch_loss(rows (np.ndarray of training indices), generator) -> scalar loss tensor (and may return a dict of
+    extra statistics as a second value); validate() -> dict of floats with at least "loss" (computed without
+    gradients; empty-split runs may return {"loss": nan}). settings: JSON dict identifying the configuration and
+    data (a resume with other settings is refused; only "epochs" may differ, with a constant schedule). save(path, model, history,
+    checkpoint, checkpoint_state): writes the output file (checkpoint None for the final one).
+    load_record(path) -> distill.io.ModelRecord, to resume from ``checkpoint_path``.
+    History: one entry per epoch of epoch, train_loss, every key of validate(), lr, seconds.
+    """
+    from tqdm import tqdm
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    history: dict = {}
+    start_epoch, best_loss, best_epoch, bad_epochs = 0, math.inf, 0, 0
+    best = _copy_parameters(model)
+    if resume:
+        if checkpoint_path is None or load_record is None:
+            raise ValueError("resume needs the output file of an interrupted run (checkpoint_path)")
+        record = load_record(checkpoint_path)
+        if record.checkpoint is None:
+            raise ValueError(f"{checkpoint_path} holds a finished model (no training checkpoint): nothing to resume; "
+                             f"train again with --overwrite")
+        state = record.checkpoint_state
+        stored, settings = state["settings"], json.loads(json.dumps(settings, sort_keys=True))
+        differing = sorted(k for k in set(stored) | set(settings)
+                           if k != "config" and stored.get(k) != settings.get(k))
+        free = {"epochs"} if settings["config"].get("schedule") == "constant" else set()  # cosine depends on it
+        differing += sorted(f"config.{k}" for k in set(stored.get("config", {})) | set(settings.get("config", {}))
+                            if k not in free and stored.get("config", {}).get(k) != settings.get("config", {}).get(k))
+        if differing:
+            raise ValueError(f"cannot resume from {checkpoint_path}: its configuration or data differ "
+                             f"({', '.join(differing)})")
+        if tuple(record.model.layer_sizes) != tuple(model.layer_sizes):
+            raise ValueError(f"cannot resume from {checkpoint_path}: it holds a {record.model.layer_sizes} model")
+        _restore_state(model, optimizer, record.checkpoint)
+        best = _copy_parameters(record.model)
+        history = {k: list(v) for k, v in record.history.items()}
+        start_epoch, bad_epochs, best_epoch = state["epoch"], state["bad_epochs"], state["best_epoch"]
+        best_loss = math.inf if state["best_loss"] is None else state["best_loss"]
+        log(f"resuming from {checkpoint_path} after epoch {start_epoch}")
+    stopped = bool(resume and config.patience is not None and bad_epochs >= config.patience)
+    for epoch in range(start_epoch, config.epochs):
+        if stopped:
+            break
+        start = time.perf_counter()
+        model.train()
+        order = np.random.default_rng([config.seed, epoch]).permutation(num_train)
+        generator = batch_generator(config.seed, epoch)
+        lr = config.epoch_lr(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        total, count = 0.0, 0
+        with tqdm(total=num_train, desc=f"{desc} epoch {epoch + 1}/{config.epochs}", unit="sample",
+                  disable=not progress, leave=False, dynamic_ncols=True) as bar:
+            for begin in range(0, num_train, config.batch_size):
+                rows = order[begin:begin + config.batch_size]
+                loss = batch_loss(rows, generator)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"training diverged in epoch {epoch + 1}: the loss is {value}; "
+                                             f"lower the learning rate (last checkpoint kept)")
+                total += value * len(rows)
+                count += len(rows)
+                bar.update(len(rows))
+                bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
+        model.eval()
+        with torch.no_grad():
+            val = validate()
+        entry = {"epoch": epoch + 1, "train_loss": total / count, **{f"val_{k}": v for k, v in val.items()},
+                 "lr": lr, "seconds": time.perf_counter() - start}
+        for key, value in entry.items():
+            history.setdefault(key, []).append(float(value))
+        val_loss = float(val.get("loss", math.nan))
+        if not math.isfinite(val_loss) or val_loss < best_loss:
+            best_loss = val_loss if math.isfinite(val_loss) else math.inf
+            best, best_epoch, bad_epochs = _copy_parameters(model), epoch + 1, 0
+        else:
+            bad_epochs += 1
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in val.items() if isinstance(v, float) and math.isfinite(v))
+        log(f"epoch {epoch + 1}/{config.epochs}: train loss {total / count:.4f}" + (f", val {shown}" if shown else "")
+            + f", {entry['seconds']:.1f} s")
+        stopped = config.patience is not None and config.val_fraction > 0 and bad_epochs >= config.patience
+        if save is not None and checkpoint_path is not None and epoch + 1 < config.epochs and not stopped:
+            current = _copy_parameters(model)
+            flat = _flat_state(model, optimizer)
+            _set_parameters(model, best)
+            state = {"epoch": epoch + 1, "bad_epochs": bad_epochs, "best_epoch": best_epoch,
+                     "best_loss": best_loss if math.isfinite(best_loss) else None, "settings": settings}
+            try:
+                save(checkpoint_path, model, history, flat, state)
+            finally:
+                _set_parameters(model, current)
+        if stopped:
+            log(f"early stopping after epoch {epoch + 1}: no lower validation loss for {bad_epochs} epochs; "
+                f"keeping epoch {best_epoch}")
+    _set_parameters(model, best)
+    history["best_epoch"] = [float(best_epoch)]
+    model.eval()
+    if save is not None and checkpoint_path is not None:
+        save(checkpoint_path, model, history, None, None)
+    return model, history
