@@ -149,6 +149,16 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_export_onnx(args) -> int:
+    from distill.commands import run_export_onnx
+
+    summary = run_export_onnx(args.model, args.output)
+    print(f"wrote {summary['path']}: {summary['kind']} model {'-'.join(map(str, summary['layer_sizes']))} from "
+          f"{summary['source']}; onnxruntime vs torch on {summary['samples']} random inputs: max |difference| "
+          f"{summary['max_abs_difference']:.2e}, same prediction on {100 * summary['prediction_agreement']:.1f}%")
+    return 0
+
+
 def cmd_baseline(args) -> int:
     from distill.commands import format_baseline_summary, run_baseline
 
@@ -243,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
                                "propagation) and manage their HDF5 artifacts.",
         epilog="Errors from user input print 'ebm: error: ...' and exit with status 2.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("export-onnx", help="export a feedforward model (distilled or baseline) to ONNX",
+                       description="Export a distilled or baseline model to ONNX (provenance in its metadata), run "
+                                   "it with onnxruntime on random inputs and report the difference to torch.")
+    p.add_argument("model", metavar="MODEL.h5", help="an ebm-feedforward file (ebm distill, ebm baseline)")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL.onnx")
+    p.set_defaults(func=cmd_export_onnx)
 
     p = sub.add_parser("init", help="create a seeded, untrained network file",
                        description="Create a seeded network: W_k, b_k ~ U(-gain/sqrt(n_k), gain/sqrt(n_k)).")

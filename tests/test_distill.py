@@ -328,3 +328,14 @@ def test_cli_distill_and_baseline_end_to_end(tmp_path, capsys):
     assert main(["baseline", "--kind", "standard", "--dataset", "digits", "--layers", "784,10",
                  "-o", str(tmp_path / "bad.h5")]) == 2
     assert "do not fit digits" in capsys.readouterr().err
+
+    # digital deployment: the trained models export to ONNX and onnxruntime agrees with torch
+    for source in (student, tmp_path / "pgd-at.h5"):
+        onnx_path = tmp_path / (source.stem + ".onnx")
+        assert main(["export-onnx", str(source), "-o", str(onnx_path)]) == 0
+        out = capsys.readouterr().out
+        assert f"wrote {onnx_path}" in out and "same prediction on 100.0%" in out
+        from distill.onnx_export import OnnxClassifier
+        assert OnnxClassifier(onnx_path).metadata["source_content_hash"] == dio.stored_content_hash(source)
+    assert main(["export-onnx", str(NET), "-o", str(tmp_path / "ebm.onnx")]) == 2
+    assert "not a static graph" in capsys.readouterr().err and not (tmp_path / "ebm.onnx").exists()
