@@ -63,3 +63,19 @@ def test_train_benchmark_quick(tmp_path):
     assert printed["speed"]["numba"]["same_steps"]["free_steps_mean"] == 30
     assert printed["speed"]["numba"]["same_steps"]["nudged_steps_mean"] == 10
     assert (tmp_path / "networks" / "digits_64-256-10.h5").exists()
+
+
+def test_distill_benchmark_quick(tmp_path):
+    out = tmp_path / "distill.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distill.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert printed == json.loads(out.read_text()) and printed["quick"] is True
+    for key in ("ebm_test_acc", "distilled_test_acc", "agreement", "speedup_batch1", "speedup_batch256"):
+        assert np.isfinite(printed[key]) and printed[key] > 0
+    case = printed["cases"]["deep"]
+    assert case["ebm_test_acc"] > 0.9 and case["agreement"] > 0.5  # a trained EBM and a student that learned
+    assert case["cost"]["student_numpy"]["agrees_with_torch"] == 1.0
+    assert set(case["cost"]) == {"numba_fixed_point", "numba_alternating", "torch_fixed_point", "student_torch",
+                                 "student_onnxruntime", "student_numpy"}
