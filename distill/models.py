@@ -113,7 +113,7 @@ class FeedForward(nn.Module):
             raise ValueError(f"expected a batch (B, {self.layer_sizes[0]}) or (B, ...) images, got shape "
                              f"{tuple(x.shape)}: add a batch dimension")
         x = x.reshape(x.shape[0], -1) if x.ndim != 2 else x
-        if x.shape[1] != self.layer_sizes[0]:
+        if not torch.jit.is_tracing() and x.shape[1] != self.layer_sizes[0]:  # (shapes are tensors when traced)
             raise ValueError(f"the model takes {self.layer_sizes[0]} input features per sample, got shape "
                              f"{tuple(x.shape)}")
         return x.to(self.dtype) if x.dtype != self.dtype else x
