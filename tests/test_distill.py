@@ -67,7 +67,7 @@ def ebm(tmp_path_factory, digits):
 @pytest.fixture(scope="module")
 def distilled(ebm):
     """A student distilled from random init (saved with its provenance), and the random-init student before it."""
-    config = DistillConfig(epochs=40, seed=0)
+    config = DistillConfig(epochs=60, lr=3e-3, batch_size=64, seed=0)
     before = compare_with_ebm(FeedForward.from_network(ebm["network"], seed=0), ebm["network"], ebm["test"])
     path = ebm["folder"] / "student.h5"
     student, history = distill(ebm["network"], ebm["train"], config, checkpoint_path=path,
@@ -122,13 +122,14 @@ def test_readout_network_student_and_distill():
 # ---------------------------------------------------------------------------------------------- distillation
 def test_distilled_student_agrees_with_the_ebm(ebm, distilled):
     test = compare_with_ebm(distilled["student"], ebm["network"], ebm["test"])
-    # measured (seed 0, 40 epochs from random init): EBM 97.78 %, student ~97.5 %, agreement ~99 % on 360 test images
+    # measured (random init; seeds 0, 1, 2): EBM 97.78 %, student 97.78 / 97.5 / 97.2 %, agreement 99.7 / 99.4 / 99.2 %
+    # on the 360 test images; state MSE 0.075 -> 0.006 (s_1) and 0.099 -> 0.002 (s_2) for seed 0
     assert test["ebm_accuracy"] > 0.97
     assert test["agreement"] >= 0.97, test
     assert test["accuracy"] >= test["ebm_accuracy"] - 0.02, test
     before = distilled["before"]
     for k, (mse0, mse1) in enumerate(zip(before["state_mse"], test["state_mse"])):
-        assert mse1 < 0.5 * mse0, f"layer {k + 1}: state MSE {mse0:.4f} -> {mse1:.4f}"
+        assert mse1 < mse0 / 3, f"layer {k + 1}: state MSE {mse0:.4f} -> {mse1:.4f}"
     history = distilled["history"]
     for key in ("val_mse_s1", "val_mse_s2", "val_loss"):
         assert min(history[key][-5:]) < 0.7 * history[key][0], (key, history[key])
