@@ -9,6 +9,8 @@ and an existing file is refused otherwise.
 """
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -21,6 +23,19 @@ def _check_output(out: Path, resume: bool, overwrite: bool) -> None:
         raise ValueError(f"{out} exists: pass --resume to continue its training or --overwrite to start over")
     if resume and not out.exists():
         raise FileNotFoundError(f"--resume: no such file {out} (nothing to resume)")
+
+
+@contextmanager
+def _interruption_note(out: Path, log):
+    """On Ctrl-C, say where the last finished epoch is and how to continue, then re-raise."""
+    start = time.time()
+    try:
+        yield
+    except KeyboardInterrupt:
+        if out.exists() and out.stat().st_mtime >= start - 1:  # written by this run
+            log(f"interrupted: {out} holds the best model and a checkpoint of the last finished epoch; run the same "
+                f"command with --resume to continue")
+        raise
 
 
 def run_distill(network_path, fixed_points_path, out, *, test_fixed_points=None, resume: bool = False,
@@ -45,8 +60,9 @@ def run_distill(network_path, fixed_points_path, out, *, test_fixed_points=None,
     log(f"distilling {'-'.join(map(str, network.layer_sizes))} (network {network.content_hash()[:12]}) from "
         f"{len(fixed_points)} fixed points of {fixed_points.settings.get('dataset', 'unknown data')} "
         f"({config.val_fraction:.0%} held out); checkpoints in {out}")
-    student, history = distill(network, fixed_points, config, checkpoint_path=out, resume=resume, progress=progress,
-                               log=log, fixed_points_hash=fp_hash, provenance=provenance)
+    with _interruption_note(out, log):
+        student, history = distill(network, fixed_points, config, checkpoint_path=out, resume=resume,
+                                   progress=progress, log=log, fixed_points_hash=fp_hash, provenance=provenance)
     summary = {"path": str(out), "epochs_run": len(history.get("epoch", [])), "best_epoch": int(history["best_epoch"][0]),
                "network_hash": network.content_hash(), "fixed_points_hash": fp_hash,
                "train": compare_with_ebm(student, network, fixed_points)}
@@ -101,9 +117,10 @@ def run_baseline(kind: str, dataset: str, layers, out, *, data_dir=None, limit_t
     log(f"{what} of {'-'.join(map(str, sizes))} on {data.name} ({len(data.y_train)} train / {len(data.y_test)} "
         f"test samples, {config.val_fraction:.0%} held out); checkpoints in {out}")
     provenance = {"limit_train": limit_train, "limit_test": limit_test, "image_shape": list(data.image_shape)}
-    model, history = train_baseline(sizes, data.x_train, data.y_train, config, activation=activation,
-                                    checkpoint_path=out, resume=resume, progress=progress, log=log,
-                                    dataset=data.name, provenance=provenance)
+    with _interruption_note(out, log):
+        model, history = train_baseline(sizes, data.x_train, data.y_train, config, activation=activation,
+                                        checkpoint_path=out, resume=resume, progress=progress, log=log,
+                                        dataset=data.name, provenance=provenance)
     test = evaluate(model, data.x_test, data.y_test)
     robust = robust_accuracy(model, data.x_test, data.y_test, config.eps, config.pgd_steps, config.step_size,
                              seed=config.seed)
