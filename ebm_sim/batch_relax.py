@@ -113,7 +113,7 @@ def relax_to_file(network, x, labels, out, *, method: str = "fixed_point", tol: 
         raise ValueError("no samples to relax")
     settings = {**relax_settings.as_dict(), "dtype": str(run_net.dtype), "batch_size": int(batch_size),
                 "on_divergence": "flag", **(meta or {})}
-    num, num_layers = x.shape[0], run_net.num_layers
+    num, num_layers = x.shape[0], len(run_net.state_sizes)  # layers that relax (no readout)
     key = _run_key(source_hash, x, labels, settings)
     ppath = partial_path(out)
 
@@ -172,7 +172,7 @@ def relax_to_file(network, x, labels, out, *, method: str = "fixed_point", tol: 
     converged = np.concatenate(parts["converged"])
     storage.save_fixed_points(out, x, labels, states, residuals, steps, converged, settings, source_hash)
     ppath.unlink(missing_ok=True)
-    predictions = np.argmax(states[-1], axis=1)
+    predictions = np.argmax(run_net.logits(states), axis=1)  # the readout's logits, or s_L
     return {"path": str(out), "samples": num, "converged": int(np.count_nonzero(converged)),
             "converged_fraction": float(np.mean(converged)), "steps_mean": float(np.mean(steps)),
             "steps_max": int(np.max(steps)), "residual_max": float(np.max(residuals)),

@@ -238,3 +238,16 @@ def test_demo_results(tmp_path):
     assert 0.0 <= res["relax"]["accuracy"] <= 1.0
     assert res["file_vs_memory_max_diff"] < 1e-5
     assert partial_path(res["paths"]["fixed_points"]).name == "fixed_points.h5.partial.npz"
+
+
+def test_relax_a_network_with_a_softmax_readout(tmp_path):
+    """A cross-entropy network relaxes only its hidden layers; predictions come from the readout's logits."""
+    from ebm_sim import storage
+    from ebm_sim.network import Network
+    net_path, out = tmp_path / "ce.h5", tmp_path / "fp.h5"
+    network = Network.init((64, 32, 16, 10), seed=0, readout=True)
+    storage.save_network(net_path, network)
+    assert main(["relax", str(net_path), "--dataset", "digits", "--limit", "50", "--no-progress",
+                 "-o", str(out)]) == 0
+    fixed_points = storage.load_fixed_points(out, network)
+    assert [s.shape[1] for s in fixed_points.states] == [32, 16]
