@@ -137,14 +137,11 @@ def _fit_options(args) -> dict:
 def cmd_distill(args) -> int:
     from distill.commands import format_distill_summary, run_distill
 
-    try:
-        summary = run_distill(args.network, args.fixed_points, args.output, test_fixed_points=args.test_fixed_points,
-                              resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-                              log=lambda msg: print(msg, flush=True), layer_weight=args.layer_weight,
-                              output_weight=args.output_weight, output_target=args.output_target,
-                              init_from_ebm=args.init_from_ebm, **_fit_options(args))
-    except FloatingPointError as e:
-        raise RunError(str(e)) from None
+    summary = run_distill(args.network, args.fixed_points, args.output, test_fixed_points=args.test_fixed_points,
+                          resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                          log=lambda msg: print(msg, flush=True), layer_weight=args.layer_weight,
+                          output_weight=args.output_weight, output_target=args.output_target,
+                          init_from_ebm=args.init_from_ebm, **_fit_options(args))
     print(format_distill_summary(summary))
     return 0
 
@@ -162,14 +159,11 @@ def cmd_export_onnx(args) -> int:
 def cmd_baseline(args) -> int:
     from distill.commands import format_baseline_summary, run_baseline
 
-    try:
-        summary = run_baseline(args.kind, args.dataset, args.layers, args.output, data_dir=args.data_dir,
-                               limit_train=args.limit_train, limit_test=args.limit_test, activation=args.activation,
-                               resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-                               log=lambda msg: print(msg, flush=True), eps=args.eps, pgd_steps=args.pgd_steps,
-                               pgd_step_size=args.pgd_step_size, **_fit_options(args))
-    except FloatingPointError as e:
-        raise RunError(str(e)) from None
+    summary = run_baseline(args.kind, args.dataset, args.layers, args.output, data_dir=args.data_dir,
+                           limit_train=args.limit_train, limit_test=args.limit_test, activation=args.activation,
+                           resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                           log=lambda msg: print(msg, flush=True), eps=args.eps, pgd_steps=args.pgd_steps,
+                           pgd_step_size=args.pgd_step_size, **_fit_options(args))
     print(format_baseline_summary(summary))
     return 0
 
@@ -372,7 +366,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except RunError as e:
+    except (RunError, FloatingPointError) as e:  # a run that cannot finish (diverging dynamics or training)
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     except USER_ERRORS as e:  # ArtifactError is a ValueError
