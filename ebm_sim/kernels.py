@@ -255,6 +255,16 @@ def _input_projection(x, weights, biases, blas):
 
 
 @njit(cache=True)
+def _workspace(blas, x, weights, biases, beta, target, readout_w, readout_b, initial):
+    """What every kernel starts from: states S (a copy of ``initial``), field buffer H, the input projection, the
+    per-row target, the nudge tuple (beta, target, readout_w, readout_b), the row -> sample index, residuals."""
+    S = initial.copy()
+    y = target.copy()
+    return (S, np.empty_like(S), _input_projection(x, weights, biases, blas), y, (beta, y, readout_w, readout_b),
+            np.arange(x.shape[0]), np.zeros(x.shape[0], dtype=np.float64))
+
+
+@njit(cache=True)
 def _retire(r, last, step, residual, S, per_row_arrays, per_row_vectors, index, tol,
             out_states, out_steps, out_residual, out_converged, out_diverged):
     """Write active row r to the outputs and move the last active row into its place."""
@@ -299,13 +309,8 @@ def relax_fixed_point(blas, x, weights, biases, col, slope, dt, alternating, bet
     """
     batch = x.shape[0]
     num_layers = len(weights)
-    S = initial.copy()
-    H = np.empty_like(S)
-    x_proj = _input_projection(x, weights, biases, blas)
-    y = target.copy()
-    nudge = (beta, y, readout_w, readout_b)
-    index = np.arange(batch)
-    residual = np.zeros(batch, dtype=np.float64)
+    S, H, x_proj, y, nudge, index, residual = _workspace(blas, x, weights, biases, beta, target, readout_w,
+                                                          readout_b, initial)
     empty_vectors = [np.empty(0, dtype=np.float64)][:0]
     forward = np.empty(S.shape[1], dtype=S.dtype)
     if record:
@@ -386,15 +391,10 @@ def relax_rk45(blas, x, weights, biases, col, slope, beta, target, readout_w, re
     (accepted and rejected). The residual max |P(ds/dt)| is checked before every attempt.
     """
     batch, width = initial.shape
-    S = initial.copy()
-    H = np.empty_like(S)
+    S, H, x_proj, y, nudge, index, residual = _workspace(blas, x, weights, biases, beta, target, readout_w,
+                                                          readout_b, initial)
     K = np.empty((7, batch, width), dtype=S.dtype)
     Y = np.empty_like(S)
-    x_proj = _input_projection(x, weights, biases, blas)
-    y = target.copy()
-    nudge = (beta, y, readout_w, readout_b)
-    index = np.arange(batch)
-    residual = np.zeros(batch, dtype=np.float64)
     step_size = np.full(batch, dt0, dtype=np.float64)
     K0 = K[0]
     _projected_velocity(S, K0, batch, weights, col, blas, x_proj, biases, nudge, slope, H)
