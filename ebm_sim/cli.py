@@ -347,7 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="runs/demo", metavar="DIR", help="where to write (default runs/demo)")
     p.set_defaults(func=cmd_demo)
     _add_distill_commands(sub)
+    _add_hardware_commands(sub)
     return parser
+
+
+def _add_hardware_commands(sub) -> None:
+    """``ebm hardware ...`` (parsers and work live in hardware.commands; Lava is imported only when they run)."""
+    try:
+        from hardware import commands
+    except ImportError:  # hardware.commands not written yet
+        return
+    commands.add_parsers(sub)
 
 
 USER_ERRORS = (ValueError, FileNotFoundError, OSError, pickle.UnpicklingError)
