@@ -137,15 +137,18 @@ def format_baseline_summary(s: dict) -> str:
             f"wrote {s['path']}")
 
 
-def run_export_onnx(model_path, out, *, check_samples: int = 64, seed: int = 0) -> dict:
+def run_export_onnx(model_path, out, *, quantize: str | None = None, check_samples: int = 64, seed: int = 0) -> dict:
     """``ebm export-onnx``: a feedforward model file (distilled, standard or pgd-at) -> ONNX, with its provenance in
-    the ONNX metadata; then onnxruntime is run on ``check_samples`` random inputs in [0, 1] and compared with torch.
+    the ONNX metadata; ``quantize="int8"`` writes onnxruntime's dynamically quantized int8 model instead of the float
+    one. Then onnxruntime is run on ``check_samples`` random inputs in [0, 1] and compared with torch.
     An EBM (ebm-network file) has no static graph to export: its relaxation stops on a tolerance."""
+    import tempfile
+
     import numpy as np
     import torch
 
     from .io import artifact_format, load_model
-    from .onnx_export import OnnxClassifier, compare_with_torch, export_onnx
+    from .onnx_export import OnnxClassifier, compare_with_torch, export_onnx, quantize_onnx
 
     model_path, out = Path(model_path), Path(out)
     if artifact_format(model_path) == "ebm-network":
@@ -156,9 +159,16 @@ def run_export_onnx(model_path, out, *, check_samples: int = 64, seed: int = 0) 
     metadata = {"source_file": model_path.name, "source_content_hash": record.content_hash, "kind": record.kind,
                 "dataset": record.dataset, "network_hash": record.network_hash,
                 "fixed_points_hash": record.fixed_points_hash, "layer_sizes": list(model.layer_sizes)}
-    export_onnx(model, out, input_shape=model.layer_sizes[0], metadata=metadata)
+    if quantize is None:
+        export_onnx(model, out, input_shape=model.layer_sizes[0], metadata=metadata)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            float_path = export_onnx(model, Path(tmp) / "float.onnx", input_shape=model.layer_sizes[0],
+                                     metadata=metadata)
+            quantize_onnx(float_path, out, quantize)
     x = np.random.default_rng(seed).random((check_samples, model.layer_sizes[0]), dtype=np.float32)
     difference = compare_with_torch(model, out, x)
     agreement = float(np.mean(OnnxClassifier(out).predict(x) == model(torch.from_numpy(x)).argmax(1).numpy()))
     return {"path": str(out), "source": str(model_path), "kind": record.kind, "layer_sizes": list(model.layer_sizes),
-            "max_abs_difference": difference, "prediction_agreement": agreement, "samples": check_samples}
+            "quantization": quantize or "none", "max_abs_difference": difference, "prediction_agreement": agreement,
+            "samples": check_samples}

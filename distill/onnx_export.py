@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import logging
 import math
 import warnings
 from importlib import metadata as _importlib_metadata
@@ -178,6 +179,45 @@ def export_onnx(module: torch.nn.Module, path, input_shape, opset: int = 17, dyn
     return path
 
 
+QUANTIZATIONS = ("int8",)
+_KEY_QUANTIZATION = RESERVED_PREFIX + "quantization"
+
+
+def quantize_onnx(source, path, quantization: str = "int8") -> Path:
+    """Quantize an exported classifier for CPU deployment: ``"int8"`` is onnxruntime's dynamic quantization
+    (weights stored as int8 with one scale per tensor; activations quantized to uint8 at run time with the range
+    observed over the whole call's batch; MatMulInteger products accumulated in int32, then rescaled to float32).
+    No calibration data is needed. The logits differ from the float model's by the quantization error (measure the
+    agreement), and because the activation range is the batch's, a sample's logits depend slightly on the rest of
+    its batch.
+
+    source: an ONNX file written by ``export_onnx``; path: the quantized file (written atomically, checked). Its
+    metadata keeps the source's and adds ``ebm_toolkit.quantization``. Returns the path.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    source, path = Path(source), Path(path)
+    check_onnx(source)
+    if source.resolve() == path.resolve():
+        raise ValueError(f"quantize_onnx writes a new file: {path} is the source itself")
+    with atomic_path(path) as tmp:
+        quantization_logger = logging.getLogger()  # quantize_dynamic logs a pre-processing hint on the root logger
+        level = quantization_logger.level
+        quantization_logger.setLevel(logging.ERROR)
+        try:
+            quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8)
+        finally:
+            quantization_logger.setLevel(level)
+        model = onnx.load(str(tmp))
+        entry = model.metadata_props.add()
+        entry.key, entry.value = _KEY_QUANTIZATION, quantization
+        tmp.write_bytes(model.SerializeToString())
+        check_onnx(tmp, name=path)
+    return path
+
+
 def check_onnx(path, name=None) -> None:
     """Validate the ONNX file ``path`` with ``onnx.checker`` (full check, shape inference included); raise
     ``OnnxModelError`` naming the file (``name``, default ``path``) when it is missing, not ONNX, or invalid."""
@@ -240,6 +280,7 @@ class OnnxClassifier:
         props = dict(self.session.get_modelmeta().custom_metadata_map)
         self.metadata_props = props
         self.metadata = _decode_metadata(props)
+        self.quantization = props.get(_KEY_QUANTIZATION)  # None for a float model, "int8" after quantize_onnx
 
     def __repr__(self) -> str:
         batch = "B" if self.batch_size is None else self.batch_size

@@ -149,8 +149,9 @@ def cmd_distill(args) -> int:
 def cmd_export_onnx(args) -> int:
     from distill.commands import run_export_onnx
 
-    summary = run_export_onnx(args.model, args.output)
-    print(f"wrote {summary['path']}: {summary['kind']} model {'-'.join(map(str, summary['layer_sizes']))} from "
+    summary = run_export_onnx(args.model, args.output, quantize=args.quantize)
+    quantized = "" if args.quantize is None else f" ({args.quantize}-quantized)"
+    print(f"wrote {summary['path']}: {summary['kind']} model{quantized} {'-'.join(map(str, summary['layer_sizes']))} from "
           f"{summary['source']}; onnxruntime vs torch on {summary['samples']} random inputs: max |difference| "
           f"{summary['max_abs_difference']:.2e}, same prediction on {100 * summary['prediction_agreement']:.1f}%")
     return 0
@@ -252,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export a distilled or baseline model to ONNX (provenance in its metadata), run "
                                    "it with onnxruntime on random inputs and report the difference to torch.")
     p.add_argument("model", metavar="MODEL.h5", help="an ebm-feedforward file (ebm distill, ebm baseline)")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="write onnxruntime's dynamically quantized int8 model (int8 weights, uint8 activations "
+                        "quantized at run time) instead of the float32 one")
     p.add_argument("-o", "--output", required=True, metavar="MODEL.onnx")
     p.set_defaults(func=cmd_export_onnx)
 

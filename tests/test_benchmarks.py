@@ -72,10 +72,12 @@ def test_distill_benchmark_quick(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     printed = json.loads(done.stdout.strip().splitlines()[-1])
     assert printed == json.loads(out.read_text()) and printed["quick"] is True
-    for key in ("ebm_test_acc", "distilled_test_acc", "agreement", "speedup_batch1", "speedup_batch256"):
+    for key in ("ebm_test_acc", "distilled_test_acc", "agreement", "speedup_batch1", "speedup_batch256",
+                "speedup_batch1_int8", "int8_test_acc", "int8_agreement"):
         assert np.isfinite(printed[key]) and printed[key] > 0
     case = printed["cases"]["deep"]
+    assert case["int8_agreement"] > 0.5 and case["cost"]["student_onnxruntime_int8"]["agreement_with_float_student"] > 0.9
     assert case["ebm_test_acc"] > 0.9 and case["agreement"] > 0.5  # a trained EBM and a student that learned
     assert case["cost"]["student_numpy"]["agrees_with_torch"] == 1.0
     assert set(case["cost"]) == {"numba_fixed_point", "numba_alternating", "torch_fixed_point", "student_torch",
-                                 "student_onnxruntime", "student_numpy"}
+                                 "student_onnxruntime", "student_onnxruntime_int8", "student_numpy"}

@@ -338,5 +338,9 @@ def test_cli_distill_and_baseline_end_to_end(tmp_path, capsys):
         assert f"wrote {onnx_path}" in out and "same prediction on 100.0%" in out
         from distill.onnx_export import OnnxClassifier
         assert OnnxClassifier(onnx_path).metadata["source_content_hash"] == dio.stored_content_hash(source)
+    int8_path = tmp_path / "student-int8.onnx"
+    assert main(["export-onnx", str(student), "--quantize", "int8", "-o", str(int8_path)]) == 0
+    assert f"wrote {int8_path}: distilled model (int8-quantized)" in capsys.readouterr().out
+    assert OnnxClassifier(int8_path).quantization == "int8"
     assert main(["export-onnx", str(NET), "-o", str(tmp_path / "ebm.onnx")]) == 2
     assert "not a static graph" in capsys.readouterr().err and not (tmp_path / "ebm.onnx").exists()

@@ -191,3 +191,36 @@ def test_bad_inputs_are_refused(tmp_path):
         clf((images(4) * 255).astype(np.uint8))
     with pytest.raises(ValueError, match="intra_op_threads"):
         OnnxClassifier(tmp_path / "m.onnx", intra_op_threads=-1)
+
+
+def test_int8_quantization_stays_close_to_the_float_model(tmp_path):
+    """Dynamic int8: logits within the quantization error, the float model's predictions on most inputs, metadata
+    kept and the quantization recorded; a wide model so that the per-tensor scales are realistic."""
+    from distill.onnx_export import quantize_onnx
+
+    module = ClampMLP(sizes=(64, 128, 64, 10), seed=3).eval()
+    float_path = export_onnx(module, tmp_path / "float.onnx", input_shape=64, metadata={"kind": "distilled"})
+    int8_path = quantize_onnx(float_path, tmp_path / "int8.onnx")
+    assert int8_path.stat().st_size < 0.5 * float_path.stat().st_size  # int8 weights
+    x = images(500, n=64, seed=4)
+    reference, quantized = torch_logits(module, x), OnnxClassifier(int8_path)(x).astype(np.float64)
+    error = np.abs(quantized - reference).max()
+    assert 1e-6 < error < 0.05 * np.abs(reference).max()  # it is quantized, and not far off
+    assert np.mean(quantized.argmax(1) == reference.argmax(1)) > 0.95
+    classifier = OnnxClassifier(int8_path)
+    assert classifier.quantization == "int8" and OnnxClassifier(float_path).quantization is None
+    assert classifier.metadata["kind"] == "distilled"
+
+
+def test_quantization_refuses_bad_requests_and_writes_nothing(tmp_path):
+    from distill.onnx_export import quantize_onnx
+
+    float_path = export_onnx(ClampMLP().eval(), tmp_path / "float.onnx", input_shape=20)
+    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
+        quantize_onnx(float_path, tmp_path / "q.onnx", "int4")
+    with pytest.raises(ValueError, match="the source itself"):
+        quantize_onnx(float_path, float_path)
+    (tmp_path / "junk.onnx").write_bytes(b"not onnx")
+    with pytest.raises(OnnxModelError, match="junk.onnx"):
+        quantize_onnx(tmp_path / "junk.onnx", tmp_path / "q.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float.onnx", "junk.onnx"]
