@@ -27,7 +27,6 @@ import functools
 import io
 import math
 import numbers
-import os
 from pathlib import Path
 
 import numpy as np
@@ -184,8 +183,7 @@ def _check_indices(indices, n: int) -> np.ndarray:
 def _as_nhwc(images):
     """images -> (x float32 (N, H, W, C), restore: (N, H, W, C) -> the caller's shape)."""
     x = np.asarray(images)
-    if x.dtype == object or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)) \
-            or x.dtype == bool:
+    if x.dtype == bool or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise ValueError(f"images must be a real float array in [0, 1], got dtype {x.dtype}")
     if x.ndim == 3:
         restore = lambda out: out[..., 0]      # noqa: E731

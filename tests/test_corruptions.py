@@ -17,10 +17,6 @@ from scipy import ndimage
 from distill import corruptions as C
 from distill.corruptions import CIFAR_PARAMETERS, CORRUPTIONS, FAMILIES, corrupt, load_cifar10c
 
-RANDOM = sorted(C._RANDOM)
-DETERMINISTIC = [name for name in CORRUPTIONS if name not in C._RANDOM]
-
-
 # ---------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def digits():
