@@ -357,10 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_hardware_commands(sub) -> None:
     """``ebm hardware ...`` (parsers and work live in hardware.commands; Lava is imported only when they run)."""
-    try:
-        from hardware import commands
-    except ImportError:  # hardware.commands not written yet
-        return
+    from hardware import commands
+
     commands.add_parsers(sub)
 
 
