@@ -4,19 +4,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-
-def wall_times(fn, repeats: int) -> list:
-    """Seconds of ``repeats`` calls of fn() after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+# The timing helpers live in the library (hardware.timing, shared with `ebm hardware compare`). benchmarks/hardware.py
+# has the package's name, so import the package with this folder off the path for a moment.
+_HERE = Path(__file__).resolve().parent
+_SAVED_PATH = list(sys.path)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+try:
+    from hardware.timing import wall_times  # noqa: F401,E402
+finally:
+    sys.path[:] = _SAVED_PATH
 
 
 def run_groups(script: str, groups, arguments: list) -> dict:
