@@ -46,10 +46,10 @@ def cmd_export(args) -> int:
     network = storage.load_network(args.network)
     options = {k: v for k, v in _relaxation_options(args).items() if v is not None}
     if args.kind == "fixed":
-        options.update(frac_bits=args.frac_bits, max_weight_error=args.max_weight_error)
+        options.update(frac_bits=args.frac_bits, max_weight_error=args.max_weight_error, max_zeroed=args.max_zeroed)
         options = {k: v for k, v in options.items() if v is not None}
-    elif args.frac_bits is not None or args.max_weight_error is not None:
-        raise ValueError("--frac-bits and --max-weight-error apply to --kind fixed only")
+    elif any(v is not None for v in (args.frac_bits, args.max_weight_error, args.max_zeroed)):
+        raise ValueError("--frac-bits, --max-weight-error and --max-zeroed apply to --kind fixed only")
     program = to_program(network, args.kind, **options)
     digest = save_program(args.output, program)
     sizes = "-".join(map(str, program.layer_sizes))
@@ -57,7 +57,8 @@ def cmd_export(args) -> int:
           f"{program.num_synapses} synapses in {len(program.connections())} Dense processes), dt {program.dt:g}, "
           f"{program.steps} steps per sample, tol {program.tol:g}, content hash {digest[:12]}")
     if program.kind == "fixed":
-        errors = ", ".join(f"{e:.4f}" for e in program.notes["weight_relative_error"])
+        errors = ", ".join(f"{e:.4f} ({100 * z:.1f}% zeroed)" for e, z in zip(
+            program.notes["weight_relative_error"], program.notes["weights_rounded_to_zero"]))
         print(f"  8-bit weights, scales 2^-p with p = {list(program.weight_bits)}; weight exponents forward "
               f"{list(program.forward_exps)}, backward {list(program.backward_exps)}; states in units 2^-"
               f"{program.frac_bits} (limit {program.notes['frac_bits_limit']}, set by "
@@ -196,6 +197,8 @@ def add_parsers(sub) -> None:
                    help="state fraction bits q (default: the largest safe value, at most 16)")
     p.add_argument("--max-weight-error", type=float, default=None,
                    help="refuse a matrix whose relative 8-bit quantization error exceeds this (default 0.1)")
+    p.add_argument("--max-zeroed", type=float, default=None,
+                   help="refuse a matrix with more than this share of its nonzero weights rounded to 0 (default 0.5)")
     p.add_argument("-o", "--output", required=True, metavar="PROGRAM.h5")
     p.set_defaults(func=cmd_export)
 

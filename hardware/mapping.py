@@ -12,7 +12,8 @@ no accumulator can overflow: W_int s_int below 2^31 (Lava's int32 Dense) and fie
 Refused with ValueError naming the problem: a softmax readout (outside the dynamics), an activation whose slope is
 not a power of two, a network over one Loihi 2 chip's capacity (MAX_UNITS neurons, MAX_SYNAPSES synapses: Intel,
 "Taking Neuromorphic Computing to the Next Level with Loihi 2", technology brief, 2021), and weights that do not
-quantize: a relative error ||W_q - W||_F / ||W||_F above ``max_weight_error``, exponents outside [-7, 7], or
+quantize: a relative error ||W_q - W||_F / ||W||_F above ``max_weight_error``, more than ``max_zeroed`` of the
+nonzero weights rounded to 0 (one large weight sets a scale too coarse for the rest), exponents outside [-7, 7], or
 accumulators that would overflow at 8 fraction bits.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ MAX_SYNAPSES = 120_000_000     # synapses per Loihi 2 chip (same brief: "up to 1
 MAX_FRAC_BITS = 16             # state resolution 2^-16: far finer than the 8-bit weights, and tol 1e-4 is 6.6 units
 MIN_FRAC_BITS = 8
 MAX_WEIGHT_ERROR = 0.1
+MAX_ZEROED = 0.5   # refuse a matrix most of whose nonzero weights round to 0 (trained networks here: 1-7 %)
 
 
 def slope_shift(network: Network) -> int:
@@ -101,6 +103,12 @@ def _relative_error(w: np.ndarray, w_int: np.ndarray, p: int) -> float:
     return 0.0 if norm == 0 else float(np.linalg.norm(w_int * 2.0 ** -p - w) / norm)
 
 
+def _zeroed_fraction(w: np.ndarray, w_int: np.ndarray) -> float:
+    """Share of the nonzero weights that quantize to 0."""
+    nonzero = w != 0
+    return float(np.count_nonzero(nonzero & (w_int == 0)) / max(np.count_nonzero(nonzero), 1))
+
+
 def _dense_list(w_int, shift_in) -> list:
     """(name, matrix (n_target, n_source), target layer index 0..L-1, weight exponent) of every Dense."""
     forward = [(f"W{k}", w, k, shift_in[("f", k)]) for k, w in enumerate(w_int)]
@@ -132,27 +140,29 @@ def _largest_frac_bits(dense, extra, biases) -> tuple[int, str]:
 
 def fixed_program(network: Network, dt: float = DEPLOYED["dt"], steps: int = DEPLOYED["steps"],
                   tol: float = DEPLOYED["tol"], frac_bits: int | None = None,
-                  max_weight_error: float = MAX_WEIGHT_ERROR) -> LavaProgram:
+                  max_weight_error: float = MAX_WEIGHT_ERROR, max_zeroed: float = MAX_ZEROED) -> LavaProgram:
     """The network in fixed point (Lava's ``fixed_pt`` models, bit-accurate Dense): see the module docstring.
 
     frac_bits: q, the state resolution 2^-q (default: the largest safe one, at most 16). dt is rounded to a 12-bit
     mantissa (dt = m / 4096; 1.0 and 0.5 are exact). Raises ValueError for weights that do not quantize."""
     check_mappable(network)
     _check_relaxation(dt, steps, tol)
-    if not (isinstance(max_weight_error, (int, float)) and max_weight_error > 0):
-        raise ValueError(f"max_weight_error must be positive, got {max_weight_error!r}")
+    for name, value in (("max_weight_error", max_weight_error), ("max_zeroed", max_zeroed)):
+        if not (isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"{name} must be positive, got {value!r}")
     num = network.num_layers
     weights = [w.astype(np.float64) for w in network.weights]
     p = [weight_scale_bits(w) for w in weights]
     w_int = [quantize_weights(w, pk) for w, pk in zip(weights, p)]
     errors = [_relative_error(w, wi, pk) for w, wi, pk in zip(weights, w_int, p)]
-    for k, error in enumerate(errors):
-        if error > max_weight_error:
+    zeroed = [_zeroed_fraction(w, wi) for w, wi in zip(weights, w_int)]
+    for k, (error, lost) in enumerate(zip(errors, zeroed)):
+        if error > max_weight_error or lost > max_zeroed:
             w = weights[k]
             spread = float(np.abs(w).max() / max(np.sqrt(np.mean(w ** 2)), 1e-300))
-            raise ValueError(f"W{k} does not quantize to 8-bit weights: relative error {error:.3f} > "
-                             f"{max_weight_error:g}; its largest |weight| is {spread:.0f}x its RMS, so most weights "
-                             f"round to a few levels or to zero")
+            raise ValueError(f"W{k} does not quantize to 8-bit weights: relative error {error:.3f} (limit "
+                             f"{max_weight_error:g}), {100 * lost:.0f}% of its nonzero weights round to 0 (limit "
+                             f"{100 * max_zeroed:.0f}%); its largest |weight| is {spread:.0f}x its RMS")
     # layer k (1-based) hears W_{k-1} (p[k-1]) and, below the output, W_k^T (p[k])
     incoming = [[p[k - 1]] + ([p[k]] if k < num else []) for k in range(1, num + 1)]
     extra = [max(0, max(ps) - WEIGHT_EXP_RANGE[1]) for ps in incoming]
@@ -181,7 +191,7 @@ def fixed_program(network: Network, dt: float = DEPLOYED["dt"], steps: int = DEP
     base = slope_shift(network)
     dt_mantissa = int(round(dt * (1 << DT_BITS)))
     b_int = [np.rint(b * 2.0 ** (q + extra[k])).astype(np.int32) for k, b in enumerate(biases)]
-    notes = {"weight_relative_error": errors, "dt_requested": float(dt),
+    notes = {"weight_relative_error": errors, "weights_rounded_to_zero": zeroed, "dt_requested": float(dt),
              "frac_bits_limit": int(limit), "frac_bits_limited_by": reason}
     return LavaProgram("fixed", tuple(network.layer_sizes), tuple(w_int), tuple(b_int),
                        tuple(base + e for e in extra), dt_mantissa / (1 << DT_BITS), int(steps), float(tol),
@@ -193,7 +203,7 @@ def fixed_program(network: Network, dt: float = DEPLOYED["dt"], steps: int = DEP
 
 def to_program(network: Network, kind: str = "float", **options) -> LavaProgram:
     """``float_program`` or ``fixed_program`` by ``kind`` ("float" | "fixed"); options: dt, steps, tol (and for
-    fixed point frac_bits, max_weight_error)."""
+    fixed point frac_bits, max_weight_error, max_zeroed)."""
     if kind == "float":
         return float_program(network, **options)
     if kind == "fixed":
