@@ -7,16 +7,21 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.ebm-installed
 LAVA_VERSION := 0.10.0
+TORCHATTACKS_VERSION := 3.5.1
+AUTOATTACK_VERSION := 0.2.0
 
 .PHONY: install demo test bench-quick data clean
 
 install: $(STAMP)
 
 # Re-run only when the install inputs change: a second `make test` reinstalls nothing.
-$(STAMP): requirements.txt setup.cfg pyproject.toml hardware/lava_compat.py
+$(STAMP): Makefile requirements.txt setup.cfg pyproject.toml hardware/lava_compat.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade "pip>=23" "setuptools>=68" wheel
 	$(PIP) install -r requirements.txt
+	# torchattacks declares torchvision (GBs of CUDA wheels) and an old requests it never imports; pyautoattack
+	# (the official AutoAttack code) declares nothing: both are installed without dependencies.
+	$(PIP) install --no-deps torchattacks==$(TORCHATTACKS_VERSION) pyautoattack==$(AUTOATTACK_VERSION)
 	# lava-nc declares python<3.11 and numpy<2: install it without its metadata's constraints...
 	$(PIP) install --no-deps --ignore-requires-python lava-nc==$(LAVA_VERSION)
 	# ...and apply the one-line Python 3.11 fix (ByteEncoder must be a frozen dataclass).

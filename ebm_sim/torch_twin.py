@@ -57,6 +57,16 @@ class TorchNetwork:
             return states[-1]
         return torch.addmm(self.readout[1], states[-1], self.readout[0].t())
 
+    def output_field(self, x, states):
+        """Logits that keep a gradient where the output saturates: a h_L = a (W_{L-1} s_{L-1} + b_L), the output
+        layer's field before the clip (s_L = clip(a h_L, 0, 1) at a fixed point, so argmax agrees with s_L's
+        wherever s_L has a unique largest entry); with a readout, the readout logits. x: (B, n_0) (used when
+        L = 1)."""
+        if self.readout is not None:
+            return self.logits(states)
+        below = states[-2] if len(states) > 1 else x.to(self.dtype)
+        return self.slope * torch.addmm(self.biases[-1], below, self.weights[-1].t())
+
 
 def to_torch(network: Network, device="cpu", dtype=None) -> tuple:
     """(weights, biases) of the layers that relax, as lists of tensors on ``device``."""
@@ -160,15 +170,22 @@ def relax(network, x, method: str = "fixed_point", tol: float = 1e-4, max_steps:
     return TorchRelaxResult(states, steps, residual, residual < tol, net.logits(states))
 
 
+LOGITS = ("state", "field")
+
+
 class EBMClassifier(torch.nn.Module):
     """An EBM as a classifier: forward(images in [0, 1], (B, n_0) or (B, ...)) -> logits, by running the deployed
     relaxation (same integrator, step cap, tolerance, zero initial state and clamping as prediction) with autograd
-    through every step (BPTT), so attacks see what is deployed. Logits: the readout's, or the output states s_L."""
+    through every step (BPTT), so attacks see what is deployed. Logits: the readout's; without a readout, the
+    output states s_L (``logits="state"``) or the output field a h_L before the clip (``logits="field"``, see
+    ``TorchNetwork.output_field``: a saturated output unit keeps its gradient, which attacks need)."""
 
     def __init__(self, network: Network, method: str = "fixed_point", max_steps: int = 30, tol: float = 1e-4,
-                 dt: float | None = None, device="cpu"):
+                 dt: float | None = None, device="cpu", logits: str = "state"):
         super().__init__()
-        self.method, self.max_steps, self.tol, self.dt = method, max_steps, tol, dt
+        if logits not in LOGITS:
+            raise ValueError(f"logits must be one of {', '.join(LOGITS)}, got {logits!r}")
+        self.method, self.max_steps, self.tol, self.dt, self.logits = method, max_steps, tol, dt, logits
         self.layer_sizes = network.layer_sizes
         net = TorchNetwork.from_network(network, device)
         self._weights = torch.nn.ParameterList([torch.nn.Parameter(w) for w in net.weights])
@@ -186,7 +203,10 @@ class EBMClassifier(torch.nn.Module):
         return relax(self.twin(), x, self.method, self.tol, self.max_steps, self.dt, differentiable=True)
 
     def forward(self, x):
-        return self.relax(x).logits
+        result = self.relax(x)
+        if self.logits == "state":
+            return result.logits
+        return self.twin().output_field(x.reshape(x.shape[0], -1), result.states)
 
 
 def ep_gradient(network: Network, x, target, config, sign: float = 1.0, device="cpu"):

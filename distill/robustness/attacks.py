@@ -1,0 +1,198 @@
+"""Adversarial attacks on any model of the toolkit: inputs in [0, 1], budgets in pixel space.
+
+    x_adv = craft(source, x, y, AttackSpec("pgd-linf", eps=0.1, steps=40), seed=0)
+
+``source`` is the ``nn.Module`` whose logits (and, for white-box attacks, input gradients) the attack uses: the model
+itself, or for an EBM one of its gradient sources (BPTT, implicit differentiation, its distilled student for a
+transfer attack; see :mod:`distill.robustness.models`). Whether x_adv fools the model is decided by the caller with
+the model's *deployed* prediction.
+
+Attacks (one run, one random start; the evaluation takes the worst case over ``restarts`` seeds):
+  fgsm        x + eps sign(grad CE) (Goodfellow et al. 2015), torchattacks 3.5.1
+  pgd-linf    PGD in the Linf ball, random start, ``steps`` of ``step_size`` (Madry et al. 2018), torchattacks
+  pgd-l2      PGD in the L2 ball (torchattacks PGDL2)
+  autoattack  AutoAttack "standard" (APGD-CE, APGD-T, FAB-T, Square 5000; Croce & Hein 2020), the official code
+              (``pyautoattack`` 0.2.0), norm Linf or L2; ``steps`` (default 100) are the iterations of its APGD and
+              FAB runs and ``queries`` its Square's: anything below 100 / 5000 is a reduced AutoAttack and is
+              labelled so
+  square      Square Attack, Linf, ``queries`` queries (Andriushchenko et al. 2020), score-based black box: it only
+              reads logits (pyautoattack's SquareAttack, p_init 0.8 as in AutoAttack)
+PGD's default step size is 2.5 eps / steps (Madry et al.). Every attack runs under its own seeded torch generator
+state (``torch.random.fork_rng``), so results depend only on ``seed`` and the caller's global RNG is untouched.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass
+
+import torch
+
+ATTACKS = ("fgsm", "pgd-linf", "pgd-l2", "autoattack", "square")
+NORMS = ("Linf", "L2")
+_FIXED_NORM = {"fgsm": "Linf", "pgd-linf": "Linf", "pgd-l2": "L2", "square": "Linf"}
+AUTOATTACK_ITERATIONS, AUTOATTACK_QUERIES = 100, 5000  # the standard version's budget
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack and its full budget.
+
+    name: one of ATTACKS; eps: the budget (Linf or L2 radius in pixel units, images in [0, 1]); steps: PGD
+    iterations; step_size: PGD step (None: 2.5 eps / steps); restarts: random starts (the evaluation keeps the worst
+    case per example); queries: Square's query budget; norm: AutoAttack's norm (the other attacks fix theirs).
+    """
+
+    name: str
+    eps: float
+    steps: int = 0
+    step_size: float | None = None
+    restarts: int = 1
+    queries: int = 5000
+    norm: str = "Linf"
+
+    def __post_init__(self):
+        if self.name not in ATTACKS:
+            raise ValueError(f"unknown attack {self.name!r}; choose one of {', '.join(ATTACKS)}")
+        if not (isinstance(self.eps, numbers.Real) and math.isfinite(self.eps) and self.eps >= 0):
+            raise ValueError(f"{self.name}: eps must be a finite number >= 0, got {self.eps!r}")
+        object.__setattr__(self, "eps", float(self.eps))
+        norm = _FIXED_NORM.get(self.name, self.norm)
+        if norm not in NORMS:
+            raise ValueError(f"{self.name}: norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        object.__setattr__(self, "norm", norm)
+        for name, low in (("steps", 0), ("restarts", 1), ("queries", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"{self.name}: {name} must be an integer >= {low}, got {value!r}")
+        if self.name.startswith("pgd") and self.steps < 1:
+            raise ValueError(f"{self.name}: needs steps >= 1, got {self.steps}")
+        if self.name == "autoattack" and self.steps == 0:
+            object.__setattr__(self, "steps", AUTOATTACK_ITERATIONS)
+        if self.step_size is not None and not (isinstance(self.step_size, numbers.Real)
+                                               and math.isfinite(self.step_size) and self.step_size > 0):
+            raise ValueError(f"{self.name}: step_size must be a positive number or None, got {self.step_size!r}")
+
+    @property
+    def white_box(self) -> bool:
+        """True when the attack uses input gradients (all but Square)."""
+        return self.name != "square"
+
+    @property
+    def alpha(self) -> float:
+        """PGD's step size: step_size, or 2.5 eps / steps."""
+        return float(self.step_size) if self.step_size is not None else 2.5 * self.eps / max(self.steps, 1)
+
+    def as_dict(self) -> dict:
+        """The full budget, as recorded next to every result (step_size resolved for PGD)."""
+        budget = asdict(self)
+        if self.name.startswith("pgd"):
+            budget["step_size"] = self.alpha
+        else:
+            budget.pop("step_size")
+        if self.name not in ("square", "autoattack"):
+            budget.pop("queries")
+        if not (self.name.startswith("pgd") or self.name == "autoattack"):
+            budget.pop("steps")
+        if self.name == "autoattack":
+            budget["version"] = "standard" if self.standard else "standard, reduced budget"
+        return budget
+
+    @property
+    def standard(self) -> bool:
+        """AutoAttack at its standard budget (100 iterations, Square 5000 queries)."""
+        return self.steps >= AUTOATTACK_ITERATIONS and self.queries >= AUTOATTACK_QUERIES
+
+    def describe(self) -> str:
+        """A short human-readable budget, e.g. 'PGD-Linf eps 0.1, 40 steps of 0.00625, 2 restarts'."""
+        label = {"fgsm": "FGSM", "pgd-linf": "PGD-Linf", "pgd-l2": "PGD-L2", "autoattack": f"AutoAttack-{self.norm}",
+                 "square": "Square-Linf"}[self.name]
+        text = f"{label} eps {self.eps:g}"
+        if self.name.startswith("pgd"):
+            text += f", {self.steps} steps of {self.alpha:.3g}"
+        if self.name == "square":
+            text += f", {self.queries} queries"
+        if self.name == "autoattack" and not self.standard:
+            text += f" (reduced: {self.steps} iterations, Square {self.queries} queries)"
+        if self.restarts > 1:
+            text += f", {self.restarts} restarts"
+        return text
+
+
+def craft(source: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, seed: int = 0) -> torch.Tensor:
+    """One run of ``spec`` against ``source``: x (B, ...) images in [0, 1] (Square needs (B, C, H, W)), y (B,) int64
+    labels -> x_adv, same shape, within the eps ball around x and inside [0, 1], detached."""
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"{x.shape[0]} images but {y.shape[0]} labels")
+    if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0 or not bool(torch.isfinite(x).all())):
+        raise ValueError("attack inputs must be finite and lie in [0, 1]")
+    if spec.name == "square" and x.ndim != 4:
+        raise ValueError(f"Square attacks images (B, C, H, W); got shape {tuple(x.shape)}")
+    x, y = x.detach(), y.detach()
+    if spec.eps == 0.0 or x.shape[0] == 0:
+        return x.clone()
+    was_training = source.training
+    source.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            adv = _ATTACK_RUNNERS[spec.name](source, x, y, spec, int(seed))
+    finally:
+        source.train(was_training)
+    return _project(adv.detach().to(x.dtype), x, spec)
+
+
+def _project(adv: torch.Tensor, x: torch.Tensor, spec: AttackSpec) -> torch.Tensor:
+    """Guard against a library's rounding: back into the eps ball around x and into [0, 1]."""
+    delta = adv - x
+    if spec.norm == "Linf":
+        delta = delta.clamp(-spec.eps, spec.eps)
+    else:
+        norms = delta.reshape(delta.shape[0], -1).norm(dim=1).clamp_min(1e-12)
+        factor = torch.clamp(spec.eps / norms, max=1.0).reshape((-1,) + (1,) * (delta.ndim - 1))
+        delta = delta * factor
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def _fgsm(source, x, y, spec, seed):
+    import torchattacks
+    return torchattacks.FGSM(source, eps=spec.eps)(x, y)
+
+
+def _pgd_linf(source, x, y, spec, seed):
+    import torchattacks
+    return torchattacks.PGD(source, eps=spec.eps, alpha=spec.alpha, steps=spec.steps, random_start=True)(x, y)
+
+
+def _pgd_l2(source, x, y, spec, seed):
+    import torchattacks
+    return torchattacks.PGDL2(source, eps=spec.eps, alpha=spec.alpha, steps=spec.steps, random_start=True)(x, y)
+
+
+def _autoattack(source, x, y, spec, seed):
+    from pyautoattack import AutoAttack
+
+    adversary = AutoAttack(source, norm=spec.norm, eps=spec.eps, version="standard", seed=seed, device=x.device)
+    adversary.verbose = False
+    if not spec.standard:
+        for apgd in (adversary.apgd, adversary.apgd_targeted):  # APGD derives its step-size checkpoints from n_iter
+            apgd.n_iter = apgd.n_iter_orig = spec.steps
+            apgd.n_iter_2, apgd.n_iter_min = max(int(0.22 * spec.steps), 1), max(int(0.06 * spec.steps), 1)
+            apgd.size_decr = max(int(0.03 * spec.steps), 1)
+        adversary.fab.n_iter = spec.steps
+        adversary.square.n_queries = spec.queries
+    adv, _ = adversary.run_standard_evaluation(x, y, batch_size=x.shape[0])
+    return adv
+
+
+def _square(source, x, y, spec, seed):
+    from pyautoattack.square import SquareAttack
+
+    attack = SquareAttack(source, norm="Linf", n_queries=spec.queries, eps=spec.eps, p_init=0.8, n_restarts=1,
+                          seed=seed, verbose=False, resc_schedule=False, device=x.device)
+    with torch.no_grad():
+        return attack.perturb(x, y)
+
+
+_ATTACK_RUNNERS = {"fgsm": _fgsm, "pgd-linf": _pgd_linf, "pgd-l2": _pgd_l2, "autoattack": _autoattack,
+                   "square": _square}

@@ -1,0 +1,107 @@
+"""The audit for gradient masking and unsound evaluations, run with every evaluation (DESIGN.md, "Robustness
+protocol"; Carlini et al. 2019, "On Evaluating Adversarial Robustness"; Athalye et al. 2018).
+
+Each check reads the assembled result of one model (``distill.robustness.report.assemble``) and returns
+{"name", "passed", "detail"}; a failed check marks the model's adversarial results as unreliable, and the report
+says which check failed next to the numbers. The checks (tolerance ``slack`` on accuracies, absolute):
+- accuracy falls monotonically with eps (Linf and L2 sweeps), and reaches (almost) 0 at the largest Linf eps;
+- iterative beats single-step: PGD-Linf accuracy <= FGSM accuracy at the same eps, same examples;
+- white-box beats black-box: the white-box worst case (PGD-Linf and AutoAttack) <= Square, same examples;
+- more steps and restarts change little: the audit's stronger PGD lowers accuracy by at most ``slack``;
+- no NaN input gradients, and all-zero input gradients on at most ``max_zero_gradients`` of the examples, for every
+  gradient source;
+- the EBM's gradient sources through the relaxation predict what is deployed (argmax agreement >= 99 %);
+- EBMs: the deployed relaxation converges about as often on adversarial inputs as on clean ones (within 10 points;
+  otherwise the prediction rests on an unfinished relaxation, and implicit gradients are not those of the function
+  deployed). The residuals themselves are reported beside the check.
+"""
+from __future__ import annotations
+
+import math
+
+ATTACK_COLUMNS = ("fgsm", "pgd_linf", "pgd_l2", "autoattack", "square")
+
+
+def _pct(value: float) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f} %"
+
+
+def check_monotone(result: dict, config) -> list:
+    checks = []
+    for norm in ("linf", "l2"):
+        curve = [(point["eps"], point["accuracy"]) for point in result["sweeps"][norm]]
+        rises = [(e0, a0, e1, a1) for (e0, a0), (e1, a1) in zip(curve, curve[1:]) if a1 > a0 + config.slack]
+        detail = ("falls monotonically over eps " + ", ".join(f"{e:g}" for e, _ in curve) if not rises else
+                  "rises with eps: " + "; ".join(f"{_pct(a0)} at {e0:g} -> {_pct(a1)} at {e1:g}"
+                                                 for e0, a0, e1, a1 in rises))
+        checks.append({"name": f"monotone_in_eps_{norm}", "passed": not rises, "detail": detail})
+    eps, acc = result["sweeps"]["linf"][-1]["eps"], result["sweeps"]["linf"][-1]["accuracy"]
+    checks.append({"name": "reaches_zero", "passed": acc <= config.zero_accuracy,
+                   "detail": f"PGD-Linf accuracy {_pct(acc)} at the largest eps {eps:g} (threshold "
+                             f"{_pct(config.zero_accuracy)})"})
+    return checks
+
+
+def check_comparisons(result: dict, config) -> list:
+    checks = []
+    comparisons = result["comparisons"]
+    pair = comparisons.get("fgsm_vs_pgd")
+    if pair:
+        checks.append({"name": "iterative_beats_single_step", "passed": pair["pgd"] <= pair["fgsm"] + config.slack,
+                       "detail": f"PGD-Linf {_pct(pair['pgd'])} vs FGSM {_pct(pair['fgsm'])} at eps {pair['eps']:g} "
+                                 f"on {pair['n']} examples"})
+    pair = comparisons.get("white_vs_black_box")
+    if pair:
+        checks.append({"name": "white_box_beats_black_box",
+                       "passed": pair["white_box"] <= pair["square"] + config.slack,
+                       "detail": f"white-box worst case {_pct(pair['white_box'])} vs Square {_pct(pair['square'])} "
+                                 f"on {pair['n']} examples"})
+    pair = comparisons.get("more_steps_and_restarts")
+    if pair:
+        checks.append({"name": "more_steps_change_little",
+                       "passed": pair["base"] - pair["strong"] <= config.slack,
+                       "detail": f"PGD-Linf {pair['base_budget']}: {_pct(pair['base'])}; {pair['strong_budget']}: "
+                                 f"{_pct(pair['strong'])} on {pair['n']} examples"})
+    return checks
+
+
+def check_gradients(result: dict, config) -> list:
+    checks = []
+    for source, g in sorted(result["gradients"].items()):
+        passed = g["nan_fraction"] == 0 and g["zero_fraction"] <= config.max_zero_gradients
+        checks.append({"name": f"gradients_{source}", "passed": passed,
+                       "detail": f"{source}: NaN on {_pct(g['nan_fraction'])}, all-zero on {_pct(g['zero_fraction'])} "
+                                 f"of {g['n']} clean examples (median L1 norm {g['median_l1']:.3g}"
+                                 + (f"; adjoint iteration converged on {_pct(g['adjoint_converged'])}"
+                                    if "adjoint_converged" in g else "") + ")"})
+        if source in ("bptt", "implicit"):
+            checks.append({"name": f"{source}_predicts_as_deployed", "passed": g["matches_deployed"] >= 0.99,
+                           "detail": f"{source} logits' argmax equals the deployed prediction on "
+                                     f"{_pct(g['matches_deployed'])} of clean examples"})
+    return checks
+
+
+def check_relaxation(result: dict, config) -> list:
+    relaxation = result.get("relaxation")
+    if not relaxation or relaxation.get("adversarial") is None:
+        return []
+    clean, adversarial = relaxation["clean"], relaxation["adversarial"]
+    passed = adversarial["converged_fraction"] >= clean["converged_fraction"] - 0.10
+    return [{"name": "relaxation_converges_on_adversarial_inputs", "passed": passed,
+             "detail": f"converged (residual < tol) on {_pct(clean['converged_fraction'])} of clean and "
+                       f"{_pct(adversarial['converged_fraction'])} of PGD-Linf adversarial inputs; median residual "
+                       f"{clean['median_residual']:.2g} / {adversarial['median_residual']:.2g}, mean steps "
+                       f"{clean['mean_steps']:.1f} / {adversarial['mean_steps']:.1f}"}]
+
+
+AUDIT_CHECKS = (check_monotone, check_comparisons, check_gradients, check_relaxation)
+
+
+def run_audit(result: dict, config) -> dict:
+    """{"passed": all checks passed, "checks": [...], "failed": [names], "verdict": one sentence}."""
+    checks = [check for fn in AUDIT_CHECKS for check in fn(result, config)]
+    failed = [c["name"] for c in checks if not c["passed"]]
+    verdict = ("all audit checks passed" if not failed else
+               "UNRELIABLE: the adversarial results fail the audit (" + "; ".join(
+                   c["detail"] for c in checks if not c["passed"]) + ")")
+    return {"passed": not failed, "checks": checks, "failed": failed, "verdict": verdict}

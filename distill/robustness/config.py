@@ -1,0 +1,107 @@
+"""The budget of a robustness evaluation (every number that determines its result), with per-dataset defaults."""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass, replace
+
+# Budgets in pixel units (images in [0, 1]). (Fashion-)MNIST: Linf 0.1 and L2 1.5 are the usual budgets for 28x28
+# grayscale images (Madry et al. 2018 used Linf 0.3 on MNIST); CIFAR-10: Linf 8/255 and L2 0.5 (RobustBench).
+# The 8x8 digits (64 pixels) get budgets scaled to their size.
+DATASET_BUDGETS = {
+    "digits": {"eps_linf": 0.1, "eps_l2": 0.5, "sweep_linf": (0.0, 0.05, 0.1, 0.2, 0.3),
+               "sweep_l2": (0.0, 0.25, 0.5, 1.0, 2.0)},
+    "fashion-mnist": {"eps_linf": 0.1, "eps_l2": 1.5, "sweep_linf": (0.0, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3),
+                      "sweep_l2": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)},
+    "mnist": {"eps_linf": 0.3, "eps_l2": 2.0, "sweep_linf": (0.0, 0.05, 0.1, 0.2, 0.3, 0.4),
+              "sweep_l2": (0.0, 0.5, 1.0, 2.0, 3.0, 4.0)},
+    "cifar10": {"eps_linf": 8 / 255, "eps_l2": 0.5, "sweep_linf": (0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255, 32 / 255),
+                "sweep_l2": (0.0, 0.25, 0.5, 1.0, 2.0)},
+}
+DATASET_BUDGETS["cifar100"] = DATASET_BUDGETS["cifar10"]
+
+
+@dataclass(frozen=True)
+class RobustnessConfig:
+    """What a robustness evaluation runs.
+
+    eps_linf / eps_l2: the budgets of the table's columns (FGSM, PGD-Linf, AutoAttack, Square at eps_linf; PGD-L2 at
+    eps_l2); sweep_linf / sweep_l2: the eps sweeps (PGD; the table's values are included automatically).
+    pgd_steps, pgd_restarts, pgd_step_size (None: 2.5 eps / steps): PGD's budget. audit_steps, audit_restarts,
+    audit_samples: the stronger PGD of the audit (on the first audit_samples examples). autoattack / square: run them;
+    square_queries: Square's budget (also AutoAttack's Square); autoattack_iterations: AutoAttack's APGD / FAB
+    iterations (standard: 100; fewer, or fewer than 5000 queries, is reported as a reduced AutoAttack). samples: test examples attacked (PGD, FGSM, AutoAttack); square_samples: those
+    for Square (the first ones of the same draw); corruption_samples: test examples corrupted (None: all);
+    corruptions (None: all 15) and severities. seed: draw of the examples and every attack's randomness.
+    batch_size: examples per attacked chunk (the unit of resume). slack: how far (accuracy, absolute) a result may
+    go the wrong way before an audit check fails (e.g. PGD above FGSM by more than slack); zero_accuracy: the
+    largest-eps accuracy at or below which "reaches 0" holds; max_zero_gradients: the largest share of examples
+    with an all-zero input gradient a gradient source may have.
+    """
+
+    eps_linf: float = 0.1
+    eps_l2: float = 1.5
+    sweep_linf: tuple = (0.0, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3)
+    sweep_l2: tuple = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+    pgd_steps: int = 40
+    pgd_restarts: int = 1
+    pgd_step_size: float | None = None
+    audit_steps: int = 100
+    audit_restarts: int = 3
+    audit_samples: int = 200
+    autoattack: bool = True
+    autoattack_iterations: int = 100
+    square: bool = True
+    square_queries: int = 5000
+    samples: int = 1000
+    square_samples: int = 500
+    corruption_samples: int | None = None
+    corruptions: tuple | None = None
+    severities: tuple = (1, 2, 3, 4, 5)
+    seed: int = 0
+    batch_size: int = 250
+    slack: float = 0.02
+    zero_accuracy: float = 0.02
+    max_zero_gradients: float = 0.01
+
+    def __post_init__(self):
+        for name in ("eps_linf", "eps_l2"):
+            value = getattr(self, name)
+            if not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        for name in ("sweep_linf", "sweep_l2"):
+            values = tuple(float(v) for v in getattr(self, name))
+            if any(not math.isfinite(v) or v < 0 for v in values):
+                raise ValueError(f"{name} must hold finite budgets >= 0, got {getattr(self, name)!r}")
+            table = self.eps_linf if name == "sweep_linf" else self.eps_l2
+            object.__setattr__(self, name, tuple(sorted(set(values) | {0.0, float(table)})))
+        for name, low in (("pgd_steps", 1), ("pgd_restarts", 1), ("audit_steps", 1), ("audit_restarts", 1),
+                          ("audit_samples", 1), ("square_queries", 1), ("autoattack_iterations", 1), ("samples", 1), ("square_samples", 1),
+                          ("batch_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.corruption_samples is not None and (isinstance(self.corruption_samples, bool) or not isinstance(
+                self.corruption_samples, numbers.Integral) or self.corruption_samples < 0):
+            raise ValueError(f"corruption_samples must be None (all) or an integer >= 0, got "
+                             f"{self.corruption_samples!r}")
+        if any(s not in (1, 2, 3, 4, 5) for s in self.severities):
+            raise ValueError(f"severities must lie in 1..5, got {self.severities!r}")
+        object.__setattr__(self, "severities", tuple(int(s) for s in self.severities))
+        if self.corruptions is not None:
+            object.__setattr__(self, "corruptions", tuple(self.corruptions))
+        for name in ("slack", "zero_accuracy", "max_zero_gradients"):
+            value = getattr(self, name)
+            if not (isinstance(value, numbers.Real) and 0 <= value <= 1):
+                raise ValueError(f"{name} must be a share in [0, 1], got {value!r}")
+
+    @classmethod
+    def for_dataset(cls, dataset: str, **overrides) -> "RobustnessConfig":
+        """The defaults with the dataset's budgets (DATASET_BUDGETS), then ``overrides``."""
+        return cls(**{**DATASET_BUDGETS.get(dataset, {}), **overrides})
+
+    def with_(self, **changes) -> "RobustnessConfig":
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        return asdict(self)

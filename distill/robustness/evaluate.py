@@ -1,0 +1,335 @@
+"""Run a robustness evaluation: attacks, gradient checks and corruptions on several models, resumable.
+
+    results = evaluate(models, x_test, y_test, image_shape, RobustnessConfig(...), out_dir)
+
+models: ``ModelUnderTest`` objects (``load_model_under_test``); x_test (N, D) float32 in [0, 1] and y_test (N,)
+int64: the test set; image_shape: one sample's shape as the attacks see it ((1, 28, 28), (3, 32, 32), ...).
+
+The examples: one seeded permutation of the test set; the first ``samples`` are attacked (FGSM, PGD, AutoAttack),
+the first ``square_samples`` of them by Square, the first ``audit_samples`` by the audit's stronger PGD and by the
+gradient check, the first ``corruption_samples`` (all by default) are corrupted. An example misclassified clean
+counts as non-robust and is not attacked. For each white-box attack and each gradient source of a model, the
+example stays robust only if the deployed prediction survives every restart; the model's result is the worst case
+over its sources (robust only if robust against all), and each source's own accuracy is kept beside it.
+
+Every chunk of ``batch_size`` examples of every task is written to ``out_dir/parts`` as soon as it is done (see
+:mod:`distill.robustness.store`); running the same evaluation again skips what is there. ``results.json`` in
+``out_dir`` is the assembled result, with table.md and the plots beside it (see :mod:`distill.robustness.report`),
+written atomically at the end.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .attacks import AttackSpec, craft
+from .config import RobustnessConfig
+from .models import EBMUnderTest, ModelUnderTest
+from .store import PartStore, bits, unbits
+
+FORMAT = "ebm-robustness-results"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Task:
+    """One piece of work on one model: kind "attack" (spec, source), "gradients" (source), "corruption" (name,
+    severity); ``group`` names what the result feeds ("fgsm", "pgd-linf", "pgd-l2", "autoattack", "square",
+    "pgd-audit", "gradients", "corruption"); ``subset``: which examples ("samples", "square", "audit",
+    "corruption")."""
+
+    model: str
+    kind: str
+    group: str
+    subset: str
+    spec: AttackSpec | None = None
+    source: str | None = None
+    corruption: str | None = None
+    severity: int | None = None
+
+    def label(self) -> str:
+        if self.kind == "attack":
+            return f"{self.model}: {self.spec.describe()} [{self.source}]"
+        if self.kind == "gradients":
+            return f"{self.model}: input gradients [{self.source}]"
+        return f"{self.model}: {self.corruption} severity {self.severity}"
+
+
+# ---------------------------------------------------------------------------------------------- planning
+def draw_examples(num_test: int, config: RobustnessConfig) -> dict:
+    """The example indices of each subset (see the module docstring), as int64 arrays."""
+    order = np.random.default_rng([config.seed, 2024]).permutation(num_test)
+    samples = order[:min(config.samples, num_test)]
+    corruption = order if config.corruption_samples is None else order[:min(config.corruption_samples, num_test)]
+    return {"samples": samples, "square": order[:min(config.square_samples, num_test)],
+            "audit": samples[:min(config.audit_samples, len(samples))], "corruption": np.sort(corruption)}
+
+
+def attack_sources(model: ModelUnderTest) -> list:
+    return sorted(model.sources)
+
+
+def plan(model: ModelUnderTest, config: RobustnessConfig) -> list:
+    """Every task of one model, cheap ones first."""
+    c = config
+    pgd = dict(steps=c.pgd_steps, restarts=c.pgd_restarts, step_size=c.pgd_step_size)
+    tasks = [Task(model.name, "gradients", "gradients", "audit", source=s) for s in attack_sources(model)]
+    for source in attack_sources(model):
+        tasks.append(Task(model.name, "attack", "fgsm", "samples", AttackSpec("fgsm", c.eps_linf), source))
+        tasks += [Task(model.name, "attack", "pgd-linf", "samples", AttackSpec("pgd-linf", eps, **pgd), source)
+                  for eps in c.sweep_linf if eps > 0]
+        tasks += [Task(model.name, "attack", "pgd-l2", "samples", AttackSpec("pgd-l2", eps, **pgd), source)
+                  for eps in c.sweep_l2 if eps > 0]
+        tasks.append(Task(model.name, "attack", "pgd-audit", "audit",
+                          AttackSpec("pgd-linf", c.eps_linf, c.audit_steps, c.pgd_step_size, c.audit_restarts),
+                          source))
+    if c.autoattack:
+        spec = AttackSpec("autoattack", c.eps_linf, steps=c.autoattack_iterations, queries=c.square_queries)
+        tasks += [Task(model.name, "attack", "autoattack", "samples", spec, source) for source in attack_sources(model)]
+    if c.square:
+        tasks.append(Task(model.name, "attack", "square", "square", AttackSpec("square", c.eps_linf,
+                                                                                queries=c.square_queries),
+                          "black-box"))
+    if c.corruption_samples != 0:
+        from distill.corruptions import CORRUPTIONS
+        for name in (c.corruptions or CORRUPTIONS):
+            tasks += [Task(model.name, "corruption", "corruption", "corruption", corruption=name, severity=s)
+                      for s in c.severities]
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------------- keys
+def fingerprint(*arrays) -> str:
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def model_key(model: ModelUnderTest) -> dict:
+    """What identifies a model's behaviour: its file's content hash, and for an EBM its deployment and student."""
+    key = {"content_hash": model.content_hash, "kind": model.kind}
+    if isinstance(model, EBMUnderTest):
+        key["deployment"] = model.deployment.as_dict()
+        if model.student_path is not None:
+            from distill.io import stored_content_hash
+            key["student"] = stored_content_hash(model.student_path)
+    return key
+
+
+def part_key(task: Task, model: ModelUnderTest, indices: np.ndarray, data_hash: str, config: RobustnessConfig) -> dict:
+    key = {"model": model_key(model), "kind": task.kind, "data": data_hash, "seed": config.seed,
+           "indices": hashlib.sha256(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest(),
+           "image_shape": list(model.image_shape)}
+    if task.spec is not None:
+        key["attack"] = task.spec.as_dict()
+    if task.source is not None:
+        key["source"] = task.source
+    if task.kind == "corruption":
+        key["corruption"] = [task.corruption, task.severity]
+    return key
+
+
+def part_seed(key: dict) -> int:
+    return int(hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8], 16) % (2 ** 31)
+
+
+# ---------------------------------------------------------------------------------------------- running one part
+def _images(x: np.ndarray, image_shape) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32).reshape((len(x),) + tuple(image_shape)))
+
+
+def run_attack(model: ModelUnderTest, task: Task, x: np.ndarray, y: np.ndarray, clean_correct: np.ndarray,
+               seed: int) -> dict:
+    """Attack the clean-correct examples of one chunk; robust flags per example (worst case over restarts, judged by
+    the deployed prediction). For an EBM at the table's PGD-Linf budget also the deployed relaxation's residuals on
+    the adversarial examples."""
+    spec = task.spec
+    source = model.black_box if task.source == "black-box" else model.sources[task.source]
+    robust = clean_correct.copy()
+    attacked = np.flatnonzero(clean_correct)
+    images, labels = _images(x, model.image_shape), torch.from_numpy(np.asarray(y, dtype=np.int64))
+    adversarial = np.array(x, dtype=np.float32, copy=True)
+    for restart in range(spec.restarts):
+        todo = np.flatnonzero(robust)
+        if todo.size == 0:
+            break
+        adv = craft(source, images[todo], labels[todo], spec, seed + 7919 * restart)
+        adv = adv.reshape(len(todo), -1).numpy()
+        adversarial[todo] = adv
+        robust[todo[model.predict(adv) != y[todo]]] = False
+    record = {"robust": bits(robust)}
+    if isinstance(model, EBMUnderTest) and task.group == "pgd-linf" and attacked.size:
+        stats = model.relaxation_stats(adversarial[attacked])
+        record["adversarial_relaxation"] = {"converged": bits(stats["converged"]),
+                                            "residual": [float(r) for r in stats["residual"]],
+                                            "steps": [int(s) for s in stats["steps"]]}
+    return record
+
+
+def run_gradients(model: ModelUnderTest, task: Task, x: np.ndarray, y: np.ndarray) -> dict:
+    """Input gradients of the cross-entropy at clean inputs from one source: NaN / all-zero flags, L1 norms, and
+    whether the source's argmax equals the deployed prediction."""
+    source = model.sources[task.source]
+    images = _images(x, model.image_shape).requires_grad_(True)
+    with torch.enable_grad():
+        logits = source(images)
+        loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(np.asarray(y, dtype=np.int64)),
+                                                 reduction="sum")
+        (grad,) = torch.autograd.grad(loss, images)
+    grad = grad.reshape(len(x), -1)
+    nan = ~torch.isfinite(grad).all(dim=1)
+    zero = (grad == 0).all(dim=1)
+    matches = logits.detach().argmax(1).numpy() == model.predict(x)
+    record = {"nan": bits(nan.numpy()), "zero": bits(zero.numpy()), "matches_deployed": bits(matches),
+              "l1": [float(v) for v in grad.abs().sum(dim=1).nan_to_num(nan=-1.0)]}
+    if hasattr(source, "last_adjoint_converged"):  # implicit differentiation: did the adjoint iteration converge?
+        record["adjoint_converged"] = source.last_adjoint_converged
+    return record
+
+
+def run_corruption(model: ModelUnderTest, task: Task, x: np.ndarray, y: np.ndarray, indices: np.ndarray,
+                   image_shape: tuple, seed: int) -> dict:
+    """Correct flags of the deployed model on the corrupted images (corrupted with their dataset indices)."""
+    from distill.corruptions import corrupt
+    images = to_hwc(x, image_shape)
+    corrupted = corrupt(images, task.corruption, task.severity, seed=seed, indices=indices)
+    flat = from_hwc(corrupted, image_shape).reshape(len(x), -1)
+    return {"correct": bits(model.predict(flat) == y)}
+
+
+def to_hwc(x: np.ndarray, image_shape: tuple) -> np.ndarray:
+    """Flattened images (N, D) -> (N, H, W) grayscale or (N, H, W, C), the layout the corruptions take; image_shape
+    is (H, W), (1, H, W) or channels-first (C, H, W)."""
+    shape = tuple(image_shape)
+    if len(shape) == 2:
+        return x.reshape((len(x),) + shape)
+    if len(shape) == 3 and shape[0] in (1, 3):
+        return np.moveaxis(x.reshape((len(x),) + shape), 1, -1)
+    raise ValueError(f"corruptions need images (H, W) or (C, H, W) with C in {{1, 3}}; got image shape {shape}")
+
+
+def from_hwc(images: np.ndarray, image_shape: tuple) -> np.ndarray:
+    shape = tuple(image_shape)
+    return images.reshape((len(images),) + shape) if len(shape) == 2 else np.moveaxis(images, -1, 1)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def evaluate(models: list, x_test: np.ndarray, y_test: np.ndarray, image_shape: tuple, config: RobustnessConfig,
+             out_dir, *, dataset: str | None = None, progress: bool = True, log=print) -> dict:
+    """Run (or resume) the evaluation of ``models`` and return the assembled results (also written to
+    ``out_dir/results.json``). See the module docstring."""
+    from tqdm import tqdm
+
+    from .report import assemble, write_report
+
+    x_test = np.ascontiguousarray(x_test, dtype=np.float32).reshape(len(x_test), -1)
+    y_test = np.asarray(y_test, dtype=np.int64)
+    if len(x_test) != len(y_test):
+        raise ValueError(f"{len(x_test)} test images but {len(y_test)} labels")
+    if not len(models):
+        raise ValueError("no models to evaluate")
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique, got {names}")
+    for model in models:
+        if model.input_size != x_test.shape[1]:
+            raise ValueError(f"{model.name} takes {model.input_size} inputs but the test images have {x_test.shape[1]}")
+        if int(np.prod(image_shape)) != x_test.shape[1]:
+            raise ValueError(f"image shape {tuple(image_shape)} does not hold {x_test.shape[1]} pixels")
+        model.image_shape = tuple(image_shape)
+    if x_test.size and (x_test.min() < 0 or x_test.max() > 1 or not np.isfinite(x_test).all()):
+        raise ValueError("test images must be finite and lie in [0, 1]")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = PartStore(out_dir / "parts")
+    data_hash = fingerprint(x_test, y_test)
+    draw = draw_examples(len(y_test), config)
+
+    clean = {}
+    for model in models:  # deployed predictions on the whole test set (needed by every attack)
+        key = {"model": model_key(model), "kind": "clean", "data": data_hash}
+        record = store.get(key)
+        if record is None:
+            start = time.perf_counter()
+            record = {"predictions": model.predict(x_test).tolist(), "seconds": time.perf_counter() - start}
+            if isinstance(model, EBMUnderTest):
+                stats = model.relaxation_stats(x_test[draw["samples"]])
+                record["relaxation"] = {"converged": bits(stats["converged"]),
+                                        "residual": [float(r) for r in stats["residual"]],
+                                        "steps": [int(s) for s in stats["steps"]]}
+            store.put(key, record)
+        clean[model.name] = record
+
+    work = []
+    for model in models:
+        for task in plan(model, config):
+            indices = draw[task.subset]
+            step = len(indices) if task.kind == "corruption" else config.batch_size
+            work += [(model, task, indices[a:a + step]) for a in range(0, len(indices), step)]
+    parts = {}
+    todo = []
+    for model, task, chunk in work:
+        key = part_key(task, model, chunk, data_hash, config)
+        record = store.get(key)
+        if record is None:
+            todo.append((model, task, chunk, key))
+        else:
+            parts.setdefault((model.name, task), []).append((chunk, record))
+    if todo:
+        log(f"robustness: {len(work)} parts, {len(work) - len(todo)} already done in {store.directory}, "
+            f"{len(todo)} to run")
+    bar = tqdm(todo, desc="robustness", unit="part", disable=not progress, dynamic_ncols=True)
+    for model, task, chunk, key in bar:
+        bar.set_postfix_str(task.label()[:60], refresh=False)
+        predictions = np.asarray(clean[model.name]["predictions"])
+        x, y = x_test[chunk], y_test[chunk]
+        start = time.perf_counter()
+        if task.kind == "attack":
+            record = run_attack(model, task, x, y, predictions[chunk] == y, part_seed(key))
+        elif task.kind == "gradients":
+            record = run_gradients(model, task, x, y)
+        else:
+            record = run_corruption(model, task, x, y, chunk, image_shape, config.seed)
+        record["seconds"] = time.perf_counter() - start
+        store.put(key, record)
+        parts.setdefault((model.name, task), []).append((chunk, record))
+    bar.close()
+
+    results = assemble(models, parts, clean, draw, y_test, config, dataset=dataset)
+    write_report(results, out_dir)
+    return results
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON-serializable")
+
+
+def flags_of(parts_of_task: list, field: str, indices: np.ndarray) -> np.ndarray:
+    """Per-example flags of one task for ``indices`` (in that order), from its parts."""
+    lookup = {}
+    for chunk, record in parts_of_task:
+        for index, flag in zip(chunk, unbits(record[field])):
+            lookup[int(index)] = bool(flag)
+    return np.array([lookup[int(i)] for i in indices], dtype=bool)

@@ -1,0 +1,231 @@
+"""The models a robustness evaluation attacks, seen alike: what they deploy, and where attack gradients come from.
+
+Every model under test offers
+- ``predict(x)``: the deployed prediction for flattened images x (N, n_0) in [0, 1] -> labels (N,). For an EBM this
+  is the toolkit's simulator (Numba kernels) with the deployed integrator, tolerance and step cap, argmax of s_L (or
+  of its readout): an adversarial example counts only if it fools *this*.
+- ``sources``: {name: nn.Module} whose logits and input gradients white-box attacks use. A feedforward model has
+  one, ``"backprop"`` (itself). An EBM has up to three (DESIGN.md, "Robustness protocol"):
+    ``"bptt"``      backpropagation through every step of the deployed relaxation (``EBMClassifier``),
+    ``"implicit"``  implicit differentiation at the fixed point (``ImplicitEBM``),
+    ``"transfer"``  its distilled student: adversarial examples crafted on it, judged on the EBM;
+  per example the worst case over the sources counts.
+  Logits of the EBM sources are the output field a h_L before the clip (or the readout's), so a saturated output
+  unit keeps its gradient; their argmax equals the deployed argmax s_L wherever s_L has a unique largest entry.
+- ``black_box``: a module that only answers queries (logits of the deployed fixed point), for Square.
+- ``relaxation_stats(x)`` (EBMs): residuals, convergence and steps of the deployed relaxation, for the audit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ebm_sim import storage
+
+EBM_GRADIENTS = ("bptt", "implicit", "transfer")
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """How an EBM predicts: its free phase's integrator, tolerance and step cap (zero initial state, input clamped).
+
+    ``Deployment.of_network_file(path)`` reads them from the training configuration stored with a trained network
+    (method, tol, free_steps, dt); an untrained network gets the defaults below."""
+
+    method: str = "fixed_point"
+    tol: float = 1e-4
+    max_steps: int = 30
+    dt: float | None = None
+
+    def __post_init__(self):
+        from ebm_sim import torch_twin
+        if self.method not in torch_twin.TWIN_METHODS:
+            raise ValueError(f"an EBM is attacked through its Torch twin, which relaxes with "
+                             f"{', '.join(torch_twin.TWIN_METHODS)}; the deployment method {self.method!r} is not one")
+        if not (isinstance(self.tol, (int, float)) and math.isfinite(self.tol) and self.tol >= 0):
+            raise ValueError(f"deployment tol must be a finite number >= 0, got {self.tol!r}")
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1:
+            raise ValueError(f"deployment max_steps must be an integer >= 1, got {self.max_steps!r}")
+
+    @classmethod
+    def of_network_file(cls, path) -> "Deployment":
+        config = storage.artifact_info(path)["summary"].get("extra", {}).get("config") or {}
+        if not config:
+            return cls()
+        return cls(method=config.get("method", "fixed_point"), tol=float(config.get("tol", 1e-4)),
+                   max_steps=int(config.get("free_steps", 30)), dt=config.get("dt"))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _batches(n: int, size: int):
+    return ((start, min(start + size, n)) for start in range(0, n, size))
+
+
+class ModelUnderTest:
+    """Common part: name, kind ("ebm", "distilled", "standard", "pgd-at"), the file and its content hash, the
+    input size, and ``image_shape`` (the per-sample shape attacks see, e.g. (1, 28, 28))."""
+
+    kind: str
+    sources: dict
+    black_box: torch.nn.Module
+
+    def __init__(self, name: str, path):
+        self.name = name
+        self.path = Path(path)
+        self.content_hash = storage.artifact_info(path)["content_hash"]
+
+    def _set_image_shape(self, image_shape, input_size: int) -> None:
+        shape = (input_size,) if image_shape is None else tuple(int(n) for n in image_shape)
+        if int(np.prod(shape)) != input_size:
+            raise ValueError(f"{self.name}: image shape {shape} has {int(np.prod(shape))} pixels but the model takes "
+                             f"{input_size} inputs")
+        self.image_shape = shape
+        self.input_size = input_size
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What the report records about the model."""
+        return {"name": self.name, "kind": self.kind, "file": str(self.path), "content_hash": self.content_hash,
+                "gradient_sources": sorted(self.sources)}
+
+
+class FeedForwardUnderTest(ModelUnderTest):
+    """A distilled student or a baseline (``distill.models.FeedForward``): deployed and attacked as itself."""
+
+    def __init__(self, name: str, path, image_shape: tuple | None = None, batch_size: int = 4096):
+        from distill.io import load_model
+        super().__init__(name, path)
+        self.model = load_model(path)
+        self._set_image_shape(image_shape, self.model.layer_sizes[0])
+        self.kind = self.model.provenance.kind
+        self.sources = {"backprop": self.model}
+        self.black_box = self.model
+        self.batch_size = batch_size
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+        with torch.no_grad():
+            return np.concatenate([self.model(torch.from_numpy(x[a:b])).argmax(1).numpy()
+                                   for a, b in _batches(len(x), self.batch_size)] or [np.zeros(0, np.int64)])
+
+
+class EBMUnderTest(ModelUnderTest):
+    """An EBM network file: deployed with the Numba simulator at ``deployment``; attacked through the sources in
+    ``gradients`` (see the module docstring); ``student``: the path of its distilled student for "transfer"."""
+
+    kind = "ebm"
+
+    def __init__(self, name: str, path, image_shape: tuple | None = None, deployment: Deployment | None = None,
+                 student=None, gradients=None, batch_size: int = 1024):
+        from ebm_sim import torch_twin
+
+        from .implicit import ImplicitEBM
+        super().__init__(name, path)
+        self.network = storage.load_network(path)
+        self._set_image_shape(image_shape, self.network.layer_sizes[0])
+        self.deployment = deployment or Deployment.of_network_file(path)
+        gradients = tuple(gradients) if gradients is not None else (
+            ("bptt", "implicit") + (("transfer",) if student is not None else ()))
+        unknown = [g for g in gradients if g not in EBM_GRADIENTS]
+        if unknown or not gradients:
+            raise ValueError(f"EBM gradient sources must be some of {', '.join(EBM_GRADIENTS)}, got {list(gradients)}")
+        if "transfer" in gradients and student is None:
+            raise ValueError(f"{name}: the transfer attack needs the EBM's distilled student (a student file)")
+        d = self.deployment
+        sources = {}
+        if "bptt" in gradients:
+            sources["bptt"] = torch_twin.EBMClassifier(self.network, d.method, d.max_steps, d.tol, d.dt,
+                                                       logits="field").eval()
+        implicit = ImplicitEBM(self.network, d.method, d.max_steps, d.tol, d.dt).eval()
+        if "implicit" in gradients:
+            sources["implicit"] = implicit
+        self.student_path = None
+        if "transfer" in gradients:
+            sources["transfer"] = self._load_student(student)
+        self.sources = sources
+        self.batch_size = batch_size
+        self.black_box = DeployedLogits(self)
+
+    def _load_student(self, student) -> torch.nn.Module:
+        from distill.io import load_model
+        model = load_model(student)
+        record = model.provenance
+        if record.kind != "distilled" or record.network_hash != self.network.content_hash():
+            raise ValueError(f"{student} is not a student distilled from {self.path} (kind {record.kind!r}, network "
+                             f"hash {str(record.network_hash)[:12]} vs {self.network.content_hash()[:12]}): the "
+                             f"transfer attack uses the EBM's own distilled student")
+        self.student_path = Path(student)
+        return model
+
+    def _relax(self, x: np.ndarray):
+        from ebm_sim.relax import relax
+        d = self.deployment
+        x = np.asarray(x, dtype=self.network.dtype).reshape(len(x), -1)
+        return [relax(self.network, x[a:b], method=d.method, tol=d.tol, max_steps=d.max_steps, dt=d.dt,
+                      on_divergence="flag") for a, b in _batches(len(x), self.batch_size)]
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        results = self._relax(x)
+        return np.concatenate([r.predictions() for r in results]) if results else np.zeros(0, np.int64)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Logits of the deployed relaxation (Numba): the readout's, or the output field a (W_{L-1} s_{L-1} + b_L)
+        (the sources' convention, see the module docstring); (N, C) float32."""
+        network = self.network
+        x = np.asarray(x, dtype=network.dtype).reshape(len(x), -1)
+        out = []
+        for (a, b), result in zip(_batches(len(x), self.batch_size), self._relax(x)):
+            if "logits" in result.extras:
+                out.append(result.extras["logits"])
+                continue
+            below = result.states[-2] if len(result.states) > 1 else x[a:b]
+            out.append(network.slope * (below @ network.weights[-1].T + network.biases[-1]))
+        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, network.layer_sizes[-1]), np.float32)
+
+    def relaxation_stats(self, x: np.ndarray) -> dict:
+        """Of the deployed relaxation on x: {"residual", "converged", "steps"} per sample (numpy arrays)."""
+        results = self._relax(x)
+        return {key: np.concatenate([getattr(r, attr) for r in results])
+                for key, attr in (("residual", "residual"), ("converged", "converged"), ("steps", "steps"))}
+
+    def describe(self) -> dict:
+        return {**super().describe(), "deployment": self.deployment.as_dict(),
+                "student": None if self.student_path is None else str(self.student_path)}
+
+
+class DeployedLogits(torch.nn.Module):
+    """The deployed EBM as a query-only module (for score-based black-box attacks): forward(images) -> logits from the
+    Numba relaxation (``EBMUnderTest.logits``); no gradients."""
+
+    def __init__(self, model: EBMUnderTest):
+        super().__init__()
+        self._model = model
+
+    def forward(self, x):
+        logits = self._model.logits(x.detach().reshape(x.shape[0], -1).cpu().numpy())
+        return torch.from_numpy(logits).to(x.device)
+
+
+def load_model_under_test(path, name: str | None = None, image_shape: tuple | None = None, *, student=None,
+                          deployment: Deployment | None = None, gradients=None) -> ModelUnderTest:
+    """A model file (ebm-network or ebm-feedforward) ready for evaluation. name: its label in the report (default:
+    the file's stem); image_shape: per-sample shape for the attacks (default: (n_0,)); student, deployment,
+    gradients: EBM options (see EBMUnderTest)."""
+    from distill.io import artifact_format
+    path = Path(path)
+    fmt = artifact_format(path)
+    name = name or path.stem
+    if fmt == "ebm-network":
+        return EBMUnderTest(name, path, image_shape, deployment, student, gradients)
+    if student is not None or deployment is not None or gradients is not None:
+        raise ValueError(f"{path} is a feedforward model ({fmt}): student, deployment and gradient sources apply to "
+                         f"EBM network files only")
+    return FeedForwardUnderTest(name, path, image_shape)

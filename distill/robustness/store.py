@@ -1,0 +1,57 @@
+"""Finished pieces of an evaluation on disk, so that an interrupted evaluation resumes where it stopped.
+
+A part is one chunk of one task (an attack, a gradient check, a corruption) on one model, stored as a JSON file
+``<directory>/<sha256 of its key>.json`` = {"key": {...}, "record": {...}}. The key holds everything that determines
+the result (model and student hashes, deployment, the attack's full budget, the gradient source, the example indices,
+the seed, the data's fingerprint), so a part is reused only for exactly the same work; files are written atomically
+(temporary file + rename), so an interruption never leaves a half-written part.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+class PartStore:
+    """get(key) -> record or None; put(key, record). Keys and records are JSON-serializable dicts."""
+
+    def __init__(self, directory):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: dict) -> Path:
+        return self.directory / f"{hashlib.sha256(_canonical(key).encode()).hexdigest()[:32]}.json"
+
+    def get(self, key: dict):
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None  # unreadable: recompute it
+        if _canonical(stored.get("key")) != _canonical(key):
+            return None
+        return stored.get("record")
+
+    def put(self, key: dict, record: dict) -> None:
+        path = self.path(key)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(_canonical({"key": key, "record": record}))
+        os.replace(tmp, path)
+
+
+def bits(flags) -> str:
+    """A boolean array as a string of '0' and '1' (compact, readable JSON)."""
+    return "".join("1" if f else "0" for f in flags)
+
+
+def unbits(text: str):
+    import numpy as np
+    return np.frombuffer(text.encode(), dtype=np.uint8) == ord("1")
