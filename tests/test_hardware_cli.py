@@ -127,3 +127,17 @@ def test_compare_writes_a_table_json_and_chart(tmp_path, capsys, student):
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*tmp*"))
     assert np.isfinite(rows["student_onnxruntime_cpu"]["accuracy"])
+
+
+def test_targets_of_a_network_that_does_not_quantize_are_listed_as_not_measured(tmp_path):
+    from hardware.targets import CompareSpec, measure
+
+    net = Network.init((64, 16, 10), seed=0)
+    w = np.full_like(net.weights[0], 1e-4)
+    w[0, 0] = 1.0  # one large weight: the others round to 0 at 8 bits
+    path = tmp_path / "outlier.h5"
+    storage.save_network(path, Network([w, net.weights[1]], net.biases))
+    spec = CompareSpec(network=str(path), dataset="digits", limit=20)
+    for name in ("lava_fixed", "loihi_estimate"):
+        row = measure(name, spec)
+        assert not row["measured"] and "does not quantize" in row["reason"]
