@@ -172,3 +172,49 @@ def run_export_onnx(model_path, out, *, quantize: str | None = None, check_sampl
     return {"path": str(out), "source": str(model_path), "kind": record.kind, "layer_sizes": list(model.layer_sizes),
             "quantization": quantize or "none", "max_abs_difference": difference, "prediction_agreement": agreement,
             "samples": check_samples}
+
+
+def parse_model_argument(text: str) -> tuple:
+    """``NAME=PATH`` or ``PATH`` (name: the file's stem) -> (name, Path)."""
+    name, sep, path = text.partition("=")
+    if not sep:
+        name, path = Path(text).stem, text
+    if not name or not path:
+        raise ValueError(f"a model is PATH or NAME=PATH, got {text!r}")
+    return name, Path(path)
+
+
+def run_robustness(model_arguments, dataset: str, out_dir, *, data_dir=None, student=None, ebm_gradients=None,
+                   progress: bool = True, log=print, **config) -> dict:
+    """``ebm robustness``: evaluate the models (``NAME=PATH`` or ``PATH``; EBM networks and feedforward files) on the
+    test split of ``dataset``. student: the EBMs' distilled student (transfer attack); ebm_gradients: EBM gradient
+    sources; config: RobustnessConfig fields over the dataset's default budgets. Writes results.json, table.md,
+    sweeps.png, corruptions.png into out_dir (resumable: parts/). Returns {"results", "paths", "seconds"}."""
+    from ebm_sim import datasets
+
+    from .io import artifact_format
+    from .robustness import RobustnessConfig, evaluate, load_model_under_test
+    from .robustness.report import report_files
+
+    start = time.time()
+    cfg = RobustnessConfig.for_dataset(dataset, **{k: v for k, v in config.items() if v is not None})
+    parsed = [parse_model_argument(a) for a in model_arguments]
+    if not parsed:
+        raise ValueError("name at least one model file to evaluate")
+    for _, path in parsed:
+        if not path.is_file():
+            raise FileNotFoundError(f"no such model file: {path}")
+    data = datasets.load_dataset(dataset, data_dir)
+    image_shape = data.image_shape if len(data.image_shape) == 3 else (1,) + tuple(data.image_shape)
+    models = []
+    for name, path in parsed:
+        ebm = artifact_format(path) == "ebm-network"
+        models.append(load_model_under_test(path, name, image_shape, student=student if ebm else None,
+                                            gradients=ebm_gradients if ebm else None))
+    out_dir = Path(out_dir)
+    log(f"evaluating {', '.join(m.name for m in models)} on {data.name} ({len(data.y_test)} test images): "
+        f"Linf eps {cfg.eps_linf:g}, L2 eps {cfg.eps_l2:g}, {cfg.samples} attacked, results in {out_dir}")
+    results = evaluate(models, data.x_test, data.y_test, image_shape, cfg, out_dir, dataset=data.name,
+                       progress=progress, log=log)
+    return {"results": results, "paths": {k: str(v) for k, v in report_files(out_dir).items()},
+            "seconds": time.time() - start}

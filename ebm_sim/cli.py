@@ -169,6 +169,96 @@ def cmd_baseline(args) -> int:
     return 0
 
 
+def _names(text: str) -> tuple:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def cmd_robustness(args) -> int:
+    from distill.commands import run_robustness
+    from distill.robustness.report import markdown_table
+
+    options = {name: getattr(args, name) for name in (
+        "eps_linf", "eps_l2", "sweep_linf", "sweep_l2", "pgd_steps", "pgd_restarts", "audit_steps", "audit_restarts",
+        "audit_samples", "samples", "square_samples", "square_queries", "autoattack_iterations", "corruption_samples",
+        "corruptions", "seed", "batch_size")}
+    if args.no_autoattack:
+        options["autoattack"] = False
+    if args.no_square:
+        options["square"] = False
+    if args.no_corruptions:
+        options["corruption_samples"] = 0
+    summary = run_robustness(args.models, args.dataset, args.out_dir, data_dir=args.data_dir, student=args.student,
+                             ebm_gradients=args.ebm_gradients, progress=not args.no_progress,
+                             log=lambda msg: print(msg, flush=True), **options)
+    table = markdown_table(summary["results"])
+    print(table.split("\n## Budgets")[0].rstrip())
+    for name, result in summary["results"]["models"].items():
+        print(f"{name}: audit {'passed' if result['audit']['passed'] else result['audit']['verdict']}")
+    print(f"wrote {', '.join(summary['paths'].values())} in {summary['seconds'] / 60:.1f} min")
+    return 0
+
+
+def _add_robustness_command(sub) -> None:
+    """``ebm robustness`` (the work is in distill.commands.run_robustness)."""
+    from distill.robustness.config import DATASET_BUDGETS, EBM_GRADIENTS, RobustnessConfig
+
+    from .datasets import DATASET_NAMES
+
+    d = RobustnessConfig()
+
+    def floats(text):
+        try:
+            return tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+    p = sub.add_parser("robustness", help="attack and corrupt models; audit the evaluation for gradient masking",
+                       description="Evaluate EBMs, distilled students and baselines on a dataset's test split: FGSM, "
+                                   "PGD Linf/L2 with eps sweeps, AutoAttack (standard), Square (black box), the 15 "
+                                   "CIFAR-10-C corruptions at 5 severities, and an audit for gradient masking. An "
+                                   "EBM is attacked through BPTT over its deployed relaxation, implicit "
+                                   "differentiation and (with --student) transfer from its student; per example the "
+                                   "worst case counts. Writes results.json, table.md, sweeps.png, corruptions.png; "
+                                   "resumable (re-run the same command).",
+                       epilog="Default budgets per dataset (pixel units): " + "; ".join(
+                           f"{k}: Linf {v['eps_linf']:.3g}, L2 {v['eps_l2']:g}" for k, v in DATASET_BUDGETS.items()))
+    p.add_argument("models", nargs="+", metavar="[NAME=]MODEL.h5",
+                   help="ebm-network or ebm-feedforward files, optionally named (e.g. EBM=net.h5)")
+    p.add_argument("--dataset", required=True, metavar="NAME", help=f"one of {', '.join(DATASET_NAMES)}")
+    p.add_argument("--data-dir", metavar="DIR", default=None, help="folder with the dataset files")
+    p.add_argument("--student", metavar="STUDENT.h5", default=None,
+                   help="the EBMs' distilled student: adds the transfer attack to their gradient sources")
+    p.add_argument("--ebm-gradients", type=_names, default=None, metavar="G[,G...]",
+                   help=f"EBM gradient sources among {', '.join(EBM_GRADIENTS)} (default: bptt,implicit and "
+                        f"transfer with --student)")
+    p.add_argument("--out-dir", required=True, metavar="DIR", help="where the report and its resumable parts go")
+    p.add_argument("--eps-linf", type=float, default=None, help="Linf budget (default: the dataset's)")
+    p.add_argument("--eps-l2", type=float, default=None, help="L2 budget (default: the dataset's)")
+    p.add_argument("--sweep-linf", type=floats, default=None, metavar="E,E,...", help="Linf eps sweep")
+    p.add_argument("--sweep-l2", type=floats, default=None, metavar="E,E,...", help="L2 eps sweep")
+    p.add_argument("--samples", type=int, default=None, help=f"test images attacked (default {d.samples})")
+    p.add_argument("--square-samples", type=int, default=None, help=f"default {d.square_samples}")
+    p.add_argument("--audit-samples", type=int, default=None, help=f"default {d.audit_samples}")
+    p.add_argument("--corruption-samples", type=int, default=None, help="test images corrupted (default: all)")
+    p.add_argument("--corruptions", type=_names, default=None, metavar="NAME[,NAME...]",
+                   help="corruptions to run (default: all 15)")
+    p.add_argument("--pgd-steps", type=int, default=None, help=f"default {d.pgd_steps}")
+    p.add_argument("--pgd-restarts", type=int, default=None, help=f"default {d.pgd_restarts}")
+    p.add_argument("--audit-steps", type=int, default=None, help=f"the audit's stronger PGD (default {d.audit_steps})")
+    p.add_argument("--audit-restarts", type=int, default=None, help=f"default {d.audit_restarts}")
+    p.add_argument("--square-queries", type=int, default=None, help=f"default {d.square_queries}")
+    p.add_argument("--autoattack-iterations", type=int, default=None,
+                   help=f"AutoAttack's APGD/FAB iterations (default {d.autoattack_iterations}; fewer is reported as "
+                        f"a reduced AutoAttack)")
+    p.add_argument("--no-autoattack", action="store_true")
+    p.add_argument("--no-square", action="store_true")
+    p.add_argument("--no-corruptions", action="store_true")
+    p.add_argument("--seed", type=int, default=None, help="draw of the examples and the attacks' randomness")
+    p.add_argument("--batch-size", type=int, default=None, help=f"examples per chunk (default {d.batch_size})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_robustness)
+
+
 def _add_distill_commands(sub) -> None:
     """``ebm distill`` and ``ebm baseline`` (the work is in distill.commands; torch is imported only when they run)."""
     from distill.config import BASELINE_KINDS, OUTPUT_TARGETS, SCHEDULES, BaselineConfig, DistillConfig
@@ -351,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="runs/demo", metavar="DIR", help="where to write (default runs/demo)")
     p.set_defaults(func=cmd_demo)
     _add_distill_commands(sub)
+    _add_robustness_command(sub)
     _add_hardware_commands(sub)
     return parser
 

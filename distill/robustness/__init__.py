@@ -6,12 +6,20 @@ attack, natural corruptions (distill.corruptions), and an audit for gradient mas
     models = [load_model_under_test("net.h5", "EBM", student="student.h5"), load_model_under_test("pgd.h5")]
     results = evaluate(models, data.x_test, data.y_test, (1, 28, 28), RobustnessConfig.for_dataset(data.name),
                        "runs/robustness", dataset=data.name)
-"""
-from .attacks import ATTACKS, AttackSpec, craft
-from .config import DATASET_BUDGETS, RobustnessConfig
-from .evaluate import evaluate
-from .implicit import ImplicitEBM
-from .models import Deployment, EBMUnderTest, FeedForwardUnderTest, load_model_under_test
 
-__all__ = ["ATTACKS", "AttackSpec", "craft", "DATASET_BUDGETS", "RobustnessConfig", "evaluate", "ImplicitEBM",
-           "Deployment", "EBMUnderTest", "FeedForwardUnderTest", "load_model_under_test"]
+Names are imported lazily (torch loads only when an attack or model is used, not for ``ebm --help``).
+"""
+import importlib
+
+_EXPORTS = {"ATTACKS": "attacks", "AttackSpec": "attacks", "craft": "attacks",
+            "DATASET_BUDGETS": "config", "RobustnessConfig": "config", "evaluate": "evaluation",
+            "ImplicitEBM": "implicit", "Deployment": "models", "EBMUnderTest": "models",
+            "FeedForwardUnderTest": "models", "ModuleUnderTest": "models", "load_model_under_test": "models",
+            "run_audit": "audit", "write_report": "report", "markdown_table": "report"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -134,7 +134,7 @@ def craft(source: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, spec: Attac
     was_training = source.training
     source.eval()
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():  # (a caller's no_grad would blind the attack)
             torch.manual_seed(int(seed))
             adv = _ATTACK_RUNNERS[spec.name](source, x, y, spec, int(seed))
     finally:

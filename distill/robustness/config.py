@@ -5,6 +5,8 @@ import math
 import numbers
 from dataclasses import asdict, dataclass, replace
 
+EBM_GRADIENTS = ("bptt", "implicit", "transfer")  # an EBM's gradient sources (see distill.robustness.models)
+
 # Budgets in pixel units (images in [0, 1]). (Fashion-)MNIST: Linf 0.1 and L2 1.5 are the usual budgets for 28x28
 # grayscale images (Madry et al. 2018 used Linf 0.3 on MNIST); CIFAR-10: Linf 8/255 and L2 0.5 (RobustBench).
 # The 8x8 digits (64 pixels) get budgets scaled to their size.

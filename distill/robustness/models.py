@@ -13,6 +13,8 @@ Every model under test offers
   Logits of the EBM sources are the output field a h_L before the clip (or the readout's), so a saturated output
   unit keeps its gradient; their argmax equals the deployed argmax s_L wherever s_L has a unique largest entry.
 - ``black_box``: a module that only answers queries (logits of the deployed fixed point), for Square.
+``ModuleUnderTest`` wraps any torch classifier the same way (a user's own model); ``FeedForwardUnderTest`` the
+toolkit's students and baselines, ``EBMUnderTest`` an EBM network file.
 - ``relaxation_stats(x)`` (EBMs): residuals, convergence and steps of the deployed relaxation, for the audit.
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 
 from ebm_sim import storage
 
-EBM_GRADIENTS = ("bptt", "implicit", "transfer")
+from .config import EBM_GRADIENTS
 
 
 @dataclass(frozen=True)
@@ -93,28 +95,54 @@ class ModelUnderTest:
 
     def describe(self) -> dict:
         """What the report records about the model."""
-        return {"name": self.name, "kind": self.kind, "file": str(self.path), "content_hash": self.content_hash,
-                "gradient_sources": sorted(self.sources)}
+        return {"name": self.name, "kind": self.kind, "file": None if self.path is None else str(self.path),
+                "content_hash": self.content_hash, "gradient_sources": sorted(self.sources)}
 
 
-class FeedForwardUnderTest(ModelUnderTest):
-    """A distilled student or a baseline (``distill.models.FeedForward``): deployed and attacked as itself."""
+class ModuleUnderTest(ModelUnderTest):
+    """Any torch classifier (images in [0, 1] -> logits), deployed and attacked as itself: ``module`` in eval mode,
+    its one gradient source "backprop". content_hash: what identifies it in resumable results (default: SHA-256 of
+    its state_dict)."""
 
-    def __init__(self, name: str, path, image_shape: tuple | None = None, batch_size: int = 4096):
-        from distill.io import load_model
-        super().__init__(name, path)
-        self.model = load_model(path)
-        self._set_image_shape(image_shape, self.model.layer_sizes[0])
-        self.kind = self.model.provenance.kind
+    def __init__(self, name: str, module: torch.nn.Module, input_size: int, image_shape: tuple | None = None,
+                 kind: str = "custom", content_hash: str | None = None, batch_size: int = 4096):
+        self.name, self.path = name, None
+        self.model = module.eval()
+        self.kind = kind
+        self.content_hash = content_hash or state_hash(module)
+        self._set_image_shape(image_shape, int(input_size))
         self.sources = {"backprop": self.model}
         self.black_box = self.model
         self.batch_size = batch_size
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape((len(x),) + self.image_shape)
         with torch.no_grad():
             return np.concatenate([self.model(torch.from_numpy(x[a:b])).argmax(1).numpy()
                                    for a, b in _batches(len(x), self.batch_size)] or [np.zeros(0, np.int64)])
+
+
+def state_hash(module: torch.nn.Module) -> str:
+    """SHA-256 over a module's class name and state_dict (names, shapes, dtypes, bytes)."""
+    import hashlib
+    digest = hashlib.sha256(type(module).__name__.encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        array = tensor.detach().cpu().contiguous().numpy()
+        digest.update(f"{name}{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+class FeedForwardUnderTest(ModuleUnderTest):
+    """A distilled student or a baseline (``distill.models.FeedForward``) from its file: deployed and attacked as
+    itself."""
+
+    def __init__(self, name: str, path, image_shape: tuple | None = None, batch_size: int = 4096):
+        from distill.io import load_model
+        model = load_model(path)
+        super().__init__(name, model, model.layer_sizes[0], image_shape, model.provenance.kind,
+                         storage.artifact_info(path)["content_hash"], batch_size)
+        self.path = Path(path)
 
 
 class EBMUnderTest(ModelUnderTest):

@@ -43,7 +43,7 @@ def _tasks_of(parts: dict, model: str, group: str, eps: float | None = None) -> 
 
 
 def _flags(items, field, indices):
-    from .evaluate import flags_of
+    from .evaluation import flags_of
     return flags_of(items, field, indices)
 
 
@@ -177,7 +177,7 @@ def _budget_text(budget: dict) -> str:
 
 
 def assemble(models, parts: dict, clean: dict, draw: dict, y_test: np.ndarray, config, dataset=None) -> dict:
-    from .evaluate import FORMAT, FORMAT_VERSION
+    from .evaluation import FORMAT, FORMAT_VERSION
     results = {"format": FORMAT, "version": FORMAT_VERSION, "dataset": dataset, "config": config.as_dict(),
                "examples": {subset: int(len(indices)) for subset, indices in draw.items()},
                "models": {m.name: assemble_model(m, parts, clean[m.name], draw, y_test, config) for m in models}}
@@ -332,19 +332,28 @@ def _save(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
+REPORT_FILES = {"json": "results.json", "table": "table.md", "sweeps": "sweeps.png", "corruptions": "corruptions.png"}
+
+
+def report_files(out_dir) -> dict:
+    """{kind: path} of the report files present in ``out_dir``."""
+    return {kind: Path(out_dir) / name for kind, name in REPORT_FILES.items() if (Path(out_dir) / name).exists()}
+
+
 def write_report(results: dict, out_dir) -> dict:
     """results.json, table.md, sweeps.png and corruptions.png (when corruptions ran) in ``out_dir``; returns their
     paths."""
-    from .evaluate import write_json
+    from .evaluation import write_json
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "results.json", "table": out_dir / "table.md", "sweeps": out_dir / "sweeps.png"}
+    paths = {kind: out_dir / REPORT_FILES[kind] for kind in ("json", "table", "sweeps")}
+    (out_dir / REPORT_FILES["corruptions"]).unlink(missing_ok=True)  # a stale one from an earlier configuration
     write_json(paths["json"], results)
     tmp = out_dir / f".table.md.{id(results)}.tmp"
     tmp.write_text(markdown_table(results))
     tmp.replace(paths["table"])
     plot_sweeps(results, paths["sweeps"])
-    corruption_plot = plot_corruptions(results, out_dir / "corruptions.png")
+    corruption_plot = plot_corruptions(results, out_dir / REPORT_FILES["corruptions"])
     if corruption_plot is not None:
         paths["corruptions"] = corruption_plot
     return paths
