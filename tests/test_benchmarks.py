@@ -81,3 +81,19 @@ def test_distill_benchmark_quick(tmp_path):
     assert case["cost"]["student_numpy"]["agrees_with_torch"] == 1.0
     assert set(case["cost"]) == {"numba_fixed_point", "numba_alternating", "torch_fixed_point", "student_torch",
                                  "student_onnxruntime", "student_onnxruntime_int8", "student_numpy"}
+
+
+def test_robustness_benchmark_quick(tmp_path):
+    out = tmp_path / "robustness.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "robustness.py"), "--quick", "--no-progress",
+                           "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert printed == json.loads(out.read_text()) and printed["quick"] is True
+    assert set(printed["models"]) == {"EBM", "distilled", "standard", "pgd-at"}
+    for name, model in printed["models"].items():
+        for key in ("clean", "pgd_linf", "autoattack", "square", "corruption_mean"):
+            assert 0.0 <= model[key] <= 1.0, (name, key)
+        assert isinstance(model["audit_passed"], bool) and model["pgd_linf"] <= model["clean"]
+    assert set(printed["models"]["EBM"]["per_source"]["pgd_linf"]) == {"bptt", "implicit", "transfer"}
+    assert printed["models"]["EBM"]["clean"] > 0.9 and printed["cost_minutes"]["total_this_run"] > 0
