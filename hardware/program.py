@@ -53,7 +53,8 @@ class LavaProgram:
     of Dense W_k; backward_exps[k - 1]: exponent of Dense W_k^T (k = 1..L-1); biases[k - 1]: b_k (n_k,) float64 or
     int32 in units 2^-field_bits[k - 1]; shifts[k - 1]: the layer's right shift (float: the slope exponent);
     dt: the Euler step (fixed: dt_mantissa / 4096); frac_bits q; weight_bits p_k; steps T per sample; tol: a sample
-    is at equilibrium from the first step t with max_k max |s_k(t) - s_k(t-1)| < tol dt (``relax``'s residual).
+    is at equilibrium from the first step t with max_k max |s_k(t) - s_k(t-1)| < tol dt (``relax``'s residual; in
+    fixed point a change of one state unit also counts as quiet, see ``quiet_below``).
     """
 
     kind: str
@@ -109,8 +110,11 @@ class LavaProgram:
 
     @property
     def quiet_below(self) -> float:
-        """A layer is quiet at a step when max |s_t - s_{t-1}| < quiet_below (tol dt, in state units)."""
-        return float(self.tol * self.dt * self.full_scale)
+        """A layer is quiet at a step when max |s_t - s_{t-1}| < quiet_below: tol dt in state units; in fixed point
+        at least 1.5 units, so that a change of one unit (the resolution 2^-q, which integer dynamics near their
+        fixed point keep flipping) counts as quiet: the residual cannot be resolved below it."""
+        threshold = float(self.tol * self.dt * self.full_scale)
+        return threshold if self.kind == "float" else max(threshold, 1.5)
 
     def encode_inputs(self, x) -> np.ndarray:
         """Images (N, n_0) in [0, 1] -> what the input source sends: float64, or round(x 2^q) as int32."""
