@@ -9,8 +9,9 @@ STAMP  := $(VENV)/.ebm-installed
 LAVA_VERSION := 0.10.0
 TORCHATTACKS_VERSION := 3.5.1
 AUTOATTACK_VERSION := 0.2.0
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install demo test bench-quick data clean
+.PHONY: install demo test browser bench-quick data clean
 
 install: $(STAMP)
 
@@ -32,12 +33,17 @@ $(STAMP): Makefile requirements.txt setup.cfg pyproject.toml hardware/lava_compa
 demo: $(STAMP)
 	$(VENV)/bin/ebm demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/relax.py --quick
+
+# Headless Chromium for the report's browser test (tests/test_pipeline.py), from Debian, when missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium chromium-driver; }
 
 # Real Fashion-MNIST, offline, from Debian (the benchmarks use it; tests that need it skip without it).
 data:

@@ -382,7 +382,9 @@ def fit(network: Network, x_train, y_train, x_test, y_test, config: TrainConfig,
     HISTORY_KEYS (loss, train and test accuracy, mean free-phase steps, largest residual, seconds per epoch...).
 
     checkpoint_path: the network's HDF5 file, rewritten atomically after every epoch with the weights, the history
-    and a checkpoint (next epoch, optimizer state, configuration, data fingerprint). resume=True continues from that
+    and a checkpoint (next epoch, optimizer state, configuration, data fingerprint); its ``extra`` attributes hold
+    ``extra_attrs`` and the training configuration (``config``), which also tells how the network is deployed (the
+    free phase: method, tol, free_steps). resume=True continues from that
     file (same configuration and data required) and ends with exactly the weights of an uninterrupted run.
     num_classes: the dataset's (default: the largest label + 1); the output layer must have that many units.
     All inputs are checked before any work.
@@ -430,7 +432,9 @@ def fit(network: Network, x_train, y_train, x_test, y_test, config: TrainConfig,
         if checkpoint_path is not None:
             checkpoint = {"epoch": np.int64(epoch + 1), "settings": _json(settings),
                           "optimizer": optimizer.state()}
-            storage.save_network(checkpoint_path, network, extra_attrs=extra_attrs, checkpoint=checkpoint)
+            # the training configuration travels with the network: it defines the deployed relaxation (free phase)
+            extra = {"config": config.as_dict(), **(extra_attrs or {})}
+            storage.save_network(checkpoint_path, network, extra_attrs=extra, checkpoint=checkpoint)
     return network
 
 

@@ -116,13 +116,14 @@ def fingerprint(*arrays) -> str:
 
 
 def model_key(model: ModelUnderTest) -> dict:
-    """What identifies a model's behaviour: its file's content hash, and for an EBM its deployment and student."""
-    key = {"content_hash": model.content_hash, "kind": model.kind}
+    """What identifies a model's behaviour: a hash of its architecture and parameters (not of its file, whose training
+    history and timings change from run to run), and for an EBM its deployment and its student's parameters."""
+    key = {"parameters": model.parameters_hash, "kind": model.kind}
     if isinstance(model, EBMUnderTest):
         key["deployment"] = model.deployment.as_dict()
-        if model.student_path is not None:
-            from distill.io import stored_content_hash
-            key["student"] = stored_content_hash(model.student_path)
+        if "transfer" in model.sources:
+            from distill.io import model_hash
+            key["student"] = model_hash(model.sources["transfer"])
     return key
 
 
@@ -140,7 +141,10 @@ def part_key(task: Task, model: ModelUnderTest, indices: np.ndarray, data_hash: 
 
 
 def part_seed(key: dict) -> int:
-    return int(hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8], 16) % (2 ** 31)
+    """The seed of one part's randomness (random starts, Square's squares): from the evaluation's seed, the attack's
+    budget, the gradient source and the examples, never from the model, so every model meets the same draws."""
+    seeded = {k: key.get(k) for k in ("seed", "attack", "source", "indices", "corruption")}
+    return int(hashlib.sha256(json.dumps(seeded, sort_keys=True).encode()).hexdigest()[:8], 16) % (2 ** 31)
 
 
 # ---------------------------------------------------------------------------------------------- running one part

@@ -81,6 +81,7 @@ class ModelUnderTest:
         self.name = name
         self.path = Path(path)
         self.content_hash = storage.artifact_info(path)["content_hash"]
+        self.parameters_hash = self.content_hash  # subclasses: a hash of the parameters alone
 
     def _set_image_shape(self, image_shape, input_size: int) -> None:
         shape = (input_size,) if image_shape is None else tuple(int(n) for n in image_shape)
@@ -96,20 +97,22 @@ class ModelUnderTest:
     def describe(self) -> dict:
         """What the report records about the model."""
         return {"name": self.name, "kind": self.kind, "file": None if self.path is None else str(self.path),
-                "content_hash": self.content_hash, "gradient_sources": sorted(self.sources)}
+                "content_hash": self.content_hash, "parameters_hash": self.parameters_hash,
+                "gradient_sources": sorted(self.sources)}
 
 
 class ModuleUnderTest(ModelUnderTest):
     """Any torch classifier (images in [0, 1] -> logits), deployed and attacked as itself: ``module`` in eval mode,
-    its one gradient source "backprop". content_hash: what identifies it in resumable results (default: SHA-256 of
-    its state_dict)."""
+    its one gradient source "backprop". content_hash: its file's (default: SHA-256 of its state_dict);
+    parameters_hash: what identifies its behaviour in resumable results (default: the state_dict's SHA-256)."""
 
     def __init__(self, name: str, module: torch.nn.Module, input_size: int, image_shape: tuple | None = None,
                  kind: str = "custom", content_hash: str | None = None, batch_size: int = 4096):
         self.name, self.path = name, None
         self.model = module.eval()
         self.kind = kind
-        self.content_hash = content_hash or state_hash(module)
+        self.parameters_hash = state_hash(module)
+        self.content_hash = content_hash or self.parameters_hash
         self._set_image_shape(image_shape, int(input_size))
         self.sources = {"backprop": self.model}
         self.black_box = self.model
@@ -158,6 +161,7 @@ class EBMUnderTest(ModelUnderTest):
         from .implicit import ImplicitEBM
         super().__init__(name, path)
         self.network = storage.load_network(path)
+        self.parameters_hash = self.network.content_hash()  # architecture and parameters (not the history)
         self._set_image_shape(image_shape, self.network.layer_sizes[0])
         self.deployment = deployment or Deployment.of_network_file(path)
         gradients = tuple(gradients) if gradients is not None else (

@@ -1,0 +1,112 @@
+"""The pipeline's own plots (the robustness and hardware plots come from distill.robustness.report and
+hardware.targets): the relaxation per integrator, and the training curves. PNG files, written atomically."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+DYNAMICS_METHODS = ("fixed_point", "euler", "alternating", "rk45")
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def relaxation_traces(network, x, tol: float, max_steps: int) -> dict:
+    """Relax x (B, n_0) with every integrator of DYNAMICS_METHODS, recording the trajectory; per method the mean
+    energy E(s_t) over the samples and the median residual r(s_t) = max |projected ds/dt| (the same measure for
+    every integrator: it vanishes exactly at a fixed point), per step, and steps / time to tol.
+
+    Returns {method: {"energy": [...], "residual": [...], "steps_mean", "converged", "seconds"}}."""
+    import time
+
+    from ebm_sim.energy import max_abs, projected_velocity, velocity
+    from ebm_sim.relax import relax
+
+    traces = {}
+    for method in DYNAMICS_METHODS:
+        start = time.perf_counter()
+        result = relax(network, x, method=method, tol=tol, max_steps=max_steps, record=True)
+        seconds = time.perf_counter() - start
+        frames = result.trajectory[0].shape[0]
+        residual = [float(np.median(max_abs(projected_velocity(
+            [layer[t] for layer in result.trajectory],
+            velocity(network, x, [layer[t] for layer in result.trajectory])))))
+            for t in range(frames)]
+        traces[method] = {"energy": [float(e) for e in result.energy.mean(axis=1)], "residual": residual,
+                          "steps_mean": float(result.steps.mean()), "converged": float(result.converged.mean()),
+                          "seconds": seconds}
+    return traces
+
+
+def plot_relaxation(traces: dict, path: Path, title: str = "") -> Path:
+    """Energy (mean over samples) and residual (median, log scale) against the step, one line per integrator."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for method, trace in traces.items():
+        label = f"{method} ({trace['steps_mean']:.1f} steps)"
+        left.plot(trace["energy"], label=label)
+        right.semilogy(np.maximum(trace["residual"], 1e-12), label=label)
+    left.set_xlabel("step")
+    left.set_ylabel("energy E(s) (mean over samples)")
+    left.set_title("energy descends during relaxation")
+    right.set_xlabel("step")
+    right.set_ylabel("residual max |projected ds/dt| (median)")
+    right.set_title("residual falls to the fixed point")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_training(histories: dict, path: Path) -> Path:
+    """Training curves: EP training of the EBM (loss, train and test accuracy per epoch) and the feedforward
+    models' validation loss and accuracy per epoch. histories: {name: history dict}."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    def curve(ax, values, label, style="-"):
+        if values:
+            ax.plot(range(1, len(values) + 1), values, style, label=label)
+
+    for name, history in histories.items():
+        if "test_acc" in history:  # the EBM (ebm_sim.training)
+            curve(axes[0], list(history["loss"]), f"{name}: EP loss (train)")
+            curve(axes[1], [100 * a for a in history["test_acc"]], f"{name}: test")
+            curve(axes[1], [100 * a for a in history["train_acc"]], f"{name}: train", "--")
+        else:  # distill.fitting histories
+            curve(axes[0], list(history.get("val_loss") or []), f"{name}: validation loss")
+            curve(axes[1], [100 * a for a in history.get("val_accuracy") or []], f"{name}: validation")
+    axes[0].set_ylabel("loss")
+    axes[0].set_yscale("log")
+    axes[1].set_ylabel("accuracy (%)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_title("training losses")
+    axes[1].set_title("accuracy during training")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
