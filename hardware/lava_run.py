@@ -126,8 +126,6 @@ def run_lava(program: LavaProgram, x, *, chunk: int = 64, record: str = "output"
     layer's final state); record_trajectory: every step of every layer (slow to read: tests and small N only).
     resume_file: a .npz where finished chunks are saved; a rerun with the same program and inputs continues from it
     (it is deleted at the end)."""
-    from lava.magma.core.run_conditions import RunSteps
-    from lava.magma.core.run_configs import Loihi2SimCfg
     from tqdm import tqdm
 
     if record not in ("output", "all"):
@@ -151,8 +149,7 @@ def run_lava(program: LavaProgram, x, *, chunk: int = 64, record: str = "output"
     totals = {"lava_steps": 0, "run_s": 0.0, "setup_s": 0.0, "read_s": 0.0}
     if done < n:
         _run_remaining(program, encoded, done, chunk, arrays, kept, record_trajectory, totals, resume_file, key,
-                       tqdm(total=n, initial=done, desc=f"lava {program.kind}", unit="sample", disable=not progress),
-                       RunSteps, Loihi2SimCfg)
+                       tqdm(total=n, initial=done, desc=f"lava {program.kind}", unit="sample", disable=not progress))
     if resume_file is not None:
         resume_file.unlink(missing_ok=True)
     decode = program.decode_states
@@ -163,9 +160,12 @@ def run_lava(program: LavaProgram, x, *, chunk: int = 64, record: str = "output"
                          if record_trajectory else None)
 
 
-def _run_remaining(program, encoded, done, chunk, arrays, kept, record_trajectory, totals, resume_file, key, bar,
-                   RunSteps, Loihi2SimCfg) -> None:
+def _run_remaining(program, encoded, done, chunk, arrays, kept, record_trajectory, totals, resume_file, key,
+                   bar) -> None:
     """Compile one graph for samples done..N-1 and run it chunk by chunk, filling ``arrays`` (see run_lava)."""
+    from lava.magma.core.run_conditions import RunSteps
+    from lava.magma.core.run_configs import Loihi2SimCfg
+
     n, steps = encoded.shape[0], program.steps
     rows = min(chunk, n - done)
     start = time.perf_counter()
