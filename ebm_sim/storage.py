@@ -3,7 +3,8 @@
 One self-describing HDF5 file per artifact (full schemas: docs/formats.md). Every file carries the root
 attributes
 
-    format           "ebm-network" | "ebm-fixed-points" | "ebm-trajectory" | "ebm-feedforward" (distill.io)
+    format           "ebm-network" | "ebm-fixed-points" | "ebm-trajectory" | "ebm-feedforward" (distill.io) |
+                     "ebm-lava-program" (hardware.lava_file)
     version          int, FORMAT_VERSION of the writer
     created          ISO 8601 time (UTC) of writing
     toolkit_version  version of ebm-toolkit that wrote it
@@ -40,6 +41,7 @@ FORMATS = {
     "ebm-fixed-points": "a fixed-point dataset",
     "ebm-trajectory": "a trajectory",
     "ebm-feedforward": "a feedforward model",  # written by distill.io (torch side), through write_artifact
+    "ebm-lava-program": "a Lava program",  # written by hardware.lava_file through write_artifact
 }
 HEADER_ATTRS = ("format", "version", "created", "toolkit_version", "content_hash")
 _UNHASHED_ATTRS = ("created", "toolkit_version", "content_hash")
@@ -533,6 +535,9 @@ def artifact_info(path) -> dict:
         summary = {key: attrs.get(key) for key in ("kind", "layer_sizes", "activation", "readout", "dataset",
                                                    "network_hash", "fixed_points_hash", "model_hash")}
         summary["config"] = json.loads(attrs.get("config", "{}"))
+    elif fmt == "ebm-lava-program":
+        summary = {key: attrs.get(key) for key in ("kind", "layer_sizes", "dt", "steps", "tol", "frac_bits",
+                                                   "weight_bits", "forward_exps", "backward_exps", "network_hash")}
     else:
         summary = {"network_hash": attrs.get("network_hash"), "settings": json.loads(attrs.get("settings", "{}"))}
         keys = ("num_samples", "layer_sizes") if fmt == "ebm-fixed-points" else ("num_steps", "batch_size",

@@ -4,20 +4,18 @@
 
 Format ``ebm-lava-program``, version 1, with the toolkit's common header (``format``, ``version``, ``created``,
 ``toolkit_version``, ``content_hash``: SHA-256 over the datasets and the hashed attributes, the algorithm of
-docs/formats.md, so ``ebm_sim.storage.read_artifact`` verifies these files too once the format is registered there).
-This module re-implements that documented hash rather than importing ``ebm_sim.storage``, so that a Lava host needs
-no part of the simulator (only this file, hardware/program.py and hardware/lava_processes/). Schema: docs/hardware.md.
+docs/formats.md). Files are written by ``ebm_sim.storage.write_artifact`` (atomic: temporary file, fsync, rename), so
+``ebm info`` and ``storage.read_artifact`` read them like every artifact; the *loader* here re-implements the
+documented hash check instead of importing ``ebm_sim.storage``, so that a Lava host needs no part of the simulator
+(only this file, hardware/program.py and hardware/lava_processes/). Schema: docs/hardware.md.
 
-Writes are atomic (temporary file in the target's folder, fsync, rename); loads refuse a missing, non-HDF5, corrupt,
-wrong-format, wrong-version or tampered file with ``LavaFileError`` (a ValueError) naming the problem.
+Loads refuse a missing, non-HDF5, corrupt, wrong-format, wrong-version or tampered file with ``LavaFileError`` (a
+ValueError) naming the problem.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
-from datetime import datetime, timezone
 from pathlib import Path
 
 import h5py
@@ -49,14 +47,6 @@ def content_hash(datasets: dict, attrs: dict) -> str:
     return h.hexdigest()
 
 
-def _toolkit_version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("ebm-toolkit")
-    except Exception:  # running from a copied folder on a Lava host
-        return "unknown"
-
-
 def _plain(value):
     """An HDF5 attribute as the plain Python value it was written from (int arrays -> lists, bytes -> str)."""
     if isinstance(value, np.ndarray):
@@ -85,30 +75,11 @@ def save_program(path, program: LavaProgram) -> str:
     described = program.describe()
     datasets = {f"weights/W{k}": np.ascontiguousarray(w) for k, w in enumerate(program.weights)}
     datasets.update({f"biases/b{k + 1}": np.ascontiguousarray(b) for k, b in enumerate(program.biases)})
-    attrs = {"format": FORMAT, "version": VERSION,
-             **{key: described[key] for key in _INT_LISTS + _SCALARS},
+    attrs = {**{key: described[key] for key in _INT_LISTS + _SCALARS},
              "program_hash": program.content_hash(), "topology": json.dumps(described["topology"], sort_keys=True),
              "notes": json.dumps(program.notes, sort_keys=True)}
-    attrs["content_hash"] = content_hash(datasets, attrs)
-    attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    attrs["toolkit_version"] = _toolkit_version()
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        with h5py.File(tmp, "x") as f:
-            for name in sorted(datasets):
-                f.create_dataset(name, data=datasets[name])
-            for key, value in attrs.items():
-                f.attrs[key] = np.asarray(value, dtype=np.int64) if isinstance(value, list) else value
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return attrs["content_hash"]
+    from ebm_sim import storage  # the toolkit's writer (atomic, common header); reading needs none of ebm_sim
+    return storage.write_artifact(path, FORMAT, datasets, attrs)
 
 
 def _read(path: Path) -> tuple[dict, dict]:

@@ -194,13 +194,16 @@ def test_export_round_trip(tmp_path, kind):
         assert f["weights/W0"].dtype == (np.int32 if kind == "fixed" else np.float64)
 
 
-def test_export_is_a_regular_toolkit_artifact(tmp_path, monkeypatch):
-    """Same header and content hash as ebm_sim.storage: its reader verifies the file once the format is known."""
+def test_export_is_a_regular_toolkit_artifact(tmp_path):
+    """Written through ebm_sim.storage (same header and content hash): its reader and `ebm info` accept the file,
+    and the standalone loader's hash check agrees with storage's."""
     path = tmp_path / "p.h5"
-    lava_file.save_program(path, mapping.fixed_program(small_network()))
-    monkeypatch.setitem(storage.FORMATS, lava_file.FORMAT, "a Lava program")
+    digest = lava_file.save_program(path, mapping.fixed_program(small_network()))
     datasets, attrs = storage.read_artifact(path, lava_file.FORMAT)
-    assert attrs["kind"] == "fixed" and "weights/W0" in datasets
+    assert attrs["kind"] == "fixed" and "weights/W0" in datasets and attrs["content_hash"] == digest
+    info = storage.artifact_info(path)
+    assert info["hash_status"] == "ok" and info["summary"]["kind"] == "fixed"
+    assert lava_file.load_program(path).kind == "fixed"
 
 
 def test_export_refuses_bad_files(tmp_path):
