@@ -80,7 +80,7 @@ class Pipeline:
                              f"have {self.data.num_features} pixels and it has {self.data.num_classes} classes")
         self.out.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(self.out)
-        from distill.robustness.evaluation import fingerprint
+        from distill.fitting import fingerprint
         self.data_hash = fingerprint(self.data.x_train, self.data.y_train, self.data.x_test, self.data.y_test)
         self.stages = {}
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..fitting import fingerprint
 from .attacks import AttackSpec, craft
 from .config import RobustnessConfig
 from .models import EBMUnderTest, ModelUnderTest
@@ -106,15 +107,6 @@ def plan(model: ModelUnderTest, config: RobustnessConfig) -> list:
 
 
 # ---------------------------------------------------------------------------------------------- keys
-def fingerprint(*arrays) -> str:
-    digest = hashlib.sha256()
-    for array in arrays:
-        array = np.ascontiguousarray(array)
-        digest.update(f"{array.dtype.str}{array.shape}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
 def model_key(model: ModelUnderTest) -> dict:
     """What identifies a model's behaviour: a hash of its architecture and parameters (not of its file, whose training
     history and timings change from run to run), and for an EBM its deployment and its student's parameters."""
