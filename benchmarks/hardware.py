@@ -5,7 +5,7 @@
 Networks (benchmarks/results/networks/, trained by benchmarks/train.py): digits 64-256-10 on its 360 test images,
 and the Fashion-MNIST 784-512-10 and 784-512-512-10 networks on 2,000 test images (seeded, class-stratified: Lava
 simulates about 1 ms per step, 31 steps per sample). For each: a distilled student (``ebm relax --split train`` at the
-deployed settings, then ``ebm distill`` for 10 epochs, in a temporary folder), then ``hardware.targets.compare``: the
+deployed settings, then ``ebm distill`` for 30 epochs, its default, in a temporary folder), then ``hardware.targets.compare``: the
 EBM on Numba, torch CPU (and CUDA), the student on torch and onnxruntime (CPU, CUDA), the Lava graph in float and
 fixed point, and the Loihi cost model's estimate, every target in its own process, all on the same images.
 Deployed relaxation: fixed_point (dt 1), tol 1e-4, at most 30 steps, as the networks were trained.
@@ -64,7 +64,7 @@ def run_case(name: str, dataset: str, filename: str, limit, quick: bool) -> dict
         raise SystemExit(f"{network} is missing: run `python benchmarks/train.py` first (it trains and writes it)")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        student = make_student(network, dataset, Path(tmp), epochs=5 if quick else 10)
+        student = make_student(network, dataset, Path(tmp), epochs=5 if quick else 30)
         student_s = time.perf_counter() - start
         spec = CompareSpec(network=str(network), dataset=dataset, limit=limit, student=str(student),
                            latency_samples=30 if quick else 200, repeats=3 if quick else 10)
@@ -81,7 +81,7 @@ def run_case(name: str, dataset: str, filename: str, limit, quick: bool) -> dict
             "lava_fixed_acc_drop_vs_lava_float": 100 * (lava_float["accuracy"] - lava_fixed["accuracy"]),
             "lava_ms_per_step": {"float": lava_float.get("ms_per_step"), "fixed": lava_fixed.get("ms_per_step")},
             "targets": [_target_entry(row) for row in result["targets"]], "failed": result["failed"],
-            "student_s": student_s, "compare_s": compare_s, "student_epochs": 5 if quick else 10}
+            "student_s": student_s, "compare_s": compare_s, "student_epochs": 5 if quick else 30}
 
 
 def _target_entry(row: dict) -> dict:
