@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine (see README.md):
-#   make demo   create .venv, install everything, run the main job on the embedded default data
+#   make demo   create .venv, install everything, run the main job (ebm pipeline) on the embedded digits
 #   make test   same install, then the whole test suite
 PYTHON ?= python3
 VENV   := .venv
@@ -30,8 +30,9 @@ $(STAMP): Makefile requirements.txt setup.cfg pyproject.toml hardware/lava_compa
 	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# The main job: the whole study (ebm pipeline) on the embedded digits; it prints where report.html is.
 demo: $(STAMP)
-	$(VENV)/bin/ebm demo
+	$(VENV)/bin/ebm pipeline --dataset digits --out-dir runs/demo
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q tests; rc=$$?; \

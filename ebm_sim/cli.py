@@ -4,7 +4,7 @@
     ebm relax NET.h5 --dataset digits [--split test] [--limit N] [--method fixed_point] [--tol 1e-4]
               [--max-steps 1000] [--dt DT] [--batch-size 256] [--dtype float32|float64] -o FIXED_POINTS.h5
     ebm info  FILE [FILE ...]
-    ebm demo  [--out-dir runs/demo]
+    ebm demo  [--out-dir runs/demo-simulator]
 
 User mistakes (a missing or corrupt file, an unknown dataset, a network whose input size does not match the data,
 bad settings) print ``ebm: error: <message>`` to stderr and exit with status 2, never a traceback. A relaxation
@@ -481,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the simulator end to end on the embedded digits (under a minute)",
                        description="Initialize a seeded 64-256-10 network, relax the digits test set with every "
                                    "integrator, compare them, check the energy decreases, write three artifacts.")
-    p.add_argument("--out-dir", default="runs/demo", metavar="DIR", help="where to write (default runs/demo)")
+    p.add_argument("--out-dir", default="runs/demo-simulator", metavar="DIR",
+                   help="where to write (default runs/demo-simulator)")
     p.set_defaults(func=cmd_demo)
     _add_distill_commands(sub)
     _add_robustness_command(sub)

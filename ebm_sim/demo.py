@@ -42,7 +42,7 @@ def _max_diff(states, reference) -> float:
     return float(max(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))) for a, b in zip(states, reference)))
 
 
-def run_demo(out_dir="runs/demo", *, layers=(64, 256, 10), seed: int = 0, gain: float = 0.5, tol: float = 1e-5,
+def run_demo(out_dir="runs/demo-simulator", *, layers=(64, 256, 10), seed: int = 0, gain: float = 0.5, tol: float = 1e-5,
              max_steps: int = 1000, ivp_samples: int = 5, trajectory_samples: int = 8, log=None) -> dict:
     """Run the demo (see the module docstring) and return its results as a dict; ``log`` gets progress lines."""
     from . import storage
