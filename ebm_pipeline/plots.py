@@ -10,11 +10,11 @@ import numpy as np
 DYNAMICS_METHODS = ("fixed_point", "euler", "alternating", "rk45")
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def _figure(width: float, height: float, columns: int):
+    """A figure with ``columns`` axes, made without pyplot (the caller's matplotlib backend stays as it is)."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots(1, columns)
 
 
 def _save(fig, path: Path) -> Path:
@@ -57,8 +57,7 @@ def relaxation_traces(network, x, tol: float, max_steps: int) -> dict:
 
 def plot_relaxation(traces: dict, path: Path, title: str = "") -> Path:
     """Energy (mean over samples) and residual (median, log scale) against the step, one line per integrator."""
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = _figure(11, 4, 2)
     for method, trace in traces.items():
         label = f"{method} ({trace['steps_mean']:.1f} steps)"
         left.plot(trace["energy"], label=label)
@@ -76,15 +75,13 @@ def plot_relaxation(traces: dict, path: Path, title: str = "") -> Path:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save(fig, path)
-    plt.close(fig)
     return path
 
 
 def plot_training(histories: dict, path: Path) -> Path:
     """Training curves: EP training of the EBM (loss, train and test accuracy per epoch) and the feedforward
     models' validation loss and accuracy per epoch. histories: {name: history dict}."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = _figure(11, 4, 2)
     def curve(ax, values, label, style="-"):
         if values:
             ax.plot(range(1, len(values) + 1), values, style, label=label)
@@ -108,5 +105,4 @@ def plot_training(histories: dict, path: Path) -> Path:
     axes[1].set_title("accuracy during training")
     fig.tight_layout()
     _save(fig, path)
-    plt.close(fig)
     return path

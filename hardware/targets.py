@@ -384,9 +384,7 @@ def format_table(result: dict) -> str:
 def plot_bars(result: dict, path) -> Path:
     """A PNG bar chart (log scales) of latency at batch 1, samples/s and energy per inference; estimated values are
     hatched. Written atomically."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) stays as it is
 
     path = Path(path)
     if not path.parent.is_dir():
@@ -396,7 +394,8 @@ def plot_bars(result: dict, path) -> Path:
         raise ValueError("no target was measured: nothing to plot")
     panels = (("latency_ms_batch1", "latency per sample, batch 1 (ms)"), ("samples_per_s", "samples/s (best batch)"),
               ("energy_uj", "energy per inference (uJ)"))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 0.45 * len(rows) + 1.8), sharey=True)
+    fig = Figure(figsize=(15, 0.45 * len(rows) + 1.8))
+    axes = fig.subplots(1, 3, sharey=True)
     names = [r["label"] for r in rows]
     for ax, (key, title) in zip(axes, panels):
         values = [r.get(key) or 0.0 for r in rows]
@@ -417,7 +416,6 @@ def plot_bars(result: dict, path) -> Path:
         fig.savefig(tmp, dpi=110)
         os.replace(tmp, path)
     finally:
-        plt.close(fig)
         tmp.unlink(missing_ok=True)
     return path
 

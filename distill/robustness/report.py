@@ -266,11 +266,10 @@ def markdown_table(results: dict) -> str:
 # ---------------------------------------------------------------------------------------------- plots
 def plot_sweeps(results: dict, path: Path) -> Path:
     """Accuracy against eps (Linf and L2), one line per model with 95 % intervals, as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) stays as it is
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
     for ax, norm in zip(axes, ("linf", "l2")):
         for name, r in results["models"].items():
             curve = r["sweeps"][norm]
@@ -290,23 +289,20 @@ def plot_sweeps(results: dict, path: Path) -> Path:
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
-    plt.close(fig)
     return path
 
 
 def plot_corruptions(results: dict, path: Path) -> Path | None:
     """Accuracy per corruption and severity, one heatmap per model, as a PNG (None without corruption results)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     models = [(name, r["corruptions"]) for name, r in results["models"].items() if "corruptions" in r]
     if not models:
         return None
     corruptions = list(models[0][1]["per_corruption"])
     severities = sorted({int(s) for _, c in models for v in c["per_corruption"].values() for s in v["severities"]})
-    fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models) + 1, 0.32 * len(corruptions) + 1.8),
-                             squeeze=False)
+    fig = Figure(figsize=(3.2 * len(models) + 1, 0.32 * len(corruptions) + 1.8))
+    axes = fig.subplots(1, len(models), squeeze=False)
     for ax, (name, c) in zip(axes[0], models):
         grid = np.array([[100 * c["per_corruption"][k]["severities"].get(s, c["per_corruption"][k]["severities"].get(
             str(s), np.nan)) for s in severities] for k in corruptions])
@@ -320,7 +316,6 @@ def plot_corruptions(results: dict, path: Path) -> Path | None:
                     color="white" if value < 60 else "black")
     fig.colorbar(image, ax=axes[0].tolist(), label="accuracy (%)", shrink=0.8)
     _save(fig, path)
-    plt.close(fig)
     return path
 
 
