@@ -234,7 +234,7 @@ def test_the_audit_flags_gradient_masking(trained, digits, tmp_path):
     masked = ModuleUnderTest("masked", QuantizedInput(inner), 64, IMAGE, kind="standard")
     honest = load_model_under_test(trained["standard"], "honest", IMAGE)
     config = small_config(corruption_samples=0, autoattack=False, sweep_linf=(0.0, 0.1, 0.5), square_queries=200,
-                          samples=100, audit_samples=100, pgd_steps=20, audit_steps=40)
+                          samples=100, audit_samples=100, square_samples=100, pgd_steps=20, audit_steps=40)
     results = evaluate([masked, honest], digits.x_test, digits.y_test, IMAGE, config, tmp_path, **QUIET)
     bad, good = results["models"]["masked"]["audit"], results["models"]["honest"]["audit"]
     assert not bad["passed"] and "gradients_backprop" in bad["failed"] and "reaches_zero" in bad["failed"]
