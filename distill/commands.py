@@ -92,11 +92,12 @@ def format_distill_summary(s: dict) -> str:
 
 
 def run_baseline(kind: str, dataset: str, layers, out, *, data_dir=None, limit_train=None, limit_test=None,
-                 activation: str = "hard_sigmoid", resume: bool = False, overwrite: bool = False,
-                 progress: bool = True, log=print, **config) -> dict:
+                 data_seed: int | None = None, activation: str = "hard_sigmoid", resume: bool = False,
+                 overwrite: bool = False, progress: bool = True, log=print, **config) -> dict:
     """Train a ``kind`` ("standard" or "pgd-at") baseline with layer sizes ``layers`` on ``dataset`` into ``out``;
     config: BaselineConfig fields. Evaluates clean test accuracy and accuracy under the training PGD (eps, steps,
-    step size) on the test split. Returns a summary dict."""
+    step size) on the test split. data_seed: the seed of the dataset's split and subsamples (default: config's
+    seed; the pipeline fixes it so that every model sees the same data). Returns a summary dict."""
     from ebm_sim import datasets
 
     from .baselines import BaselineConfig, robust_accuracy, train_baseline
@@ -106,7 +107,7 @@ def run_baseline(kind: str, dataset: str, layers, out, *, data_dir=None, limit_t
     config = BaselineConfig(kind=kind, **config)
     _check_output(out, resume, overwrite)
     data = datasets.load_dataset(dataset, data_dir, limit_train=limit_train, limit_test=limit_test,
-                                 seed=config.seed)
+                                 seed=config.seed if data_seed is None else data_seed)
     sizes = tuple(int(n) for n in layers)
     if sizes[0] != data.num_features or sizes[-1] != data.num_classes:
         raise ValueError(f"layer sizes {'-'.join(map(str, sizes))} do not fit {data.name}: its inputs have "

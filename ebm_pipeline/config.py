@@ -6,7 +6,8 @@ TOML / YAML file, recorded in full in the report.
     config.section("train")  ->  ebm_sim.training.TrainConfig(...)
 
 A file holds top-level keys (dataset, data_dir, seed, torch_threads: torch's intra-op threads, 0 for its default;
-the digits default is 1, faster for tiny models) and sections, each optional and holding only what differs
+the digits default is 1, faster for tiny models; limit_train / limit_test: seeded class-stratified subsamples of the
+splits, for a quick look at a large dataset) and sections, each optional and holding only what differs
 from the dataset's defaults:
   [network]      layers, gain, activation
   [train]        ebm_sim.training.TrainConfig fields (EP: epochs, batch_size, beta, lr, free_steps, ...)
@@ -28,6 +29,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+TOP_KEYS = ("dataset", "data_dir", "seed", "torch_threads", "limit_train", "limit_test")
 SECTIONS = ("network", "train", "distill", "standard", "pgd_at", "robustness", "hardware", "report")
 HARDWARE_KEYS = {"limit": None, "lava_limit": 100, "latency_samples": 100, "repeats": 5, "batch": 256,
                  "targets": None}
@@ -91,6 +93,8 @@ class PipelineConfig:
     data_dir: str | None = None
     seed: int = 0
     torch_threads: int | None = None
+    limit_train: int | None = None
+    limit_test: int | None = None
     sections: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -105,6 +109,10 @@ class PipelineConfig:
             self.torch_threads = 1 if self.dataset == "digits" else 0
         if isinstance(self.torch_threads, bool) or not isinstance(self.torch_threads, int) or self.torch_threads < 0:
             raise ValueError(f"torch_threads must be an integer >= 0 (0: torch's default), got {self.torch_threads!r}")
+        for name in ("limit_train", "limit_test"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive number of samples or absent, got {value!r}")
         merged = {}
         for name in SECTIONS:
             base = dict(DEFAULTS[self.dataset].get(name, {}))
@@ -127,7 +135,7 @@ class PipelineConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "PipelineConfig":
         data = dict(data)
-        top = {k: data.pop(k) for k in ("dataset", "data_dir", "seed", "torch_threads") if k in data}
+        top = {k: data.pop(k) for k in TOP_KEYS if k in data}
         return cls(**top, sections=data)
 
     @classmethod
@@ -166,6 +174,11 @@ class PipelineConfig:
         if unknown_network:
             raise ValueError(f"unknown key(s) in [network]: {', '.join(unknown_network)}; allowed: layers, gain, "
                              f"activation")
+        try:
+            self.section("train").layer_rates(len(self.sections["network"]["layers"]) - 1)
+        except ValueError as error:
+            raise ValueError(f"[train] lr does not fit [network] layers {self.sections['network']['layers']}: "
+                             f"{error}") from None
         if self.sections["train"].get("method", "fixed_point") not in ("fixed_point", "euler"):
             raise ValueError("the pipeline maps the EBM onto Lava, whose dynamics are synchronous Euler: train.method "
                              "must be fixed_point (dt = 1) or euler")
@@ -202,10 +215,10 @@ class PipelineConfig:
 
     def as_dict(self) -> dict:
         """The full configuration (every default filled in), as the report records it."""
-        return {"dataset": self.dataset, "data_dir": self.data_dir, "seed": self.seed,
-                "torch_threads": self.torch_threads, **copy.deepcopy(self.sections)}
+        return {**{k: getattr(self, k) for k in TOP_KEYS}, **copy.deepcopy(self.sections)}
 
     def digest(self, *names) -> str:
         """SHA-256 of the top-level keys and the named sections (what a stage depends on)."""
-        chosen = {"dataset": self.dataset, "seed": self.seed, **{n: self.sections[n] for n in names}}
+        chosen = {"dataset": self.dataset, "seed": self.seed, "limit_train": self.limit_train,
+                  "limit_test": self.limit_test, **{n: self.sections[n] for n in names}}
         return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()

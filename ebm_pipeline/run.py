@@ -73,7 +73,7 @@ class Pipeline:
         if unknown:
             raise ValueError(f"unknown stage(s) {', '.join(unknown)} to force; the stages are {', '.join(STAGES)}")
         self.force = set(force)
-        self.data = load_dataset(config.dataset, config.data_dir)
+        self.data = load_dataset(config.dataset, config.data_dir, config.limit_train, config.limit_test)
         layers = config.sections["network"]["layers"]
         if layers[0] != self.data.num_features or layers[-1] != self.data.num_classes:
             raise ValueError(f"[network] layers {'-'.join(map(str, layers))} do not fit {self.data.name}: its images "
@@ -142,13 +142,15 @@ class Pipeline:
             outputs, summary = [], {}
             for split in ("train", "test"):
                 out = self.path(f"fixed_points_{split}.h5")
+                limit = self.config.limit_train if split == "train" else self.config.limit_test
                 s = run_relax(self.path("network.h5"), self.config.dataset, out, data_dir=self.config.data_dir,
-                              split=split, method=d["method"], tol=d["tol"], max_steps=d["max_steps"], dt=d["dt"],
-                              progress=self.progress, log=self.log)
+                              split=split, limit=limit, method=d["method"], tol=d["tol"], max_steps=d["max_steps"],
+                              dt=d["dt"], progress=self.progress, log=self.log)
                 outputs.append(out)
                 summary[split] = {k: s[k] for k in ("samples", "accuracy", "converged") if k in s}
             return outputs, summary
-        return self.stage("relax", [d, self.hash_of("network.h5")], work)
+        return self.stage("relax", [d, self.config.limit_train, self.config.limit_test, self.hash_of("network.h5")],
+                          work)
 
     def distill(self) -> dict:
         from distill.commands import run_distill
@@ -180,8 +182,9 @@ class Pipeline:
         def work():
             def start(resume, overwrite):
                 return run_baseline(kind, self.config.dataset, net_cfg["layers"], path, data_dir=self.config.data_dir,
-                                    activation=net_cfg["activation"], resume=resume, overwrite=overwrite,
-                                    progress=self.progress, log=self.log, **options)
+                                    limit_train=self.config.limit_train, limit_test=self.config.limit_test,
+                                    data_seed=0, activation=net_cfg["activation"], resume=resume,
+                                    overwrite=overwrite, progress=self.progress, log=self.log, **options)
             summary = _resumable(path, start)
             summary.pop("path", None)
             return [path], summary
@@ -250,7 +253,8 @@ class Pipeline:
 
         def work():
             spec = CompareSpec(network=str(self.path("network.h5")), dataset=self.config.dataset,
-                               data_dir=self.config.data_dir, limit=h["limit"], student=str(self.path("student.h5")),
+                               data_dir=self.config.data_dir, limit=h["limit"] or self.config.limit_test,
+                               student=str(self.path("student.h5")),
                                batch=h["batch"], latency_samples=h["latency_samples"], repeats=h["repeats"],
                                lava_limit=h["lava_limit"], **self.relaxation_options())
             result = compare(spec, h["targets"], progress=self.progress)
@@ -258,7 +262,8 @@ class Pipeline:
             _write_json(self.path("hardware.json"), result)
             plot_bars(result, self.path("hardware.png"))
             return [self.path("hardware.json"), self.path("hardware.png")], {"failed": result["failed"]}
-        return self.stage("hardware", [h, self.relaxation_options(), self.hash_of("network.h5", "student.h5")], work)
+        return self.stage("hardware", [h, self.config.limit_test, self.relaxation_options(),
+                                       self.hash_of("network.h5", "student.h5")], work)
 
     def dynamics(self) -> dict:
         from ebm_sim import storage

@@ -201,7 +201,8 @@ def cmd_robustness(args) -> int:
 def cmd_pipeline(args) -> int:
     from ebm_pipeline import PipelineConfig, run_pipeline
 
-    top = {"dataset": args.dataset, "data_dir": args.data_dir, "seed": args.seed}
+    top = {"dataset": args.dataset, "data_dir": args.data_dir, "seed": args.seed, "limit_train": args.limit_train,
+           "limit_test": args.limit_test}
     if args.config:
         config = PipelineConfig.from_file(args.config, **top)
     else:
@@ -234,6 +235,9 @@ def _add_pipeline_command(sub) -> None:
                    help="a TOML or YAML file with the dataset and any section overrides (see ebm_pipeline/config.py)")
     p.add_argument("--data-dir", metavar="DIR", default=None, help="folder with the dataset files")
     p.add_argument("--seed", type=int, default=None, help="seed of every stage (default 0)")
+    p.add_argument("--limit-train", type=int, default=None, metavar="N",
+                   help="a seeded, class-stratified subsample of N training images (a quick look at a large dataset)")
+    p.add_argument("--limit-test", type=int, default=None, metavar="N", help="the same for the test split")
     p.add_argument("--out-dir", metavar="DIR", default=None, help="default runs/pipeline-<dataset>")
     p.add_argument("--force", type=_names, default=None, metavar="STAGE[,STAGE...]",
                    help="run these stages again even if their artifacts are up to date")

@@ -107,6 +107,7 @@ def test_defaults_files_and_refusals(tmp_path):
                           ("[hardware]\nspeed = 1\n", r"unknown key\(s\) in \[hardware\]: speed"),
                           ("dataset = 'imagenet'\n", "no defaults for dataset 'imagenet'"),
                           ("[train]\nmethod = 'alternating'\n", "synchronous Euler"),
+                          ("[train]\nlr = [1e-3, 1e-3, 1e-3]\n", r"lr does not fit \[network\] layers"),
                           ("[train\n", "not valid TOML")]:
         bad = tmp_path / "bad.toml"
         bad.write_text(text)
@@ -177,6 +178,76 @@ def test_a_change_reruns_only_what_it_touches_and_an_interrupted_stage_resumes(s
     assert re.search(r"robustness: \d+ parts, ([1-9]\d*) already done", printed)  # the interrupted work was kept
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["robustness"]["pgd_steps"] == 4
+
+
+LARGE = """
+limit_train = 600
+limit_test = 200
+
+[train]
+epochs = 1
+lr = 1e-3
+
+[distill]
+epochs = 2
+
+[standard]
+epochs = 1
+
+[pgd_at]
+epochs = 1
+pgd_steps = 2
+
+[robustness]
+samples = 20
+square_samples = 10
+audit_samples = 10
+pgd_steps = 2
+audit_steps = 3
+audit_restarts = 2
+autoattack_iterations = 2
+square_queries = 10
+sweep_linf = [0.0, 0.3]
+sweep_l2 = [0.0, 1.0]
+corruption_samples = 20
+corruptions = ["glass_blur", "snow", "frost", "elastic_transform", "jpeg_compression"]
+severities = [5]
+batch_size = 20
+
+[hardware]
+lava_limit = 3
+latency_samples = 3
+repeats = 1
+batch = 16
+targets = ["numba_cpu", "student_onnxruntime_cpu", "lava_fixed", "loihi_estimate"]
+
+[report]
+trajectory_samples = 2
+"""
+
+
+@pytest.mark.parametrize("dataset, data_dir, layers", [
+    ("fashion-mnist", None, [784, 64, 10]),
+    ("cifar10", Path(__file__).resolve().parents[2] / "shared" / "data", [3072, 64, 10])], ids=["fashion", "cifar10"])
+def test_larger_datasets_run_through_every_stage(tmp_path, dataset, data_dir, layers):
+    """--dataset fashion-mnist and cifar10 (RGB: corruptions, attacks and Lava on (3, 32, 32) images) on small
+    subsamples: every stage runs and the report is written."""
+    from ebm_sim.datasets import load_dataset
+    try:
+        load_dataset(dataset, data_dir, limit_test=10)
+    except (FileNotFoundError, ValueError) as error:
+        pytest.skip(f"{dataset} is not on this machine: {error}")
+    config = tmp_path / "large.toml"
+    config.write_text(f"dataset = '{dataset}'\n" + (f"data_dir = '{data_dir}'\n" if data_dir else "") + LARGE
+                      + f"\n[network]\nlayers = {layers}\n")
+    out = tmp_path / "run"
+    assert main(["pipeline", "--config", str(config), "--out-dir", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["limit_train"] == 600 and results["config"]["dataset"] == dataset
+    assert results["robustness"]["examples"]["corruption"] == 20
+    assert (out / "report.html").stat().st_size > 0
+    lava = json.loads((out / "lava.json").read_text())
+    assert lava["runs"]["float"]["numba"]["agreement"] == 1.0
 
 
 # ---------------------------------------------------------------------------------------------- in a browser
