@@ -287,6 +287,10 @@ def evaluate(models: list, x_test: np.ndarray, y_test: np.ndarray, image_shape: 
     bar = tqdm(todo, desc="robustness", unit="part", disable=not progress, dynamic_ncols=True)
     for model, task, chunk, key in bar:
         bar.set_postfix_str(task.label()[:60], refresh=False)
+        record = store.get(key)  # done meanwhile by another process evaluating into the same folder
+        if record is not None:
+            parts.setdefault((model.name, task), []).append((chunk, record))
+            continue
         predictions = np.asarray(clean[model.name]["predictions"])
         x, y = x_test[chunk], y_test[chunk]
         start = time.perf_counter()
