@@ -35,9 +35,9 @@ def run_groups(script: str, groups, arguments: list) -> dict:
 
 def write_results(results: dict, out) -> None:
     """Write the JSON atomically to ``out`` and print it as the last line."""
+    from ebm_sim.storage import write_json
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out)
+    write_json(out, results)
     print(json.dumps(results))

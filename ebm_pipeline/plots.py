@@ -2,10 +2,11 @@
 hardware.targets): the relaxation per integrator, and the training curves. PNG files, written atomically."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from ebm_sim.storage import save_figure
 
 DYNAMICS_METHODS = ("fixed_point", "euler", "alternating", "rk45")
 
@@ -15,17 +16,6 @@ def _figure(width: float, height: float, columns: int):
     from matplotlib.figure import Figure
     fig = Figure(figsize=(width, height))
     return fig, fig.subplots(1, columns)
-
-
-def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def relaxation_traces(network, x, tol: float, max_steps: int) -> dict:
@@ -74,7 +64,7 @@ def plot_relaxation(traces: dict, path: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
     return path
 
 
@@ -104,5 +94,5 @@ def plot_training(histories: dict, path: Path) -> Path:
     axes[0].set_title("training losses")
     axes[1].set_title("accuracy during training")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
     return path

@@ -19,11 +19,12 @@ there and match its inputs (see :mod:`ebm_pipeline.stages`); an interrupted stag
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
+
+from ebm_sim.storage import write_json, write_text
 
 from .config import PipelineConfig
 from .stages import Ledger, file_hash, stage_key
@@ -32,21 +33,6 @@ STAGES = ("train", "relax", "distill", "standard", "pgd_at", "robustness", "lava
 BUDGET_NOTES = {"digits": "Embedded default (8x8 digits): budgets scaled so that the whole study fits in about five "
                           "minutes on a 2-core CPU (200 attacked test images, PGD 20 steps, AutoAttack and Square at "
                           "a reduced budget, 100 images through Lava); see the configuration below."}
-
-
-def _write_json(path: Path, data) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_plain))
-    os.replace(tmp, path)
-    return path
-
-
-def _plain(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
 
 
 def _resumable(path: Path, start):
@@ -241,7 +227,7 @@ class Pipeline:
             estimate = estimate_report(programs["fixed"], x, y)
             summary = {"runs": runs, "estimate": estimate,
                        "fixed_accuracy_drop_points": 100 * (runs["float"]["accuracy"] - runs["fixed"]["accuracy"])}
-            _write_json(self.path("lava.json"), summary)
+            write_json(self.path("lava.json"), summary)
             return [self.path("lava_program.h5"), self.path("lava.json")], summary
         return self.stage("lava", [self.relaxation_options(), hardware["lava_limit"], self.hash_of("network.h5")],
                           work)
@@ -259,7 +245,7 @@ class Pipeline:
                                lava_limit=h["lava_limit"], **self.relaxation_options())
             result = compare(spec, h["targets"], progress=self.progress)
             result["table"] = format_table(result)
-            _write_json(self.path("hardware.json"), result)
+            write_json(self.path("hardware.json"), result)
             plot_bars(result, self.path("hardware.png"))
             return [self.path("hardware.json"), self.path("hardware.png")], {"failed": result["failed"]}
         return self.stage("hardware", [h, self.config.limit_test, self.relaxation_options(),
@@ -281,7 +267,7 @@ class Pipeline:
             summary = {"samples": samples, "tol": d["tol"],
                        "integrators": {m: {k: t[k] for k in ("steps_mean", "converged", "seconds")}
                                        for m, t in traces.items()}}
-            _write_json(self.path("dynamics.json"), {**summary, "traces": traces})
+            write_json(self.path("dynamics.json"), {**summary, "traces": traces})
             return [self.path("dynamics.json"), self.path("dynamics.png")], summary
         return self.stage("dynamics", [samples, d["tol"], self.hash_of("network.h5")], work)
 
@@ -304,11 +290,8 @@ class Pipeline:
                       "sweeps": self.path("robustness/sweeps.png"), "hardware": self.path("hardware.png")}
             if self.path("robustness/corruptions.png").exists():
                 images["corruptions"] = self.path("robustness/corruptions.png")
-            html_path = self.path("report.html")
-            tmp = html_path.with_name(f".report.html.{os.getpid()}.tmp")
-            tmp.write_text(render(context, images))
-            os.replace(tmp, html_path)
-            _write_json(self.path("results.json"), context)
+            html_path = write_text(self.path("report.html"), render(context, images))
+            write_json(self.path("results.json"), context)
             return [self.path("training.png"), html_path, self.path("results.json")], {"report": str(html_path)}
         inputs = [n for n in ("network.h5", "student.h5", "standard.h5", "pgd_at.h5", "robustness/results.json",
                               "hardware.json", "lava.json", "dynamics.json")]

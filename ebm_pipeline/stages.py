@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
+
+from ebm_sim.storage import write_json
 
 
 def file_hash(path: Path) -> str:
@@ -69,9 +70,7 @@ class Ledger:
         entry = {"key": key, "outputs": {str(Path(p).relative_to(base)): file_hash(p) for p in outputs},
                  "summary": summary, "seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         self.entries[name] = entry
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"stages": self.entries}, indent=2, default=str))
-        os.replace(tmp, self.path)
+        write_json(self.path, {"stages": self.entries})
         return entry
 
     def output_hash(self, name: str, relative: str) -> str:

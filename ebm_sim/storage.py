@@ -138,6 +138,36 @@ def atomic_path(path: Path):
         raise
 
 
+def write_text(path, text: str) -> Path:
+    """Write a text file atomically (``atomic_path``): an interruption leaves the old file or none, never half."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def _json_value(value):
+    """numpy scalars and arrays as plain JSON values; anything else as its string."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def write_json(path, obj) -> Path:
+    """Write ``obj`` as indented JSON, atomically; numpy values become plain numbers and lists."""
+    return write_text(path, json.dumps(obj, indent=2, default=_json_value) + "\n")
+
+
+def save_figure(fig, path, **savefig) -> Path:
+    """Save a matplotlib figure as PNG atomically (``fig.savefig`` options in ``savefig``)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", **savefig)
+    return path
+
+
 def _write_artifact(path, fmt: str, datasets: dict, config: dict) -> str:
     """Atomically write ``datasets`` (name -> array) and the header + ``config`` attributes; return the hash."""
     path = Path(path)

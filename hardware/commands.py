@@ -12,25 +12,9 @@ target failed to run.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-
-def _write_text(path, text: str) -> None:
-    """Write a text file atomically (temporary file, then rename)."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_json(path, data: dict) -> None:
-    _write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+from ebm_sim.storage import write_json, write_text
 
 
 def _relaxation_options(args) -> dict:
@@ -86,7 +70,7 @@ def cmd_run(args) -> int:
         print(f"  vs Numba {n['method']}: same prediction {100 * n['agreement']:.2f}%, same steps "
               f"{100 * n['same_steps']:.2f}%, Numba accuracy {100 * n['accuracy']:.2f}%")
     if args.json:
-        _write_json(args.json, r)
+        write_json(args.json, r)
         print(f"wrote {args.json}")
     return 0
 
@@ -109,7 +93,7 @@ def cmd_estimate(args) -> int:
           f"neurons per core {r['placement']['neurons_per_core']}")
     print(r["summary"])
     if args.json:
-        _write_json(args.json, r)
+        write_json(args.json, r)
         print(f"wrote {args.json}")
     return 0
 
@@ -127,7 +111,7 @@ def cmd_compare(args) -> int:
     result = compare(spec, targets=args.targets, progress=not args.no_progress)
     print(format_table(result))
     if args.json:
-        _write_json(args.json, result)
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     if args.plot:
         plot_bars(result, args.plot)
@@ -143,7 +127,7 @@ def cmd_cost_table(args) -> int:
 
     text = LOIHI.to_json()
     if args.output:
-        _write_text(args.output, text + "\n")
+        write_text(args.output, text + "\n")
         print(f"wrote {args.output}: the default cost table ({estimate_label(LOIHI)}); edit it and pass it with "
               f"--cost-table")
     else:

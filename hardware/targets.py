@@ -386,6 +386,8 @@ def plot_bars(result: dict, path) -> Path:
     hatched. Written atomically."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) stays as it is
 
+    from ebm_sim.storage import save_figure
+
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
@@ -411,12 +413,7 @@ def plot_bars(result: dict, path) -> Path:
                  f"({result['n_samples']} samples); hatched = ESTIMATE (cost model), blank = not measured",
                  fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_figure(fig, path, dpi=110)
     return path
 
 

@@ -1,6 +1,7 @@
 """HDF5 artifacts: bit-exact round trips, refusal of bad files with clear messages, atomic writes."""
 import json
 import os
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -417,3 +418,19 @@ def test_atomic_helper_temp_name(tmp_path, monkeypatch):
     monkeypatch.setattr(storage.h5py, "File", spy)
     save_network(tmp_path / "net.h5", _net())
     assert seen[0].startswith(".net.h5.") and seen[0].endswith(".tmp")
+
+
+def test_plain_files_are_written_atomically(tmp_path):
+    """write_json / write_text / save_figure: numpy values become JSON numbers, nothing temporary is left, and a
+    missing folder is refused by name."""
+    from matplotlib.figure import Figure
+
+    path = storage.write_json(tmp_path / "r.json", {"a": np.float32(0.5), "b": np.arange(3), "c": Path("x")})
+    assert json.loads(path.read_text()) == {"a": 0.5, "b": [0, 1, 2], "c": "x"}
+    fig = Figure()
+    fig.subplots().plot([0, 1])
+    png = storage.save_figure(fig, tmp_path / "f.png", dpi=50)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.png", "r.json"]
+    with pytest.raises(ArtifactError, match="does not exist"):
+        storage.write_text(tmp_path / "missing" / "t.txt", "x")

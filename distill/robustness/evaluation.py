@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +32,9 @@ from ..fitting import fingerprint
 from .attacks import AttackSpec, craft
 from .config import RobustnessConfig
 from .models import EBMUnderTest, ModelUnderTest
-from .store import PartStore, bits, unbits
+from .report import assemble, write_report
+from .store import PartStore, bits
 
-FORMAT = "ebm-robustness-results"
-FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -226,8 +224,6 @@ def evaluate(models: list, x_test: np.ndarray, y_test: np.ndarray, image_shape: 
     ``out_dir/results.json``). See the module docstring."""
     from tqdm import tqdm
 
-    from .report import assemble, write_report
-
     x_test = np.ascontiguousarray(x_test, dtype=np.float32).reshape(len(x_test), -1)
     y_test = np.asarray(y_test, dtype=np.int64)
     if len(x_test) != len(y_test):
@@ -308,28 +304,3 @@ def evaluate(models: list, x_test: np.ndarray, y_test: np.ndarray, image_shape: 
     results = assemble(models, parts, clean, draw, y_test, config, dataset=dataset)
     write_report(results, out_dir)
     return results
-
-
-def write_json(path: Path, obj) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON-serializable")
-
-
-def flags_of(parts_of_task: list, field: str, indices: np.ndarray) -> np.ndarray:
-    """Per-example flags of one task for ``indices`` (in that order), from its parts."""
-    lookup = {}
-    for chunk, record in parts_of_task:
-        for index, flag in zip(chunk, unbits(record[field])):
-            lookup[int(index)] = bool(flag)
-    return np.array([lookup[int(i)] for i in indices], dtype=bool)

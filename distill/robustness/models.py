@@ -225,8 +225,7 @@ class EBMUnderTest(ModelUnderTest):
     def relaxation_stats(self, x: np.ndarray) -> dict:
         """Of the deployed relaxation on x: {"residual", "converged", "steps"} per sample (numpy arrays)."""
         results = self._relax(x)
-        return {key: np.concatenate([getattr(r, attr) for r in results])
-                for key, attr in (("residual", "residual"), ("converged", "converged"), ("steps", "steps"))}
+        return {key: np.concatenate([getattr(r, key) for r in results]) for key in ("residual", "converged", "steps")}
 
     def describe(self) -> dict:
         return {**super().describe(), "deployment": self.deployment.as_dict(),

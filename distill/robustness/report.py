@@ -26,8 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ebm_sim.storage import save_figure
+
 from .audit import ATTACK_COLUMNS, run_audit
 from .stats import accuracy
+from .store import flags_of, unbits
+
+FORMAT = "ebm-robustness-results"
+FORMAT_VERSION = 1
 
 GROUP_OF_COLUMN = {"fgsm": "fgsm", "pgd_linf": "pgd-linf", "pgd_l2": "pgd-l2", "autoattack": "autoattack",
                    "square": "square"}
@@ -42,11 +48,6 @@ def _tasks_of(parts: dict, model: str, group: str, eps: float | None = None) -> 
     return found
 
 
-def _flags(items, field, indices):
-    from .evaluation import flags_of
-    return flags_of(items, field, indices)
-
-
 def _robust_result(parts, model, group, eps, indices) -> dict | None:
     """Worst case over the sources (and each source's own accuracy) of a group at eps on ``indices``."""
     tasks = _tasks_of(parts, model, group, eps)
@@ -54,29 +55,22 @@ def _robust_result(parts, model, group, eps, indices) -> dict | None:
         return None
     per_source, worst, budget = {}, np.ones(len(indices), dtype=bool), None
     for source, (task, items) in sorted(tasks.items()):
-        flags = _flags(items, "robust", indices)
+        flags = flags_of(items, "robust", indices)
         per_source[source] = accuracy(flags)
         worst &= flags
         budget = task.spec.as_dict()
     return {**accuracy(worst), "budget": budget, "per_source": per_source, "_flags": worst}
 
 
-def _relaxation_summary(relaxation: dict | list) -> dict:
-    converged = np.concatenate([_unbits(r["converged"]) for r in relaxation]) if isinstance(relaxation, list) else \
-        _unbits(relaxation["converged"])
-    residual = np.concatenate([r["residual"] for r in relaxation]) if isinstance(relaxation, list) else \
-        np.asarray(relaxation["residual"])
-    steps = np.concatenate([r["steps"] for r in relaxation]) if isinstance(relaxation, list) else \
-        np.asarray(relaxation["steps"])
+def _relaxation_summary(records: list) -> dict | None:
+    """Pooled over relaxation records ({"converged": bits, "residual": [...], "steps": [...]}, one per part)."""
+    converged = np.concatenate([unbits(r["converged"]) for r in records])
+    residual = np.concatenate([r["residual"] for r in records])
+    steps = np.concatenate([r["steps"] for r in records])
     if not len(converged):
         return None
     return {"converged_fraction": float(converged.mean()), "median_residual": float(np.median(residual)),
             "max_residual": float(np.max(residual)), "mean_steps": float(np.mean(steps)), "n": int(len(converged))}
-
-
-def _unbits(text):
-    from .store import unbits
-    return unbits(text)
 
 
 def assemble_model(model, parts: dict, clean: dict, draw: dict, y_test: np.ndarray, config) -> dict:
@@ -117,7 +111,7 @@ def assemble_model(model, parts: dict, clean: dict, draw: dict, y_test: np.ndarr
         for group in ("pgd-linf", "autoattack"):
             for source, (task, items) in _tasks_of(parts, name, group, config.eps_linf).items():
                 if set(map(int, square_set)) <= {int(i) for chunk, _ in items for i in chunk}:
-                    white &= _flags(items, "robust", square_set)
+                    white &= flags_of(items, "robust", square_set)
         comparisons["white_vs_black_box"] = {"n": len(square_set), "white_box": float(white.mean()),
                                              "square": float(attacks["square"]["_flags"].mean())}
     audit_set = draw["audit"]
@@ -133,8 +127,8 @@ def assemble_model(model, parts: dict, clean: dict, draw: dict, y_test: np.ndarr
 
     gradients = {}
     for source, (task, items) in _tasks_of(parts, name, "gradients").items():
-        nan, zero = _flags(items, "nan", audit_set), _flags(items, "zero", audit_set)
-        matches = _flags(items, "matches_deployed", audit_set)
+        nan, zero = flags_of(items, "nan", audit_set), flags_of(items, "zero", audit_set)
+        matches = flags_of(items, "matches_deployed", audit_set)
         l1 = np.concatenate([r["l1"] for _, r in items])
         gradients[source] = {"n": len(audit_set), "nan_fraction": float(nan.mean()), "zero_fraction": float(zero.mean()),
                              "matches_deployed": float(matches.mean()), "median_l1": float(np.median(l1))}
@@ -147,7 +141,7 @@ def assemble_model(model, parts: dict, clean: dict, draw: dict, y_test: np.ndarr
         adversarial = [r["adversarial_relaxation"]
                        for source, (task, items) in _tasks_of(parts, name, "pgd-linf", config.eps_linf).items()
                        for _, r in items if "adversarial_relaxation" in r]
-        result["relaxation"] = {"clean": _relaxation_summary(clean["relaxation"]),
+        result["relaxation"] = {"clean": _relaxation_summary([clean["relaxation"]]),
                                 "adversarial": _relaxation_summary(adversarial) if adversarial else None}
 
     per_corruption = {}
@@ -155,7 +149,7 @@ def assemble_model(model, parts: dict, clean: dict, draw: dict, y_test: np.ndarr
     for (model_name, task), items in parts.items():
         if model_name != name or task.kind != "corruption":
             continue
-        flags = np.concatenate([_unbits(r["correct"]) for _, r in items])
+        flags = np.concatenate([unbits(r["correct"]) for _, r in items])
         n_corrupted = len(flags)
         per_corruption.setdefault(task.corruption, {})[task.severity] = float(flags.mean())
     if per_corruption:
@@ -177,7 +171,6 @@ def _budget_text(budget: dict) -> str:
 
 
 def assemble(models, parts: dict, clean: dict, draw: dict, y_test: np.ndarray, config, dataset=None) -> dict:
-    from .evaluation import FORMAT, FORMAT_VERSION
     results = {"format": FORMAT, "version": FORMAT_VERSION, "dataset": dataset, "config": config.as_dict(),
                "examples": {subset: int(len(indices)) for subset, indices in draw.items()},
                "models": {m.name: assemble_model(m, parts, clean[m.name], draw, y_test, config) for m in models}}
@@ -288,7 +281,7 @@ def plot_sweeps(results: dict, path: Path) -> Path:
         ax.set_title(f"PGD-{'Linf' if norm == 'linf' else 'L2'}, worst case over gradient sources")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
     return path
 
 
@@ -315,16 +308,8 @@ def plot_corruptions(results: dict, path: Path) -> Path | None:
             ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=6,
                     color="white" if value < 60 else "black")
     fig.colorbar(image, ax=axes[0].tolist(), label="accuracy (%)", shrink=0.8)
-    _save(fig, path)
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
     return path
-
-
-def _save(fig, path: Path) -> None:
-    import os
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
 
 
 REPORT_FILES = {"json": "results.json", "table": "table.md", "sweeps": "sweeps.png", "corruptions": "corruptions.png"}
@@ -338,15 +323,13 @@ def report_files(out_dir) -> dict:
 def write_report(results: dict, out_dir) -> dict:
     """results.json, table.md, sweeps.png and corruptions.png (when corruptions ran) in ``out_dir``; returns their
     paths."""
-    from .evaluation import write_json
+    from ebm_sim.storage import write_json, write_text
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {kind: out_dir / REPORT_FILES[kind] for kind in ("json", "table", "sweeps")}
     (out_dir / REPORT_FILES["corruptions"]).unlink(missing_ok=True)  # a stale one from an earlier configuration
     write_json(paths["json"], results)
-    tmp = out_dir / f".table.md.{id(results)}.tmp"
-    tmp.write_text(markdown_table(results))
-    tmp.replace(paths["table"])
+    write_text(paths["table"], markdown_table(results))
     plot_sweeps(results, paths["sweeps"])
     corruption_plot = plot_corruptions(results, out_dir / REPORT_FILES["corruptions"])
     if corruption_plot is not None:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
+
+import numpy as np
+
+from ebm_sim.storage import write_text
 
 
 def _canonical(obj) -> str:
@@ -41,10 +44,7 @@ class PartStore:
         return stored.get("record")
 
     def put(self, key: dict, record: dict) -> None:
-        path = self.path(key)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(_canonical({"key": key, "record": record}))
-        os.replace(tmp, path)
+        write_text(self.path(key), _canonical({"key": key, "record": record}))
 
 
 def bits(flags) -> str:
@@ -52,6 +52,15 @@ def bits(flags) -> str:
     return "".join("1" if f else "0" for f in flags)
 
 
-def unbits(text: str):
-    import numpy as np
+def unbits(text: str) -> np.ndarray:
+    """The inverse of ``bits``: a boolean array."""
     return np.frombuffer(text.encode(), dtype=np.uint8) == ord("1")
+
+
+def flags_of(parts_of_task: list, field: str, indices) -> np.ndarray:
+    """Per-example flags of one task for ``indices`` (in that order), from its parts [(chunk indices, record)]."""
+    lookup = {}
+    for chunk, record in parts_of_task:
+        for index, flag in zip(chunk, unbits(record[field])):
+            lookup[int(index)] = bool(flag)
+    return np.array([lookup[int(i)] for i in indices], dtype=bool)
