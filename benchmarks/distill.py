@@ -36,6 +36,7 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 
 from _common import run_groups, wall_times, write_results  # noqa: E402
 from ebm_sim import storage  # noqa: E402
+from ebm_sim.batch_relax import relax_to_file  # noqa: E402
 from ebm_sim.datasets import load_dataset  # noqa: E402
 from ebm_sim.relax import relax  # noqa: E402
 
@@ -59,18 +60,10 @@ def load(case: str, quick: bool):
 
 
 def relax_set(network, x, labels, directory: Path, name: str):
-    """Relax a whole set at the deployed settings and store it as a fixed-point file (as `ebm relax` does)."""
-    states, steps, residuals, converged = [], [], [], []
-    for start in range(0, len(x), 1024):
-        result = relax(network, x[start:start + 1024], method="fixed_point", on_divergence="flag", **DEPLOYED)
-        states.append(result.states)
-        steps.append(result.steps)
-        residuals.append(result.residual)
-        converged.append(result.converged)
+    """Relax a whole set at the deployed settings into a fixed-point file (`ebm relax`'s code path)."""
     path = directory / f"{name}.h5"
-    storage.save_fixed_points(path, x, labels, [np.concatenate(layer) for layer in zip(*states)],
-                              np.concatenate(residuals), np.concatenate(steps), np.concatenate(converged),
-                              {"method": "fixed_point", **DEPLOYED}, network.content_hash())
+    relax_to_file(network, x, labels, path, method="fixed_point", batch_size=1024, progress=False,
+                  log=lambda msg: None, **DEPLOYED)
     return storage.load_fixed_points(path, network), path
 
 

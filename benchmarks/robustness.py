@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -33,7 +32,7 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 from _common import write_results  # noqa: E402
 from ebm_sim import storage  # noqa: E402
 from ebm_sim.datasets import load_dataset  # noqa: E402
-from ebm_sim.relax import relax  # noqa: E402
+from ebm_sim.batch_relax import relax_to_file  # noqa: E402
 
 NETWORKS = ROOT / "benchmarks" / "results" / "networks"
 FULL = {"dataset": "fashion-mnist", "network": "fashion_deep_784-512-512-10.h5", "distill_epochs": 30,
@@ -66,12 +65,8 @@ def train_student(network_path: Path, network, data, path: Path, epochs: int, pr
     d = Deployment.of_network_file(network_path)
     with tempfile.TemporaryDirectory() as tmp:
         fp_path = Path(tmp) / "train_fixed_points.h5"
-        parts = [relax(network, data.x_train[a:a + 2048], method=d.method, tol=d.tol, max_steps=d.max_steps,
-                       dt=d.dt, on_divergence="flag") for a in range(0, len(data.x_train), 2048)]
-        storage.save_fixed_points(fp_path, data.x_train, data.y_train,
-                                  [np.concatenate(layer) for layer in zip(*(p.states for p in parts))],
-                                  np.concatenate([p.residual for p in parts]), np.concatenate([p.steps for p in parts]),
-                                  np.concatenate([p.converged for p in parts]), d.as_dict(), network.content_hash())
+        relax_to_file(network, data.x_train, data.y_train, fp_path, method=d.method, tol=d.tol,
+                      max_steps=d.max_steps, dt=d.dt, batch_size=2048, progress=progress, log=log)
         distill(network, storage.load_fixed_points(fp_path, network), DistillConfig(epochs=epochs),
                 checkpoint_path=path, resume=path.exists(), fixed_points_hash=stored_content_hash(fp_path),
                 dataset=data.name, progress=progress, log=log)
