@@ -26,13 +26,7 @@ NET = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "networks
 QUIET = dict(progress=False, log=lambda msg: None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread avoids OpenMP spin-waiting on a loaded 2-core machine (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _fixed_points(network, x, y, path=None, split="train"):
