@@ -146,7 +146,7 @@ def main(argv=None):
     start = time.perf_counter()
     paths, training_seconds = prepare_models(settings, models_dir, not args.no_progress)
     data = load_dataset(settings["dataset"])
-    image_shape = (1,) + tuple(data.image_shape)
+    image_shape = data.channels_first_shape
     models = [load_model_under_test(paths["EBM"], "EBM", image_shape, student=paths["distilled"])]
     models += [load_model_under_test(paths[name], name, image_shape) for name in ("distilled", "standard", "pgd-at")]
     config = RobustnessConfig.for_dataset(data.name, **(QUICK_BUDGET if args.quick else {}))

@@ -206,7 +206,7 @@ def run_robustness(model_arguments, dataset: str, out_dir, *, data_dir=None, stu
         if not path.is_file():
             raise FileNotFoundError(f"no such model file: {path}")
     data = datasets.load_dataset(dataset, data_dir)
-    image_shape = data.image_shape if len(data.image_shape) == 3 else (1,) + tuple(data.image_shape)
+    image_shape = data.channels_first_shape
     models = []
     for name, path in parsed:
         ebm = artifact_format(path) == "ebm-network"

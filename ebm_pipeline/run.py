@@ -176,16 +176,12 @@ class Pipeline:
             return [path], summary
         return self.stage(name, [self.config.digest("network", name)], work)
 
-    def image_shape(self) -> tuple:
-        shape = tuple(self.data.image_shape)
-        return shape if len(shape) == 3 else (1,) + shape
-
     def robustness(self) -> dict:
         from distill.robustness import evaluate, load_model_under_test
         from distill.robustness.models import Deployment
 
         folder = self.path("robustness")
-        shape = self.image_shape()
+        shape = self.data.channels_first_shape
 
         def work():
             deployment = Deployment(**self.config.deployment)

@@ -104,6 +104,11 @@ class Dataset:
         """D, the length of one flattened example."""
         return int(np.prod(self.image_shape))
 
+    @property
+    def channels_first_shape(self) -> tuple:
+        """One example as (C, H, W): ``image_shape``, with a channel axis of 1 added to grayscale (H, W) images."""
+        return self.image_shape if len(self.image_shape) == 3 else (1,) + self.image_shape
+
     def images(self, split: str = "train") -> np.ndarray:
         """The ``split`` ("train" or "test") inputs reshaped to (N, *image_shape) (a view, no copy)."""
         if split not in ("train", "test"):

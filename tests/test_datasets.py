@@ -492,3 +492,9 @@ def test_real_cifar10_batches():
     assert corr > 0.8
     small = load_dataset("cifar-10", REAL_CIFAR10, limit_train=200, limit_test=100, seed=1)
     assert list(np.bincount(small.y_test, minlength=10)) == [10] * 10
+
+
+def test_channels_first_shape_adds_a_channel_to_grayscale_images():
+    from ebm_sim.datasets import load_digits
+    data = load_digits()
+    assert data.image_shape == (8, 8) and data.channels_first_shape == (1, 8, 8)
