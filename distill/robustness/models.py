@@ -54,8 +54,10 @@ class Deployment:
             raise ValueError(f"deployment max_steps must be an integer >= 1, got {self.max_steps!r}")
 
     @classmethod
-    def of_network_file(cls, path) -> "Deployment":
-        config = storage.artifact_info(path)["summary"].get("extra", {}).get("config") or {}
+    def of_network_file(cls, path, info: dict | None = None) -> "Deployment":
+        """info: the file's ``storage.artifact_info`` when the caller has read it already."""
+        info = info or storage.artifact_info(path)
+        config = info["summary"].get("extra", {}).get("config") or {}
         if not config:
             return cls()
         return cls(method=config.get("method", "fixed_point"), tol=float(config.get("tol", 1e-4)),
@@ -77,11 +79,11 @@ class ModelUnderTest:
     sources: dict
     black_box: torch.nn.Module
 
-    def __init__(self, name: str, path):
+    def __init__(self, name: str, path, content_hash: str):
         self.name = name
         self.path = Path(path)
-        self.content_hash = storage.artifact_info(path)["content_hash"]
-        self.parameters_hash = self.content_hash  # subclasses: a hash of the parameters alone
+        self.content_hash = content_hash
+        self.parameters_hash = content_hash  # subclasses: a hash of the parameters alone
 
     def _set_image_shape(self, image_shape, input_size: int) -> None:
         shape = (input_size,) if image_shape is None else tuple(int(n) for n in image_shape)
@@ -144,7 +146,7 @@ class FeedForwardUnderTest(ModuleUnderTest):
         from distill.io import load_model
         model = load_model(path)
         super().__init__(name, model, model.layer_sizes[0], image_shape, model.provenance.kind,
-                         storage.artifact_info(path)["content_hash"], batch_size)
+                         model.provenance.content_hash, batch_size)
         self.path = Path(path)
 
 
@@ -159,11 +161,12 @@ class EBMUnderTest(ModelUnderTest):
         from ebm_sim import torch_twin
 
         from .implicit import ImplicitEBM
-        super().__init__(name, path)
+        info = storage.artifact_info(path)
+        super().__init__(name, path, info["content_hash"])
         self.network = storage.load_network(path)
         self.parameters_hash = self.network.content_hash()  # architecture and parameters (not the history)
         self._set_image_shape(image_shape, self.network.layer_sizes[0])
-        self.deployment = deployment or Deployment.of_network_file(path)
+        self.deployment = deployment or Deployment.of_network_file(path, info)
         gradients = tuple(gradients) if gradients is not None else (
             ("bptt", "implicit") + (("transfer",) if student is not None else ()))
         unknown = [g for g in gradients if g not in EBM_GRADIENTS]
