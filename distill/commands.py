@@ -13,16 +13,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-
-def _check_output(out: Path, resume: bool, overwrite: bool) -> None:
-    if resume and overwrite:
-        raise ValueError("--resume and --overwrite exclude each other")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {out}: directory {out.parent} does not exist")
-    if out.exists() and not (resume or overwrite):
-        raise ValueError(f"{out} exists: pass --resume to continue its training or --overwrite to start over")
-    if resume and not out.exists():
-        raise FileNotFoundError(f"--resume: no such file {out} (nothing to resume)")
+from ebm_sim.outputs import check_output, exclusive
 
 
 @contextmanager
@@ -51,7 +42,7 @@ def run_distill(network_path, fixed_points_path, out, *, test_fixed_points=None,
 
     out = Path(out)
     config = DistillConfig(**config)  # validated before any work
-    _check_output(out, resume, overwrite)
+    check_output(out, overwrite=overwrite, resume=resume)
     network = storage.load_network(network_path)
     fixed_points = storage.load_fixed_points(fixed_points_path, network=network)
     test = storage.load_fixed_points(test_fixed_points, network=network) if test_fixed_points else None
@@ -60,7 +51,7 @@ def run_distill(network_path, fixed_points_path, out, *, test_fixed_points=None,
     log(f"distilling {'-'.join(map(str, network.layer_sizes))} (network {network.content_hash()[:12]}) from "
         f"{len(fixed_points)} fixed points of {fixed_points.settings.get('dataset', 'unknown data')} "
         f"({config.val_fraction:.0%} held out); checkpoints in {out}")
-    with _interruption_note(out, log):
+    with exclusive(out), _interruption_note(out, log):
         student, history = distill(network, fixed_points, config, checkpoint_path=out, resume=resume,
                                    progress=progress, log=log, fixed_points_hash=fp_hash, provenance=provenance)
     summary = {"path": str(out), "epochs_run": len(history.get("epoch", [])), "best_epoch": int(history["best_epoch"][0]),
@@ -105,7 +96,7 @@ def run_baseline(kind: str, dataset: str, layers, out, *, data_dir=None, limit_t
 
     out = Path(out)
     config = BaselineConfig(kind=kind, **config)
-    _check_output(out, resume, overwrite)
+    check_output(out, overwrite=overwrite, resume=resume)
     data = datasets.load_dataset(dataset, data_dir, limit_train=limit_train, limit_test=limit_test,
                                  seed=config.seed if data_seed is None else data_seed)
     sizes = tuple(int(n) for n in layers)
@@ -118,7 +109,7 @@ def run_baseline(kind: str, dataset: str, layers, out, *, data_dir=None, limit_t
     log(f"{what} of {'-'.join(map(str, sizes))} on {data.name} ({len(data.y_train)} train / {len(data.y_test)} "
         f"test samples, {config.val_fraction:.0%} held out); checkpoints in {out}")
     provenance = {"limit_train": limit_train, "limit_test": limit_test, "image_shape": list(data.image_shape)}
-    with _interruption_note(out, log):
+    with exclusive(out), _interruption_note(out, log):
         model, history = train_baseline(sizes, data.x_train, data.y_train, config, activation=activation,
                                         checkpoint_path=out, resume=resume, progress=progress, log=log,
                                         dataset=data.name, provenance=provenance)

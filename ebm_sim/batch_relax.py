@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .storage import atomic_path
+from .outputs import atomic_path, check_output, exclusive, require_space
 
 PARTIAL_SUFFIX = ".partial.npz"
 PARTIAL_FORMAT = "ebm-relax-partial/1"
@@ -59,6 +59,7 @@ def _load_partial(path: Path, key: str, num_layers: int, log) -> tuple[int, floa
     if not path.exists():
         return None
     try:
+        _check_stored(path)
         with np.load(path, allow_pickle=False) as z:
             stored_key = str(z["key"][()])
             if stored_key != key:
@@ -77,6 +78,16 @@ def _load_partial(path: Path, key: str, num_layers: int, log) -> tuple[int, floa
     return done, elapsed, parts
 
 
+def _check_stored(path: Path) -> None:
+    """Refuse a partial file whose members are compressed: ``np.savez`` stores them plainly, so none can inflate
+    beyond the file's own size (a forged, zip-bombed file is ignored instead of read)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        if any(info.compress_type != zipfile.ZIP_STORED for info in archive.infolist()):
+            raise ValueError("compressed members (np.savez never writes them)")
+
+
 def relax_to_file(network, x, labels, out, *, method: str = "fixed_point", tol: float = 1e-4,
                   max_steps: int = 1000, dt: float | None = None, batch_size: int = 256, dtype=None,
                   meta: dict | None = None, checkpoint_every: int = 10, resume: bool = True,
@@ -89,13 +100,10 @@ def relax_to_file(network, x, labels, out, *, method: str = "fixed_point", tol: 
     split, limit). Returns a summary dict (samples, converged, steps, residual, accuracy, time, paths).
     Raises ValueError for bad settings and RunError if the dynamics diverge (finished batches are kept).
     """
-    from . import storage
-    from .relax import RelaxSettings, relax
+    from .relax import RelaxSettings
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {out}: directory {out.parent} does not exist")
+    out = check_output(out, overwrite=True)  # a missing or read-only folder is refused before the work
     if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
         raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
     if not (isinstance(checkpoint_every, (int, np.integer)) and checkpoint_every >= 1):
@@ -111,10 +119,27 @@ def relax_to_file(network, x, labels, out, *, method: str = "fixed_point", tol: 
         raise ValueError(f"{x.shape[0]} inputs but labels of shape {labels.shape}")
     if x.shape[0] == 0:
         raise ValueError("no samples to relax")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    per_sample = x.itemsize * (x.shape[1] + sum(run_net.state_sizes)) + labels.itemsize + 8 + 8 + 1
+    require_space(out, 2 * per_sample * x.shape[0])  # the partial file and the final one coexist for a moment
     settings = {**relax_settings.as_dict(), "dtype": str(run_net.dtype), "batch_size": int(batch_size),
                 "on_divergence": "flag", **(meta or {})}
-    num, num_layers = x.shape[0], len(run_net.state_sizes)  # layers that relax (no readout)
     key = _run_key(source_hash, x, labels, settings)
+    with exclusive(out):  # one writer of OUT (and of its partial file) at a time
+        return _relax_batches(network, run_net, x, labels, out, settings, key, resume, checkpoint_every, progress,
+                              log)
+
+
+def _relax_batches(network, run_net, x, labels, out: Path, settings: dict, key: str, resume: bool,
+                   checkpoint_every: int, progress: bool, log) -> dict:
+    """The work of ``relax_to_file`` once its inputs are checked: batches, partial saves, the final file."""
+    from . import storage
+    from .relax import divergence_remedy, relax
+
+    method, tol, max_steps, dt = (settings[k] for k in ("method", "tol", "max_steps", "dt"))
+    batch_size, source_hash = settings["batch_size"], network.content_hash()
+    num, num_layers = x.shape[0], len(run_net.state_sizes)  # layers that relax (no readout)
     ppath = partial_path(out)
 
     parts = {f"s{k}": [] for k in range(1, num_layers + 1)}
@@ -144,9 +169,10 @@ def relax_to_file(network, x, labels, out, *, method: str = "fixed_point", tol: 
                 bad = done + np.nonzero(result.diverged)[0]
                 if done > resumed_from:
                     _save_partial(ppath, key, done, elapsed(), parts)
+                kept = (f"The {done} samples before them are kept in {ppath}" if done else
+                        "Nothing was kept: the first batch diverged")
                 raise RunError(f"the {method} dynamics diverged (NaN or inf) for {len(bad)} of the samples "
-                               f"{done}..{stop - 1} (first: {bad[:5].tolist()}); lower --dt or check the weights' "
-                               f"scale. The {done} samples before them are kept in {ppath}")
+                               f"{done}..{stop - 1} (first: {bad[:5].tolist()}); {divergence_remedy(method)}. {kept}")
             for k, s in enumerate(result.states, start=1):
                 parts[f"s{k}"].append(s)
             parts["residuals"].append(result.residual)

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from .batch_relax import RunError, format_relax_summary, run_relax
+from .outputs import DiskFullError, add_output_argument, claim_outputs
 
 PROG = "ebm"
 RELAX_METHODS = ("fixed_point", "euler", "alternating", "rk45")
@@ -63,12 +64,18 @@ def cmd_relax(args) -> int:
 def cmd_info(args) -> int:
     from . import storage
 
-    status = 0
-    for i, path in enumerate(args.files):
-        info = storage.artifact_info(path)
-        print(("\n" if i else "") + storage.format_info(info))
+    status, printed = 0, 0
+    for path in args.files:  # every file is described or refused; the worst outcome sets the exit status
+        try:
+            info = storage.artifact_info(path)
+        except (ValueError, OSError) as error:
+            print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
+            status = 2
+            continue
+        print(("\n" if printed else "") + storage.format_info(info), flush=True)
+        printed += 1
         if info["hash_status"] != "ok":
-            status = 1
+            status = max(status, 1)
     return status
 
 
@@ -85,11 +92,7 @@ def cmd_train(args) -> int:
     from .network import Network
     from .training import TrainConfig, fit
 
-    out = Path(args.output)
-    if out.exists() and not (args.resume or args.overwrite):
-        raise ValueError(f"{out} exists: pass --resume to continue its training or --overwrite to start over")
-    if args.resume and not out.exists():
-        raise FileNotFoundError(f"--resume: no such file {out} (nothing to resume)")
+    out = Path(args.output)  # checked (exists, --resume, --overwrite, writable, locked) by claim_outputs in main
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, beta=args.beta, nudging=args.nudging,
                          cost=args.cost, method=args.method, free_steps=args.free_steps,
                          nudged_steps=args.nudged_steps, tol=args.tol, optimizer=args.optimizer, lr=args.lr,
@@ -324,8 +327,6 @@ def _add_distill_commands(sub) -> None:
         p.add_argument("--val-fraction", type=float, default=d.val_fraction,
                        help=f"share held out for early stopping (default {d.val_fraction:g})")
         p.add_argument("--seed", type=int, default=d.seed, help="seed of the init, split, batches (and PGD starts)")
-        p.add_argument("--resume", action="store_true", help="continue the interrupted run saved in -o")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     d = DistillConfig()
@@ -349,7 +350,8 @@ def _add_distill_commands(sub) -> None:
                         f"{d.output_target})")
     p.add_argument("--init-from-ebm", action="store_true", help="start from the EBM's forward weights W_k, b_k")
     fit_arguments(p, d)
-    p.add_argument("-o", "--output", required=True, metavar="STUDENT.h5", help="student file to write")
+    add_output_argument(p, "-o", "--output", policy="resume", required=True, metavar="STUDENT.h5",
+                        help="student file to write (rewritten every epoch; --resume continues it)")
     p.set_defaults(func=cmd_distill)
 
     b = BaselineConfig()
@@ -370,7 +372,8 @@ def _add_distill_commands(sub) -> None:
     p.add_argument("--pgd-step-size", type=float, default=b.pgd_step_size,
                    help=f"default {b.pgd_step_size:g}")
     fit_arguments(p, b)
-    p.add_argument("-o", "--output", required=True, metavar="MODEL.h5", help="model file to write")
+    add_output_argument(p, "-o", "--output", policy="resume", required=True, metavar="MODEL.h5",
+                        help="model file to write (rewritten every epoch; --resume continues it)")
     p.set_defaults(func=cmd_baseline)
 
 
@@ -393,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="write onnxruntime's dynamically quantized int8 model (int8 weights, uint8 activations "
                         "quantized at run time) instead of the float32 one")
-    p.add_argument("-o", "--output", required=True, metavar="MODEL.onnx")
+    add_output_argument(p, "-o", "--output", required=True, metavar="MODEL.onnx", help="ONNX file to write")
     p.set_defaults(func=cmd_export_onnx)
 
     p = sub.add_parser("init", help="create a seeded, untrained network file",
@@ -407,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", choices=sorted(ACTIVATIONS), default="hard_sigmoid",
                    help="rho(u) = clip(u, 0, 1) (hard_sigmoid, default) or clip(u/2, 0, 1) (hard_sigmoid_half)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="default float32")
-    p.add_argument("-o", "--output", required=True, metavar="NET.h5", help="network file to write")
+    add_output_argument(p, "-o", "--output", required=True, metavar="NET.h5", help="network file to write")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("relax", help="relax a dataset to the network's fixed points and save them",
@@ -435,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save finished batches to OUT.partial.npz every N batches (default 10; also on Ctrl-C)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing OUT.partial.npz and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("-o", "--output", required=True, metavar="FIXED_POINTS.h5", help="fixed-point file to write")
+    add_output_argument(p, "-o", "--output", required=True, metavar="FIXED_POINTS.h5",
+                        help="fixed-point file to write (its unfinished batches wait in OUT.partial.npz)")
     p.set_defaults(func=cmd_relax)
 
     p = sub.add_parser("train", help="train a network with equilibrium propagation",
@@ -470,23 +474,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--schedule", choices=SCHEDULES, default="constant", help="constant or cosine annealing")
-    p.add_argument("--resume", action="store_true", help="continue the training saved in -o")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("-o", "--output", required=True, metavar="NET.h5", help="network file (checkpointed every epoch)")
+    add_output_argument(p, "-o", "--output", policy="resume", required=True, metavar="NET.h5",
+                        help="network file (checkpointed every epoch; --resume continues it)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("info", help="describe an artifact (network, fixed points, trajectory)",
                        description="Print the header, hash check and contents of ebm-toolkit HDF5 files. "
-                                   "Exit status 1 if a file's content hash does not match.")
-    p.add_argument("files", nargs="+", metavar="FILE")
+                                   "Every file is described or refused in turn; exit status 1 if a file's content "
+                                   "hash does not match, 2 if a file cannot be read as an artifact.")
+    p.add_argument("files", nargs="+", metavar="FILE", help="artifact files (.h5) to describe")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="run the simulator end to end on the embedded digits (under a minute)",
                        description="Initialize a seeded 64-256-10 network, relax the digits test set with every "
                                    "integrator, compare them, check the energy decreases, write three artifacts.")
-    p.add_argument("--out-dir", default="runs/demo-simulator", metavar="DIR",
-                   help="where to write (default runs/demo-simulator)")
+    add_output_argument(p, "--out-dir", policy="folder", default="runs/demo-simulator", metavar="DIR",
+                        help="where to write (default runs/demo-simulator; its three files are rewritten)")
     p.set_defaults(func=cmd_demo)
     _add_distill_commands(sub)
     _add_robustness_command(sub)
@@ -503,25 +507,50 @@ def _add_hardware_commands(sub) -> None:
 
 
 USER_ERRORS = (ValueError, FileNotFoundError, OSError, pickle.UnpicklingError)
+SIGPIPE_STATUS = 141  # what a shell reports for a program ended by SIGPIPE (128 + 13)
+
+
+def _note(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe (``ebm info x.h5 | head``): send what is left of stdout to /dev/null, so that Python's
+    final flush does not report the broken pipe as an error."""
+    import os
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file descriptor (captured in a test)
+        pass
 
 
 def main(argv=None) -> int:
-    """Entry point of the ``ebm`` console script; returns the exit status (0 ok, 1 failed run, 2 user error,
-    130 interrupted)."""
+    """Entry point of the ``ebm`` console script; returns the exit status (0 ok, 1 failed run or full disk, 2 user
+    error, 130 interrupted, 141 output pipe closed by the reader). The outputs a command declares are checked and
+    locked (ebm_sim.outputs: exists, --overwrite/--resume, writable, one writer) before it runs."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed by argparse
         return e.code if isinstance(e.code, int) else 2
     try:
-        return args.func(args)
+        with claim_outputs(args, log=_note):
+            return args.func(args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except (RunError, FloatingPointError) as e:  # a run that cannot finish (diverging dynamics or training)
+    except BrokenPipeError:
+        _quiet_stdout()
+        return SIGPIPE_STATUS
+    except (RunError, FloatingPointError, DiskFullError) as e:  # a run that cannot finish (diverging, disk full)
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
-    except USER_ERRORS as e:  # ArtifactError is a ValueError
+    except MemoryError as e:  # what no check could foresee (the sizes a command can check are refused before)
+        print(f"{PROG}: error: out of memory{': ' + str(e) if str(e) else ''}; use smaller batches, layers or "
+              f"--limit", file=sys.stderr)
+        return 1
+    except USER_ERRORS as e:  # ArtifactError, OutputError and MemoryLimitError are ValueErrors
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
 

@@ -197,41 +197,64 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     0x0E double), the number of dimensions, then one big-endian uint32 per dimension. The payload must hold
     exactly prod(dims) items; anything else (bad magic, unknown dtype, truncated or trailing bytes, a broken
     gzip stream) raises ValueError naming the file. Multi-byte types are returned in native byte order.
+
+    The header is checked before the payload is read: a raw file's size must match it, and a gzip stream is
+    inflated only up to the declared size (plus one byte, to see trailing data), after the declared size was
+    checked against the memory available, so a small compressed file cannot inflate to gigabytes.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"IDX file not found: {path}")
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
+    with open(path, "rb") as raw_handle:
+        compressed = raw_handle.read(2) == b"\x1f\x8b"
+        raw_handle.seek(0)
+        if not compressed and path.suffix == ".gz":
+            raise ValueError(f"{path}: named .gz but is not gzip-compressed")
+        handle = gzip.GzipFile(fileobj=raw_handle) if compressed else raw_handle
         try:
-            raw = gzip.decompress(raw)
+            return _read_idx_stream(path, handle, None if compressed else path.stat().st_size)
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
             raise ValueError(f"{path}: broken gzip stream ({exc})") from None
-    elif path.suffix == ".gz":
-        raise ValueError(f"{path}: named .gz but is not gzip-compressed")
-    if len(raw) < 4:
-        raise ValueError(f"{path}: not an IDX file (only {len(raw)} bytes, shorter than the 4-byte magic number)")
-    if raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path}: not an IDX file (bad magic number 0x{raw[:4].hex()}; "
+
+
+def _read_idx_stream(path: Path, handle, file_size: int | None) -> np.ndarray:
+    """The IDX array of an open stream (``file_size``: the raw file's size, None for a gzip stream)."""
+    from .limits import require_memory
+
+    magic = handle.read(4)
+    if len(magic) < 4:
+        raise ValueError(f"{path}: not an IDX file (only {len(magic)} bytes, shorter than the 4-byte magic number)")
+    if magic[0] != 0 or magic[1] != 0:
+        raise ValueError(f"{path}: not an IDX file (bad magic number 0x{magic.hex()}; "
                          "expected 0x0000 then a dtype code and ndim)")
-    code, ndim = raw[2], raw[3]
+    code, ndim = magic[2], magic[3]
     if code not in _IDX_DTYPES:
         raise ValueError(f"{path}: unknown IDX dtype code 0x{code:02x} (expected one of "
                          f"{', '.join(f'0x{c:02x}' for c in _IDX_DTYPES)})")
     if ndim == 0:
         raise ValueError(f"{path}: IDX header declares 0 dimensions")
+    header = handle.read(4 * ndim)
     header_len = 4 + 4 * ndim
-    if len(raw) < header_len:
-        raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes, {ndim} dimensions need {header_len})")
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    if len(header) < 4 * ndim:
+        raise ValueError(f"{path}: truncated IDX header ({4 + len(header)} bytes, {ndim} dimensions need "
+                         f"{header_len})")
+    dims = tuple(int(d) for d in np.frombuffer(header, dtype=">u4"))
     dtype = _IDX_DTYPES[code]
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    payload = len(raw) - header_len
-    if payload != expected:
+    expected = int(np.prod(dims, dtype=object)) * dtype.itemsize
+    if file_size is not None and file_size - header_len != expected:
+        payload = file_size - header_len
         what = "truncated" if payload < expected else "has trailing bytes"
         raise ValueError(f"{path}: IDX file {what}: header declares shape {dims} of {dtype} "
                          f"({expected} bytes) but the file holds {payload} data bytes")
-    array = np.frombuffer(raw, dtype=dtype, offset=header_len).reshape(dims)
+    require_memory(expected, f"{path}: its IDX header declares shape {dims} of {dtype}")
+    data = handle.read(expected)
+    if len(data) < expected:
+        raise ValueError(f"{path}: IDX file truncated: header declares shape {dims} of {dtype} "
+                         f"({expected} bytes) but the file holds {len(data)} data bytes")
+    if handle.read(1):
+        raise ValueError(f"{path}: IDX file has trailing bytes after the {expected} data bytes its header declares "
+                         f"(shape {dims} of {dtype})")
+    array = np.frombuffer(data, dtype=dtype).reshape(dims)
     return array.astype(dtype.newbyteorder("="), copy=True)
 
 
@@ -375,7 +398,15 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Callable[[], Any]] = {
     ("builtins", "frozenset"): lambda: frozenset,
     ("builtins", "bytearray"): lambda: bytearray,
     ("builtins", "complex"): lambda: complex,
+    ("builtins", "bytes"): lambda: _bytes_from_pickle,  # protocol 2 pickles an empty bytes object as bytes()
 }
+
+
+def _bytes_from_pickle(*args: Any) -> bytes:
+    """``bytes`` for the unpickler, refusing a size argument (``bytes(10**12)`` would allocate a terabyte)."""
+    if args and isinstance(args[0], int):
+        raise RefusedGlobalError("refusing to unpickle bytes(<size>): only bytes built from data are allowed")
+    return bytes(*args)
 
 
 class RefusedGlobalError(pickle.UnpicklingError):
@@ -413,8 +444,10 @@ def restricted_load(path: str | os.PathLike, encoding: str = "bytes") -> Any:
     with open(path, "rb") as handle:
         try:
             return RestrictedUnpickler(handle, source=str(path), encoding=encoding).load()
-        except RefusedGlobalError:
-            raise
+        except RefusedGlobalError as exc:
+            if str(path) in str(exc):
+                raise
+            raise RefusedGlobalError(f"{exc} (in {path})") from None
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as exc:
             raise ValueError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
 
@@ -429,6 +462,23 @@ def _as_text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def _integer_labels(values: Any, what: str) -> np.ndarray:
+    """``values`` (a list or array of class indices) as int64, refusing anything but integers: a float label (0.5)
+    would otherwise be truncated silently, a bool or a string taken for a number."""
+    try:
+        array = np.asarray(values)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} is not a list of integers ({exc})") from None
+    if array.dtype.kind not in "iu" or array.ndim != 1:
+        found = f"{array.dtype} values of shape {array.shape}"
+        if array.dtype.kind == "f" and array.size:
+            fractional = array[~np.isfinite(array) | (array != np.round(array))]
+            if fractional.size:
+                found += f", e.g. {fractional[0]!r}"
+        raise ValueError(f"{what} must be a list of integer class indices, got {found}")
+    return array.astype(np.int64)
+
+
 def _cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     batch = _str_keys(restricted_load(path), path)
     for key in ("data", label_key):
@@ -438,10 +488,9 @@ def _cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarr
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise ValueError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got "
                          f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
-    try:
-        labels = np.asarray(batch[label_key], dtype=np.int64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: {label_key!r} is not a list of integers ({exc})") from None
+    if data.shape[0] == 0:
+        raise ValueError(f"{path}: the batch holds no images (its 'data' has shape {data.shape})")
+    labels = _integer_labels(batch[label_key], f"{path}: {label_key!r}")
     if labels.shape != (data.shape[0],):
         raise ValueError(f"{path}: {data.shape[0]} images but {label_key!r} has shape {labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .limits import require_memory
+
 ACTIVATIONS = {"hard_sigmoid": 1.0, "hard_sigmoid_half": 0.5}
 DTYPES = (np.float32, np.float64)
 
@@ -137,6 +139,9 @@ class Network:
         if not np.isfinite(gain) or gain <= 0:
             raise ValueError(f"gain must be positive, got {gain}")
         dtype = _check_dtype(dtype)
+        count = sum(n_in * n_out + n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
+        require_memory(count * (8 + dtype.itemsize), f"a {'-'.join(map(str, sizes))} network ({count:,} parameters, "
+                       f"drawn in float64 and stored in {dtype})", "check the layer sizes")
         rng = np.random.default_rng(seed)
         weights, biases = [], []
         for n_in, n_out in zip(sizes[:-1], sizes[1:]):

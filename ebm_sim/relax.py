@@ -205,5 +205,14 @@ def relax(network: Network, x, method: str = "fixed_point", tol: float = 1e-4, m
     if on_divergence == "raise" and np.any(result.diverged):
         bad = np.nonzero(result.diverged)[0]
         raise DivergenceError(f"the {settings.method} dynamics produced NaN or inf for {len(bad)} of {x.shape[0]} "
-                              f"samples (first: {bad[:5].tolist()}); lower dt or check the weights' scale")
+                              f"samples (first: {bad[:5].tolist()}); {divergence_remedy(settings.method)}")
     return result
+
+
+def divergence_remedy(method: str) -> str:
+    """What to try when ``method`` diverged: a smaller step where the method has one (euler, rk45), else the
+    weights (fixed_point and alternating take a step of 1 by definition)."""
+    if method in ("fixed_point", "alternating"):
+        return (f"{method} has no step size to lower: check the weights' scale (a smaller --gain), or use an "
+                f"integrator with a step (--method euler --dt 0.1)")
+    return "lower --dt or check the weights' scale"

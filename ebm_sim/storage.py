@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +31,7 @@ import h5py
 import numpy as np
 
 from .network import Network
+from .outputs import atomic_path  # noqa: F401  (re-exported: the writer every module uses)
 
 FORMAT_VERSION = 1
 FORMATS = {
@@ -118,31 +116,12 @@ def _header(fmt: str, datasets: dict, config: dict) -> dict:
             "toolkit_version": _toolkit_version(), "content_hash": _content_hash(datasets, hashed)}
 
 
-@contextmanager
-def atomic_path(path: Path):
-    """Yield a temporary path next to ``path``; on success fsync it and rename it onto ``path``; on any
-    exception remove it (the target is untouched)."""
-    if not path.parent.is_dir():
-        raise ArtifactError(f"cannot write {path}: directory {path.parent} does not exist")
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_text(path, text: str) -> Path:
     """Write a text file atomically (``atomic_path``): an interruption leaves the old file or none, never half."""
     path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    data = text.encode()
+    with atomic_path(path, size_hint=len(data)) as tmp:
+        tmp.write_bytes(data)
     return path
 
 
@@ -172,8 +151,11 @@ def _write_artifact(path, fmt: str, datasets: dict, config: dict) -> str:
     """Atomically write ``datasets`` (name -> array) and the header + ``config`` attributes; return the hash."""
     path = Path(path)
     attrs = _header(fmt, datasets, config)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "x") as f:
+    payload = sum(np.asarray(a).nbytes for a in datasets.values())
+    with atomic_path(path, size_hint=payload) as tmp:
+        # h5py writes through a Python file object: a full disk is then a plain OSError (ENOSPC) that atomic_path
+        # turns into DiskFullError; written by name, HDF5 fails in its close and h5py crashes the interpreter
+        with open(tmp, "xb") as handle, h5py.File(handle, "w") as f:
             for name in sorted(datasets):
                 f.create_dataset(name, data=datasets[name])
             for key, value in attrs.items():
@@ -207,6 +189,38 @@ def _open_error(path: Path, error: Exception) -> ArtifactError:
     return ArtifactError(f"{path} cannot be read: the HDF5 file is corrupt or truncated ({error})")
 
 
+_CONTIGUOUS_LAYOUTS = (h5py.h5d.COMPACT, h5py.h5d.CONTIGUOUS)
+
+
+def check_stored_sizes(path, datasets) -> None:
+    """Refuse (ArtifactError), before a byte of data is read, datasets that would take more memory than the file
+    holds: the toolkit writes plain datasets only (fixed-size numbers or bytes, compact or contiguous, unfiltered,
+    fully written, in the file itself), so their sizes together never exceed the file's. A 20 KB file declaring a
+    (2^37,) array, a compressed dataset that inflates a thousandfold or raw data kept in another file is refused.
+
+    datasets: (name, h5py.Dataset) pairs of an open file."""
+    path = Path(path)
+    total = 0
+    for name, dataset in datasets:
+        plist = dataset.id.get_create_plist()
+        if dataset.dtype.kind not in "biufS" or dataset.dtype.hasobject:
+            problem = f"has dtype {dataset.dtype}, not a plain number or byte string"
+        elif plist.get_layout() not in _CONTIGUOUS_LAYOUTS or plist.get_nfilters() or plist.get_external_count():
+            problem = "is chunked, compressed or stored outside the file"
+        elif dataset.id.get_storage_size() != dataset.nbytes:
+            problem = (f"declares {dataset.shape} of {dataset.dtype} ({dataset.nbytes} bytes) but stores "
+                       f"{dataset.id.get_storage_size()} bytes")
+        else:
+            total += dataset.nbytes
+            continue
+        raise ArtifactError(f"{path}: dataset {name!r} {problem}: not written by this toolkit (refused before "
+                            f"reading it)")
+    size = path.stat().st_size
+    if total > size:
+        raise ArtifactError(f"{path}: its datasets declare {total} bytes but the file has {size}: corrupt or not "
+                            f"written by this toolkit (refused before reading them)")
+
+
 def _read_file(path, expected: str | None = None) -> tuple[dict, dict, str]:
     """Open an artifact, check its header (format == ``expected`` if given, supported version) and read all
     datasets. Returns (datasets name -> array, attributes, recomputed content hash)."""
@@ -219,13 +233,10 @@ def _read_file(path, expected: str | None = None) -> tuple[dict, dict, str]:
         with h5py.File(path, "r") as f:
             attrs = {key: _py(value) for key, value in f.attrs.items()}
             _check_header(path, attrs, expected)
-            datasets = {}
-
-            def read(name, obj):
-                if isinstance(obj, h5py.Dataset):
-                    datasets[name] = obj[...]
-
-            f.visititems(read)
+            found = {}
+            f.visititems(lambda name, obj: found.__setitem__(name, obj) if isinstance(obj, h5py.Dataset) else None)
+            check_stored_sizes(path, found.items())
+            datasets = {name: dataset[...] for name, dataset in found.items()}
     except ArtifactError:
         raise
     except _READ_ERRORS as e:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -292,7 +293,8 @@ def check_data(network: Network, x, labels, num_classes: int, what: str) -> None
         raise ValueError(f"{what} labels must be integers of shape ({x.shape[0]},), got {labels.dtype} "
                          f"{labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"{what} labels must lie in [0, {num_classes}), found {labels.min()}..{labels.max()}")
+        raise ValueError(f"{what} labels must lie in [0, {num_classes}) (the output layer's {sizes[-1]} units), "
+                         f"found {labels.min()}..{labels.max()}")
     if not np.all(np.isfinite(x)):
         raise ValueError(f"{what} inputs hold NaN or inf")
 
@@ -324,6 +326,7 @@ class TrainState:
 
     epoch: int = 0
     history: dict = field(default_factory=lambda: {key: [] for key in HISTORY_KEYS})
+    saved: int = 0  # epochs the checkpoint file holds (for the messages of an interrupted run)
 
 
 def batch_order(config: TrainConfig, epoch: int, num_samples: int) -> np.ndarray:
@@ -386,21 +389,32 @@ def fit(network: Network, x_train, y_train, x_test, y_test, config: TrainConfig,
     ``extra_attrs`` and the training configuration (``config``), which also tells how the network is deployed (the
     free phase: method, tol, free_steps). resume=True continues from that
     file (same configuration and data required) and ends with exactly the weights of an uninterrupted run.
-    num_classes: the dataset's (default: the largest label + 1); the output layer must have that many units.
-    All inputs are checked before any work.
+    num_classes: the dataset's (default: the network's output size); the output layer must have that many units and
+    every label must lie in [0, num_classes).
+    All inputs are checked, and the checkpoint file claimed (``ebm_sim.outputs``: one writer, writable, room for a
+    checkpoint), before any work.
     """
-    from tqdm import tqdm
-
-    from . import storage
-
     if num_classes is None:
-        num_classes = int(max(np.max(y_train), np.max(y_test))) + 1
+        num_classes = network.layer_sizes[-1]
     check_data(network, x_train, y_train, num_classes, "training")
     check_data(network, x_test, y_test, num_classes, "test")
     config.layer_rates(network.num_layers)  # per-layer rates must match the depth
     check_cost(network, config.cost)
     if resume and checkpoint_path is None:
         raise ValueError("resume needs the checkpoint file (the network file written by a previous run)")
+    if checkpoint_path is None:
+        return _fit(network, x_train, y_train, x_test, y_test, config, None, resume, progress, log, extra_attrs)
+    from .outputs import check_output, exclusive, require_space
+
+    with exclusive(checkpoint_path):  # one writer; writable, with room for a checkpoint, before the first epoch
+        check_output(checkpoint_path, overwrite=True)
+        require_space(checkpoint_path, checkpoint_bytes(network, config))
+        return _fit(network, x_train, y_train, x_test, y_test, config, checkpoint_path, resume, progress, log,
+                    extra_attrs)
+
+
+def _fit(network, x_train, y_train, x_test, y_test, config, checkpoint_path, resume, progress, log, extra_attrs):
+    """``fit`` once its inputs and output are checked."""
     x_train = np.ascontiguousarray(x_train, dtype=network.dtype)
     x_test = np.ascontiguousarray(x_test, dtype=network.dtype)
     fingerprint = data_fingerprint(x_train, y_train)
@@ -412,6 +426,51 @@ def fit(network: Network, x_train, y_train, x_test, y_test, config: TrainConfig,
     if state.epoch >= config.epochs:
         log(f"nothing to do: {checkpoint_path} already holds {state.epoch} of {config.epochs} epochs")
         return network
+    with _checkpoint_notes(checkpoint_path, state, config, log):
+        _fit_epochs(network, optimizer, x_train, y_train, x_test, y_test, config, state, settings, checkpoint_path,
+                    progress, log, extra_attrs)
+    return network
+
+
+def checkpoint_bytes(network: Network, config: TrainConfig) -> int:
+    """About the size of one checkpoint file: the parameters, the optimizer's float64 state (Adam: two moments,
+    SGD: one velocity) and a history of ``config.epochs`` entries."""
+    count = sum(p.size for p in parameters(network))
+    moments = 2 if config.optimizer == "adam" else 1
+    return count * (network.dtype.itemsize + 8 * moments) + 8 * len(HISTORY_KEYS) * config.epochs
+
+
+@contextmanager
+def _checkpoint_notes(path, state: "TrainState", config: TrainConfig, log):
+    """Say what the checkpoint file holds, and how to go on, when training stops on Ctrl-C or a full disk."""
+    from .outputs import DiskFullError
+
+    def saved() -> str:
+        if path is None:
+            return "nothing is saved (no checkpoint file)"
+        if state.saved == 0:
+            return f"no epoch was saved in {path}"
+        return (f"{path} holds the first {state.saved} of {config.epochs} epochs; run the same command with --resume "
+                f"to continue")
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        log(f"interrupted in epoch {state.saved + 1}: {saved()}")
+        raise
+    except DiskFullError as error:
+        raise DiskFullError(error.errno, f"{error.strerror}; {saved()}") from None
+    except FloatingPointError as error:
+        raise FloatingPointError(f"{error}; {saved()}") from None
+
+
+def _fit_epochs(network, optimizer, x_train, y_train, x_test, y_test, config, state, settings, checkpoint_path,
+                progress, log, extra_attrs) -> None:
+    """The epochs of ``fit`` from ``state.epoch`` on, checkpointing after each (see ``fit``)."""
+    from tqdm import tqdm
+
+    from . import storage
+
     for epoch in range(state.epoch, config.epochs):
         start = time.perf_counter()
         with tqdm(total=x_train.shape[0], desc=f"epoch {epoch + 1}/{config.epochs}", unit="sample",
@@ -420,12 +479,12 @@ def fit(network: Network, x_train, y_train, x_test, y_test, config: TrainConfig,
         test = evaluate(network, x_test, y_test, config)
         stats.update(epoch=epoch + 1, test_acc=test["accuracy"], test_loss=test["loss"],
                      seconds=time.perf_counter() - start)
+        if not np.all([np.all(np.isfinite(p)) for p in parameters(network)]):
+            raise FloatingPointError(f"training diverged in epoch {epoch + 1}: the parameters hold NaN or inf; "
+                                     f"lower the learning rate or beta")
         for key in HISTORY_KEYS:
             state.history[key].append(float(stats[key]))
         network.history = {key: list(values) for key, values in state.history.items()}
-        if not np.all([np.all(np.isfinite(p)) for p in parameters(network)]):
-            raise FloatingPointError(f"training diverged in epoch {epoch + 1}: the parameters hold NaN or inf; "
-                                     f"lower the learning rate or beta (last checkpoint kept)")
         log(f"epoch {epoch + 1}/{config.epochs}: loss {stats['loss']:.4f}, train {100 * stats['train_acc']:.2f}%, "
             f"test {100 * stats['test_acc']:.2f}%, free steps {stats['free_steps_mean']:.1f}, "
             f"{stats['seconds']:.1f} s")
@@ -435,7 +494,7 @@ def fit(network: Network, x_train, y_train, x_test, y_test, config: TrainConfig,
             # the training configuration travels with the network: it defines the deployed relaxation (free phase)
             extra = {"config": config.as_dict(), **(extra_attrs or {})}
             storage.save_network(checkpoint_path, network, extra_attrs=extra, checkpoint=checkpoint)
-    return network
+            state.saved = epoch + 1
 
 
 def _json(value) -> str:
@@ -473,7 +532,7 @@ def _resume(path, network: Network, optimizer, settings: dict, log):
     for mine, theirs in zip(parameters(network), parameters(stored_network)):
         mine[...] = theirs
     optimizer.load(checkpoint["optimizer"])
-    state = TrainState(epoch=int(checkpoint["epoch"]),
+    state = TrainState(epoch=int(checkpoint["epoch"]), saved=int(checkpoint["epoch"]),
                        history={key: list(stored_network.history.get(key, [])) for key in HISTORY_KEYS})
     network.history = dict(stored_network.history)
     log(f"resuming from {path} after epoch {state.epoch}")

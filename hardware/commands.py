@@ -12,8 +12,7 @@ target failed to run.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
+from ebm_sim.outputs import add_output_argument
 from ebm_sim.storage import write_json, write_text
 
 
@@ -105,9 +104,6 @@ def cmd_compare(args) -> int:
                        student=args.student, batch=args.batch, latency_samples=args.latency_samples,
                        repeats=args.repeats, lava_limit=args.lava_limit, cost_table=args.cost_table,
                        **{k: v for k, v in _relaxation_options(args).items() if v is not None})
-    for path in (args.json, args.plot):
-        if path is not None and not Path(path).parent.is_dir():
-            raise FileNotFoundError(f"cannot write {path}: directory {Path(path).parent} does not exist")
     result = compare(spec, targets=args.targets, progress=not args.no_progress)
     print(format_table(result))
     if args.json:
@@ -183,7 +179,7 @@ def add_parsers(sub) -> None:
                    help="refuse a matrix whose relative 8-bit quantization error exceeds this (default 0.1)")
     p.add_argument("--max-zeroed", type=float, default=None,
                    help="refuse a matrix with more than this share of its nonzero weights rounded to 0 (default 0.5)")
-    p.add_argument("-o", "--output", required=True, metavar="PROGRAM.h5")
+    add_output_argument(p, "-o", "--output", required=True, metavar="PROGRAM.h5", help="Lava program file to write")
     p.set_defaults(func=cmd_export)
 
     p = commands.add_parser("run", help="run test images through the Lava graph (Lava's CPU simulation)",
@@ -195,9 +191,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--kind", choices=("fixed", "float"), default=None, help="for a network file (default fixed)")
     _relaxation_arguments(p)
     p.add_argument("--chunk", type=int, default=64, help="samples between reads of the records (default 64)")
-    p.add_argument("--resume-file", metavar="FILE.npz", default=None,
-                   help="save finished samples here; rerunning the same command continues from it")
-    p.add_argument("--json", metavar="OUT.json", default=None, help="also write the report as JSON")
+    add_output_argument(p, "--resume-file", policy="state", metavar="FILE.npz", default=None,
+                        help="save finished samples here; rerunning the same command continues from it")
+    add_output_argument(p, "--json", metavar="OUT.json", default=None, help="also write the report as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
 
@@ -211,7 +207,7 @@ def add_parsers(sub) -> None:
     _relaxation_arguments(p)
     p.add_argument("--cost-table", metavar="TABLE.json", default=None,
                    help="per-operation costs (default: Loihi, Davies et al. 2018; ebm hardware cost-table prints it)")
-    p.add_argument("--json", metavar="OUT.json", default=None)
+    add_output_argument(p, "--json", metavar="OUT.json", default=None, help="also write the estimate as JSON")
     p.set_defaults(func=cmd_estimate)
 
     p = commands.add_parser("compare", help="latency, throughput, accuracy and energy across hardware targets",
@@ -230,14 +226,16 @@ def add_parsers(sub) -> None:
     p.add_argument("--repeats", type=int, default=5, help="repeats of the batch timing (default 5)")
     p.add_argument("--targets", type=_targets, default=None, metavar="A,B,...", help="a subset of the targets")
     _relaxation_arguments(p)
-    p.add_argument("--cost-table", metavar="TABLE.json", default=None)
-    p.add_argument("--json", metavar="OUT.json", default=None)
-    p.add_argument("--plot", metavar="OUT.png", default=None, help="bar chart (log scales)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--cost-table", metavar="TABLE.json", default=None,
+                   help="per-operation costs of the Loihi estimate (default: Davies et al. 2018)")
+    add_output_argument(p, "--json", metavar="OUT.json", default=None, help="also write the comparison as JSON")
+    add_output_argument(p, "--plot", metavar="OUT.png", default=None, help="bar chart (log scales)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
 
     p = commands.add_parser("cost-table", help="print or write the default (Loihi) cost table as JSON",
                             description="The per-operation cost table the estimates use, as JSON: edit a copy and "
                                         "pass it with --cost-table.")
-    p.add_argument("-o", "--output", metavar="TABLE.json", default=None)
+    add_output_argument(p, "-o", "--output", metavar="TABLE.json", default=None,
+                        help="write the table to this file (default: print it)")
     p.set_defaults(func=cmd_cost_table)

@@ -82,15 +82,29 @@ def save_program(path, program: LavaProgram) -> str:
     return storage.write_artifact(path, FORMAT, datasets, attrs)
 
 
+def _check_plain(path: Path, found: dict) -> None:
+    """Before reading: every dataset plain (numbers, compact or contiguous, unfiltered, fully written, in the file)
+    and all of them together no larger than the file, so that a small forged file cannot exhaust memory (the rule of
+    ``ebm_sim.storage.check_stored_sizes``, restated here for hosts without ebm_sim)."""
+    for name, obj in found.items():
+        plist = obj.id.get_create_plist()
+        if (obj.dtype.kind not in "biufS" or plist.get_layout() not in (h5py.h5d.COMPACT, h5py.h5d.CONTIGUOUS)
+                or plist.get_nfilters() or plist.get_external_count() or obj.id.get_storage_size() != obj.nbytes):
+            raise LavaFileError(f"{path}: dataset {name!r} is not a plain, fully stored array: not a Lava export")
+    if sum(obj.nbytes for obj in found.values()) > path.stat().st_size:
+        raise LavaFileError(f"{path}: its datasets declare more bytes than the file holds: not a Lava export")
+
+
 def _read(path: Path) -> tuple[dict, dict]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     try:
         with h5py.File(path, "r") as f:
             attrs = {key: _plain(value) for key, value in f.attrs.items()}
-            datasets = {}
-            f.visititems(lambda name, obj: datasets.__setitem__(name, obj[...])
-                         if isinstance(obj, h5py.Dataset) else None)
+            found = {}
+            f.visititems(lambda name, obj: found.__setitem__(name, obj) if isinstance(obj, h5py.Dataset) else None)
+            _check_plain(path, found)
+            datasets = {name: obj[...] for name, obj in found.items()}
     except OSError as e:
         raise LavaFileError(f"{path} is not a readable HDF5 file (corrupt, truncated or another kind of file): "
                             f"{e}") from e

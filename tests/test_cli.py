@@ -190,6 +190,8 @@ def test_user_errors_exit_2(net_path, tmp_path, capsys):
     assert main(_relax_args(net_path, tmp_path / "no_dir" / "fp.h5")) == 2
     assert "does not exist" in _error(capsys)
     assert main(["relax", str(net_path), "--dataset", "digits", "-o", str(net_path)]) == 2
+    assert "exists: pass --overwrite" in _error(capsys)
+    assert main(["relax", str(net_path), "--dataset", "digits", "-o", str(net_path), "--overwrite"]) == 2
     assert "network file itself" in _error(capsys)
 
     assert main(["init", "--layers", "64,x", "-o", out]) == 2  # argparse usage error

@@ -71,6 +71,9 @@ def test_user_errors_exit_with_status_2(tmp_path, capsys):
     assert main(["hardware", "export", str(readout), "-o", str(tmp_path / "r.h5")]) == 2
     assert "softmax readout" in _error(capsys)
     assert main(["hardware", "export", DIGITS, "--kind", "float", "--frac-bits", "12", "-o", str(program)]) == 2
+    assert "exists: pass --overwrite" in _error(capsys)  # the output rule comes first
+    assert main(["hardware", "export", DIGITS, "--kind", "float", "--frac-bits", "12", "-o", str(program),
+                 "--overwrite"]) == 2
     assert "apply to --kind fixed only" in _error(capsys)
     assert main(["hardware", "run", str(program), "--dataset", "fashion-mnist", "--data-dir", str(tmp_path)]) == 2
     _error(capsys)

@@ -10,6 +10,7 @@ from hypothesis import given, settings as hsettings, strategies as st
 
 from ebm_sim import storage
 from ebm_sim.network import Network
+from ebm_sim.outputs import OutputError
 from ebm_sim.storage import (FORMAT_VERSION, ArtifactError, artifact_info, format_info, load_checkpoint,
                              load_fixed_points, load_network, load_trajectory, save_fixed_points, save_network,
                              save_trajectory)
@@ -307,7 +308,7 @@ def test_interrupted_overwrite_keeps_old_file(tmp_path, monkeypatch):
 
 
 def test_write_into_missing_directory(tmp_path):
-    with pytest.raises(ArtifactError, match="does not exist"):
+    with pytest.raises(OutputError, match="does not exist"):
         save_network(tmp_path / "missing" / "net.h5", _net())
 
 
@@ -411,8 +412,8 @@ def test_atomic_helper_temp_name(tmp_path, monkeypatch):
     seen = []
     original = h5py.File
 
-    def spy(name, *args, **kwargs):
-        seen.append(os.path.basename(str(name)))
+    def spy(name, *args, **kwargs):  # h5py writes through a file object (see storage._write_artifact)
+        seen.append(os.path.basename(str(getattr(name, "name", name))))
         return original(name, *args, **kwargs)
 
     monkeypatch.setattr(storage.h5py, "File", spy)
@@ -432,5 +433,5 @@ def test_plain_files_are_written_atomically(tmp_path):
     png = storage.save_figure(fig, tmp_path / "f.png", dpi=50)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.png", "r.json"]
-    with pytest.raises(ArtifactError, match="does not exist"):
+    with pytest.raises(OutputError, match="does not exist"):
         storage.write_text(tmp_path / "missing" / "t.txt", "x")

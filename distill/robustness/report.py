@@ -225,7 +225,7 @@ def markdown_table(results: dict) -> str:
               f"- examples: {results['examples']['samples']} attacked (FGSM, PGD, AutoAttack), "
               f"{results['examples']['square']} for Square, {results['examples']['audit']} for the audit's stronger "
               f"PGD and the gradient check, {results['examples']['corruption']} corrupted; seed {c['seed']}",
-              f"- FGSM, PGD-Linf, AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square"
+              "- FGSM, PGD-Linf, AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square"
               + ("" if c["autoattack_iterations"] >= 100 and c["square_queries"] >= 5000 else
                  f"; REDUCED budget: {c['autoattack_iterations']} iterations, Square {c['square_queries']} queries")
               + f"), Square: Linf eps {c['eps_linf']:g}; PGD-L2: eps {c['eps_l2']:g}; pixel units, images in [0, 1]",
