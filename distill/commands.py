@@ -177,7 +177,7 @@ def parse_model_argument(text: str) -> tuple:
 
 
 def run_robustness(model_arguments, dataset: str, out_dir, *, data_dir=None, student=None, ebm_gradients=None,
-                   progress: bool = True, log=print, **config) -> dict:
+                   progress: bool = True, log=print, overwrite: bool = False, **config) -> dict:
     """``ebm robustness``: evaluate the models (``NAME=PATH`` or ``PATH``; EBM networks and feedforward files) on the
     test split of ``dataset``. student: the EBMs' distilled student (transfer attack); ebm_gradients: EBM gradient
     sources; config: RobustnessConfig fields over the dataset's default budgets. Writes results.json, table.md,
@@ -190,6 +190,7 @@ def run_robustness(model_arguments, dataset: str, out_dir, *, data_dir=None, stu
 
     start = time.time()
     cfg = RobustnessConfig.for_dataset(dataset, **{k: v for k, v in config.items() if v is not None})
+    out_dir = check_output(out_dir, kind="folder", log=log)  # created, writable: before any work
     parsed = [parse_model_argument(a) for a in model_arguments]
     if not parsed:
         raise ValueError("name at least one model file to evaluate")
@@ -203,10 +204,9 @@ def run_robustness(model_arguments, dataset: str, out_dir, *, data_dir=None, stu
         ebm = artifact_format(path) == "ebm-network"
         models.append(load_model_under_test(path, name, image_shape, student=student if ebm else None,
                                             gradients=ebm_gradients if ebm else None))
-    out_dir = Path(out_dir)
     log(f"evaluating {', '.join(m.name for m in models)} on {data.name} ({len(data.y_test)} test images): "
         f"Linf eps {cfg.eps_linf:g}, L2 eps {cfg.eps_l2:g}, {cfg.samples} attacked, results in {out_dir}")
     results = evaluate(models, data.x_test, data.y_test, image_shape, cfg, out_dir, dataset=data.name,
-                       progress=progress, log=log)
+                       progress=progress, log=log, overwrite=overwrite)
     return {"results": results, "paths": {k: str(v) for k, v in report_files(out_dir).items()},
             "seconds": time.time() - start}

@@ -152,8 +152,10 @@ def fit_model(model: FeedForward, num_train: int, batch_loss: Callable, validate
                 optimizer.step()
                 value = float(loss.detach())
                 if not math.isfinite(value):
-                    raise FloatingPointError(f"training diverged in epoch {epoch + 1}: the loss is {value}; "
-                                             f"lower the learning rate (last checkpoint kept)")
+                    kept = (f"{checkpoint_path} keeps the checkpoint of epoch {epoch}" if checkpoint_path is not None
+                            and epoch > 0 else "no checkpoint was written")
+                    raise FloatingPointError(f"training diverged in epoch {epoch + 1}: the loss is {value}; lower "
+                                             f"the learning rate ({kept})")
                 total += value * len(rows)
                 count += len(rows)
                 bar.update(len(rows))

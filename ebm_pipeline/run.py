@@ -190,7 +190,8 @@ class Pipeline:
             models += [load_model_under_test(self.path(f"{file}.h5"), name, shape)
                        for name, file in (("distilled", "student"), ("standard", "standard"), ("pgd-at", "pgd_at"))]
             results = evaluate(models, self.data.x_test, self.data.y_test, shape, self.config.section("robustness"),
-                               folder, dataset=self.data.name, progress=self.progress, log=self.log)
+                               folder, dataset=self.data.name, progress=self.progress, log=self.log,
+                               overwrite=True)  # the pipeline owns its folder: a stale report is replaced
             outputs = [folder / n for n in ("results.json", "table.md", "sweeps.png", "corruptions.png")
                        if (folder / n).exists()]
             return outputs, {"table": results["table"],
@@ -306,13 +307,19 @@ class Pipeline:
 
     # ------------------------------------------------------------------ all
     def run(self) -> dict:
+        """Run the stages, holding the output folder's lock: a second pipeline on the same folder is refused at once
+        (ebm_sim.outputs.exclusive) instead of both writing its artifacts."""
         import torch
+
+        from ebm_sim.outputs import claim
 
         threads = torch.get_num_threads()
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
         try:
-            return self._run_stages()
+            with claim(self.out, kind="folder", log=self.log):
+                self.ledger = Ledger(self.out)  # as it is now that no other pipeline writes here
+                return self._run_stages()
         finally:
             torch.set_num_threads(threads)
 

@@ -25,6 +25,7 @@ from .batch_relax import RunError, format_relax_summary, run_relax
 from .outputs import DiskFullError, add_output_argument, claim_outputs
 
 PROG = "ebm"
+ACTIVATION_HELP = "rho(u) = clip(u, 0, 1) (hard_sigmoid, default) or clip(u/2, 0, 1) (hard_sigmoid_half)"
 RELAX_METHODS = ("fixed_point", "euler", "alternating", "rk45")
 
 
@@ -191,7 +192,7 @@ def cmd_robustness(args) -> int:
     if args.no_corruptions:
         options["corruption_samples"] = 0
     summary = run_robustness(args.models, args.dataset, args.out_dir, data_dir=args.data_dir, student=args.student,
-                             ebm_gradients=args.ebm_gradients, progress=not args.no_progress,
+                             ebm_gradients=args.ebm_gradients, progress=not args.no_progress, overwrite=args.overwrite,
                              log=lambda msg: print(msg, flush=True), **options)
     table = markdown_table(summary["results"])
     print(table.split("\n## Budgets")[0].rstrip())
@@ -300,11 +301,14 @@ def _add_robustness_command(sub) -> None:
     p.add_argument("--autoattack-iterations", type=int, default=None,
                    help=f"AutoAttack's APGD/FAB iterations (default {d.autoattack_iterations}; fewer is reported as "
                         f"a reduced AutoAttack)")
-    p.add_argument("--no-autoattack", action="store_true")
-    p.add_argument("--no-square", action="store_true")
-    p.add_argument("--no-corruptions", action="store_true")
+    p.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack (the table then lacks its column)")
+    p.add_argument("--no-square", action="store_true", help="skip the Square black-box attack")
+    p.add_argument("--no-corruptions", action="store_true", help="skip the 15 corruptions x 5 severities")
     p.add_argument("--seed", type=int, default=None, help="draw of the examples and the attacks' randomness")
     p.add_argument("--batch-size", type=int, default=None, help=f"examples per chunk (default {d.batch_size})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the report of another evaluation in --out-dir (processes running the same "
+                        "evaluation may share a folder without it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_robustness)
 
@@ -359,14 +363,15 @@ def _add_distill_commands(sub) -> None:
                        description="Train a feedforward network (hard-sigmoid hidden layers) by standard backprop or "
                                    "PGD adversarial training (Madry et al. 2018, Linf, random start) and report its "
                                    "test accuracy, clean and under that PGD.")
-    p.add_argument("--kind", choices=BASELINE_KINDS, required=True)
+    p.add_argument("--kind", choices=BASELINE_KINDS, required=True,
+                   help="standard: backprop on clean images; pgd-at: PGD adversarial training (Madry et al. 2018)")
     p.add_argument("--dataset", required=True, metavar="NAME", help=f"one of {', '.join(DATASET_NAMES)}")
     p.add_argument("--data-dir", metavar="DIR", default=None, help="folder with the dataset files")
     p.add_argument("--limit-train", type=int, default=None, metavar="N", help="seeded subsample of N training samples")
     p.add_argument("--limit-test", type=int, default=None, metavar="N", help="seeded subsample of N test samples")
     p.add_argument("--layers", type=_layers, required=True, metavar="N0,...,NL",
                    help="layer sizes, input first and classes last (e.g. the EBM's: 784,512,512,10)")
-    p.add_argument("--activation", choices=sorted(ACTIVATIONS), default="hard_sigmoid")
+    p.add_argument("--activation", choices=sorted(ACTIVATIONS), default="hard_sigmoid", help=ACTIVATION_HELP)
     p.add_argument("--eps", type=float, default=b.eps, help=f"PGD Linf budget in pixels (default {b.eps:g})")
     p.add_argument("--pgd-steps", type=int, default=b.pgd_steps, help=f"default {b.pgd_steps}")
     p.add_argument("--pgd-step-size", type=float, default=b.pgd_step_size,
@@ -407,8 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gain", type=float, default=1.0,
                    help="scale of the initial weights (default 1.0; smaller, e.g. 0.5, makes the dynamics "
                         "contract faster and the fixed point unique)")
-    p.add_argument("--activation", choices=sorted(ACTIVATIONS), default="hard_sigmoid",
-                   help="rho(u) = clip(u, 0, 1) (hard_sigmoid, default) or clip(u/2, 0, 1) (hard_sigmoid_half)")
+    p.add_argument("--activation", choices=sorted(ACTIVATIONS), default="hard_sigmoid", help=ACTIVATION_HELP)
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="default float32")
     add_output_argument(p, "-o", "--output", required=True, metavar="NET.h5", help="network file to write")
     p.set_defaults(func=cmd_init)
@@ -454,10 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer sizes, input first and classes last, e.g. 784,512,10")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialization, batches and nudging signs")
     p.add_argument("--gain", type=float, default=1.0, help="scale of the initial weights (default 1.0)")
-    p.add_argument("--activation", choices=sorted(ACTIVATIONS), default="hard_sigmoid")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--activation", choices=sorted(ACTIVATIONS), default="hard_sigmoid", help=ACTIVATION_HELP)
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="precision of the parameters and the simulation (default float32)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs to train (default 10)")
+    p.add_argument("--batch-size", type=int, default=50, help="samples per minibatch (default 50)")
     p.add_argument("--beta", type=float, default=0.5, help="nudging strength (> 0; default 0.5)")
     p.add_argument("--nudging", choices=NUDGINGS, default="symmetric",
                    help="symmetric +/-beta (default), positive (one-sided +beta) or random (one-sided, random sign)")
@@ -468,11 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--free-steps", type=int, default=30, help="step cap of the free phase (default 30)")
     p.add_argument("--nudged-steps", type=int, default=10, help="step cap of each nudged phase (default 10)")
     p.add_argument("--tol", type=float, default=1e-4, help="residual at which a phase stops early (default 1e-4)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
+                   help="adam (default) or sgd (with --momentum), on the EP gradient")
     p.add_argument("--lr", type=_rates, default=5e-4,
                    help="learning rate, or one per weight matrix separated by commas (default 5e-4)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay (default 0)")
     p.add_argument("--schedule", choices=SCHEDULES, default="constant", help="constant or cosine annealing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_output_argument(p, "-o", "--output", policy="resume", required=True, metavar="NET.h5",

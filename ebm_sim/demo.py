@@ -9,7 +9,8 @@
 4. Write the network, the fixed points (through the code path of ``ebm relax``) and the trajectory to the output
    folder, and describe each file as ``ebm info`` does.
 
-The network is untrained (training arrives with the EP trainer): the accuracy it reports is chance level.
+The network is untrained (the demo shows the simulator alone; ``ebm train`` trains one with EP and ``ebm pipeline``
+runs the whole study): the accuracy it reports is chance level.
 """
 from __future__ import annotations
 
@@ -162,8 +163,9 @@ def format_report(res: dict) -> str:
         f"Fixed points written through `ebm relax`'s code path: {rs['converged']}/{rs['samples']} converged, "
         f"max residual {rs['residual_max']:.2e}, {rs['time_s'] * 1e3:.0f} ms; they agree with the single-batch "
         f"run above to {res['file_vs_memory_max_diff']:.1e} (batches of 256 change only the BLAS rounding)",
-        f"Accuracy (argmax of the output layer): {100 * rs['accuracy']:.1f}%. The network is UNTRAINED (training "
-        f"arrives with the EP trainer), so this is chance level (about 10% for 10 classes).",
+        f"Accuracy (argmax of the output layer): {100 * rs['accuracy']:.1f}%. The network is UNTRAINED (this demo "
+        f"shows the simulator alone; `ebm train` trains one with EP, `ebm pipeline` runs the whole study), so this "
+        f"is chance level (about 10% for 10 classes).",
         "",
         "Artifacts (as `ebm info` prints them):",
     ]

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
-WRITE_MARGIN = 256 * 1024  # bytes asked for beyond the payload: HDF5 headers, metadata, the filesystem's blocks
+WRITE_MARGIN = 64 * 1024  # bytes asked for beyond a write's size hint: the filesystem's blocks, small headers
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
@@ -44,6 +44,9 @@ class OutputError(ValueError):
 class DiskFullError(OSError):
     """A write refused or stopped because the target's filesystem has too little free space (``ebm: error``, exit
     status 1); the target is left as it was and no temporary file remains."""
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]"
+        return str(self.strerror)
 
 
 def format_bytes(nbytes: float) -> str:
@@ -161,6 +164,39 @@ def atomic_path(path, size_hint: int | None = None):
             raise _disk_full(path, size_hint + WRITE_MARGIN if size_hint else None,
                              free_space(path.parent)) from None
         raise
+
+
+class RecordingFile:
+    """A binary file opened for a writer that reports errors in its own words (h5py's file-object driver turns an
+    OSError raised by ``write`` into "File close failed"): ``error`` keeps the last OSError that ``write`` or
+    ``flush`` raised, so that the caller can re-raise the real one (ENOSPC). Other attributes are the file's."""
+
+    def __init__(self, path, mode: str = "xb"):
+        self._handle = open(path, mode)
+        self.error: OSError | None = None
+
+    def write(self, data):
+        try:
+            return self._handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self):
+        try:
+            return self._handle.flush()
+        except OSError as error:
+            self.error = error
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.close()
 
 
 # ---------------------------------------------------------------------------------------------- the output policy

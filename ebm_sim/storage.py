@@ -13,11 +13,13 @@ attributes
 plus the configuration attributes of its format. Datasets are contiguous and uncompressed (fast for
 ~60k x 1000 float32 arrays) and stored in the exact dtype given, so round trips are bit-exact.
 
-Writes are atomic: the file is written to ``.<name>.<pid>.<random>.tmp`` in the target's directory, flushed,
-fsync'ed and renamed onto the target with ``os.replace``; on any exception (KeyboardInterrupt included) the
-temporary file is removed and the target is left as it was. Loads refuse, with ``ArtifactError``, a missing
-file, a file that is not HDF5 or is corrupt or truncated, a wrong format, an unsupported version and a
-content-hash mismatch.
+Writes are atomic (``ebm_sim.outputs.atomic_path``): the file is written to ``.<name>.<pid>.<random>.tmp`` in the
+target's directory, flushed, fsync'ed and renamed onto the target with ``os.replace``; on any exception
+(KeyboardInterrupt, a full disk: ``DiskFullError``) the temporary file is removed and the target is left as it was.
+Loads refuse, with ``ArtifactError``, a missing file, a file that is not HDF5 or is corrupt or truncated, a wrong
+format, an unsupported version, datasets that would take more memory than the file holds (``check_stored_sizes``,
+before reading them) and a content-hash mismatch. The hash detects corruption and careless edits, not forgery: a
+file whose hash was recomputed after an edit loads as valid (docs/formats.md).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import h5py
 import numpy as np
 
 from .network import Network
-from .outputs import atomic_path  # noqa: F401  (re-exported: the writer every module uses)
+from .outputs import RecordingFile, atomic_path  # atomic_path is re-exported: the writer every module uses
 
 FORMAT_VERSION = 1
 FORMATS = {
@@ -44,6 +46,7 @@ FORMATS = {
 HEADER_ATTRS = ("format", "version", "created", "toolkit_version", "content_hash")
 _UNHASHED_ATTRS = ("created", "toolkit_version", "content_hash")
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+HDF5_OBJECT_BYTES = 4096  # room allowed per dataset (and for the root's attributes) beyond the data: HDF5 headers
 _READ_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError)
 
 
@@ -151,15 +154,22 @@ def _write_artifact(path, fmt: str, datasets: dict, config: dict) -> str:
     """Atomically write ``datasets`` (name -> array) and the header + ``config`` attributes; return the hash."""
     path = Path(path)
     attrs = _header(fmt, datasets, config)
-    payload = sum(np.asarray(a).nbytes for a in datasets.values())
+    payload = sum(np.asarray(a).nbytes for a in datasets.values()) + HDF5_OBJECT_BYTES * (len(datasets) + 1)
     with atomic_path(path, size_hint=payload) as tmp:
-        # h5py writes through a Python file object: a full disk is then a plain OSError (ENOSPC) that atomic_path
-        # turns into DiskFullError; written by name, HDF5 fails in its close and h5py crashes the interpreter
-        with open(tmp, "xb") as handle, h5py.File(handle, "w") as f:
-            for name in sorted(datasets):
-                f.create_dataset(name, data=datasets[name])
-            for key, value in attrs.items():
-                f.attrs[key] = np.asarray(value, dtype=np.int64) if isinstance(value, list) else value
+        # h5py writes through a Python file object: a full disk is then an OSError (ENOSPC) of Python's own that
+        # atomic_path turns into DiskFullError (written by name, HDF5 fails in its close and h5py then crashes the
+        # interpreter); h5py may word it "File close failed", so the file object keeps the real error
+        with RecordingFile(tmp, "xb") as handle:
+            try:
+                with h5py.File(handle, "w") as f:
+                    for name in sorted(datasets):
+                        f.create_dataset(name, data=datasets[name])
+                    for key, value in attrs.items():
+                        f.attrs[key] = np.asarray(value, dtype=np.int64) if isinstance(value, list) else value
+            except Exception as error:
+                if handle.error is not None and handle.error is not error:
+                    raise handle.error from error
+                raise
     return attrs["content_hash"]
 
 
@@ -508,6 +518,16 @@ def load_fixed_points(path, network: Network | None = None) -> FixedPointDataset
     states = _take(path, datasets, _layer_names("states/s", 1, len(attrs["layer_sizes"]) - 1))
     inputs, labels, residuals, steps, converged = _take(
         path, datasets, ["inputs", "labels", "residuals", "steps", "converged"])
+    for name, array in [("inputs", inputs), *((f"states/s{k + 1}", s) for k, s in enumerate(states))]:
+        if array.dtype.kind != "f" or not np.all(np.isfinite(array)):
+            rows = np.nonzero(~np.all(np.isfinite(array.reshape(len(array), -1)), axis=1))[0] \
+                if array.dtype.kind == "f" else []
+            raise ArtifactError(f"{path}: {name} holds NaN or inf (rows {list(rows[:5])}"
+                                f"{'...' if len(rows) > 5 else ''}) or is not float ({array.dtype}): fixed points "
+                                f"are finite by construction (ebm relax refuses to write others); the file was "
+                                f"edited or not written by this toolkit")
+    if labels.dtype.kind not in "iu":
+        raise ArtifactError(f"{path}: labels have dtype {labels.dtype}, not integers: not written by this toolkit")
     return FixedPointDataset(inputs, labels, states, residuals, steps, converged,
                              json.loads(attrs["settings"]), attrs["network_hash"])
 

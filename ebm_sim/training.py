@@ -433,11 +433,15 @@ def _fit(network, x_train, y_train, x_test, y_test, config, checkpoint_path, res
 
 
 def checkpoint_bytes(network: Network, config: TrainConfig) -> int:
-    """About the size of one checkpoint file: the parameters, the optimizer's float64 state (Adam: two moments,
-    SGD: one velocity) and a history of ``config.epochs`` entries."""
-    count = sum(p.size for p in parameters(network))
+    """About the room one checkpoint file needs: the parameters, the optimizer's float64 state (Adam: two moments,
+    SGD: one velocity), a history of ``config.epochs`` entries and HDF5's headers (as ``storage`` counts them)."""
+    from .storage import HDF5_OBJECT_BYTES
+
+    arrays = parameters(network)
     moments = 2 if config.optimizer == "adam" else 1
-    return count * (network.dtype.itemsize + 8 * moments) + 8 * len(HISTORY_KEYS) * config.epochs
+    datasets = len(arrays) * (1 + moments) + len(HISTORY_KEYS) + 4  # + epoch, settings, step count, root
+    return (sum(p.size for p in arrays) * (network.dtype.itemsize + 8 * moments)
+            + 8 * len(HISTORY_KEYS) * config.epochs + HDF5_OBJECT_BYTES * datasets)
 
 
 @contextmanager

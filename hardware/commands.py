@@ -169,7 +169,7 @@ def add_parsers(sub) -> None:
     p = commands.add_parser("export", help="write a network as a Lava program file (integers, exponents, topology)",
                             description="Map a network onto the Lava graph and write it as an ebm-lava-program HDF5 "
                                         "file that a Lava host loads with h5py alone (hardware/lava_file.py).")
-    p.add_argument("network", metavar="NET.h5")
+    p.add_argument("network", metavar="NET.h5", help="the network file to map (ebm train, ebm init)")
     p.add_argument("--kind", choices=("fixed", "float"), default="fixed",
                    help="fixed: 8-bit weights, integer states (default); float: float64")
     _relaxation_arguments(p)
@@ -201,7 +201,7 @@ def add_parsers(sub) -> None:
                             description="Count synaptic ops, neuron updates, messages and timesteps to equilibrium "
                                         "of the fixed-point program on test images, and turn them into energy and "
                                         "latency ESTIMATES with a cited, replaceable per-operation cost table.")
-    p.add_argument("model", metavar="NET.h5|PROGRAM.h5")
+    p.add_argument("model", metavar="NET.h5|PROGRAM.h5", help="a network file, or a file of ebm hardware export")
     _data_arguments(p)
     p.add_argument("--kind", choices=("fixed", "float"), default=None, help="for a network file (default fixed)")
     _relaxation_arguments(p)
@@ -215,7 +215,7 @@ def add_parsers(sub) -> None:
                                         "distilled student (torch, onnxruntime; CPU/CUDA), the Lava simulation "
                                         "(float, fixed point) and the Loihi estimate, each in its own process; print "
                                         "a table and optionally write JSON and a PNG bar chart.")
-    p.add_argument("network", metavar="NET.h5")
+    p.add_argument("network", metavar="NET.h5", help="the EBM's network file")
     _data_arguments(p)
     p.add_argument("--student", metavar="STUDENT.h5", default=None, help="its distilled student (ebm distill)")
     p.add_argument("--lava-limit", type=int, default=None, metavar="N",

@@ -1,5 +1,8 @@
-"""Fixtures shared by several test modules."""
+"""Fixtures shared by several test modules, and the reliability tally printed at the end of a run."""
 import pytest
+
+#: case -> outcome of tests/test_reliability.py ("clear error", "works", "crash", "silent", "data lost", "unclear")
+RELIABILITY_TALLY: dict = {}
 
 
 @pytest.fixture(scope="module")
@@ -10,3 +13,22 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def reliability_tally() -> dict:
+    return RELIABILITY_TALLY
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The reliability module's own counts: cases tried, and how each ended."""
+    if not RELIABILITY_TALLY:
+        return
+    outcomes = list(RELIABILITY_TALLY.values())
+    counts = {name: outcomes.count(name) for name in
+              ("clear error", "works", "crash", "silent", "data lost", "unclear")}
+    terminalreporter.write_sep("-", "reliability cases (tests/test_reliability.py)")
+    terminalreporter.write_line(f"{len(outcomes)} cases tried: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    for case, outcome in sorted(RELIABILITY_TALLY.items()):
+        if outcome not in ("clear error", "works"):
+            terminalreporter.write_line(f"  {outcome}: {case}")

@@ -91,7 +91,14 @@ class RobustnessConfig:
             raise ValueError(f"severities must lie in 1..5, got {self.severities!r}")
         object.__setattr__(self, "severities", tuple(int(s) for s in self.severities))
         if self.corruptions is not None:
-            object.__setattr__(self, "corruptions", tuple(self.corruptions))
+            from distill.corruptions import CORRUPTIONS
+
+            names = (self.corruptions,) if isinstance(self.corruptions, str) else tuple(self.corruptions)
+            unknown = [name for name in names if name not in CORRUPTIONS]
+            if unknown or not names:
+                raise ValueError(f"unknown corruption(s) {', '.join(map(repr, unknown)) or '(none given)'}; valid "
+                                 f"names: {', '.join(CORRUPTIONS)}")
+            object.__setattr__(self, "corruptions", names)
         for name in ("slack", "zero_accuracy", "max_zero_gradients"):
             value = getattr(self, name)
             if not (isinstance(value, numbers.Real) and 0 <= value <= 1):

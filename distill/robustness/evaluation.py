@@ -218,10 +218,36 @@ def from_hwc(images: np.ndarray, image_shape: tuple) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- the loop
+def evaluation_key(models: list, config: RobustnessConfig, data_hash: str) -> str:
+    """What identifies an evaluation's results.json: its models (model_key), budget and test data."""
+    identity = {"models": {m.name: model_key(m) for m in models}, "config": config.as_dict(), "data": data_hash}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_report_owner(out_dir: Path, key: str, overwrite: bool) -> None:
+    """Refuse (OutputError) to replace a results.json written by another evaluation (other models, budget or data)
+    unless ``overwrite``: several processes may share a folder for the same evaluation (they write the same report),
+    but two different evaluations in one folder would silently lose the first one's report."""
+    from ebm_sim.outputs import OutputError
+
+    path = Path(out_dir) / "results.json"
+    if overwrite or not path.exists():
+        return
+    try:
+        stored = json.loads(path.read_text()).get("evaluation_key")
+    except (OSError, ValueError, AttributeError):
+        stored = None
+    if stored != key:
+        raise OutputError(f"{path} holds the results of another evaluation (other models, budgets or data): pass "
+                          f"--overwrite to replace its report (the parts it was built from stay in "
+                          f"{Path(out_dir) / 'parts'}), or choose another --out-dir")
+
+
 def evaluate(models: list, x_test: np.ndarray, y_test: np.ndarray, image_shape: tuple, config: RobustnessConfig,
-             out_dir, *, dataset: str | None = None, progress: bool = True, log=print) -> dict:
+             out_dir, *, dataset: str | None = None, progress: bool = True, log=print, overwrite: bool = False) -> dict:
     """Run (or resume) the evaluation of ``models`` and return the assembled results (also written to
-    ``out_dir/results.json``). See the module docstring."""
+    ``out_dir/results.json``). See the module docstring. A results.json of another evaluation in ``out_dir`` is
+    refused before any work unless ``overwrite`` (``check_report_owner``)."""
     from tqdm import tqdm
 
     x_test = np.ascontiguousarray(x_test, dtype=np.float32).reshape(len(x_test), -1)
@@ -245,6 +271,8 @@ def evaluate(models: list, x_test: np.ndarray, y_test: np.ndarray, image_shape: 
     out_dir.mkdir(parents=True, exist_ok=True)
     store = PartStore(out_dir / "parts")
     data_hash = fingerprint(x_test, y_test)
+    report_key = evaluation_key(models, config, data_hash)
+    check_report_owner(out_dir, report_key, overwrite)
     draw = draw_examples(len(y_test), config)
 
     clean = {}
@@ -302,5 +330,7 @@ def evaluate(models: list, x_test: np.ndarray, y_test: np.ndarray, image_shape: 
     bar.close()
 
     results = assemble(models, parts, clean, draw, y_test, config, dataset=dataset)
+    results["evaluation_key"] = report_key
+    check_report_owner(out_dir, report_key, overwrite)  # again: another evaluation may have finished here meanwhile
     write_report(results, out_dir)
     return results
