@@ -1,14 +1,18 @@
 """The ``ebm`` command line: a thin front end (parse, call the library, print).
 
     ebm init  --layers 64,128,10 [--seed 0] [--gain 1.0] [--activation hard_sigmoid] [--dtype float32] -o NET.h5
+              [--overwrite]
     ebm relax NET.h5 --dataset digits [--split test] [--limit N] [--method fixed_point] [--tol 1e-4]
               [--max-steps 1000] [--dt DT] [--batch-size 256] [--dtype float32|float64] -o FIXED_POINTS.h5
     ebm info  FILE [FILE ...]
     ebm demo  [--out-dir runs/demo-simulator]
 
 User mistakes (a missing or corrupt file, an unknown dataset, a network whose input size does not match the data,
-bad settings) print ``ebm: error: <message>`` to stderr and exit with status 2, never a traceback. A relaxation
-that diverges exits with status 1; an interrupted one (Ctrl-C) saves its progress and exits with status 130.
+bad settings, an output that exists or cannot be written) print ``ebm: error: <message>`` to stderr and exit with
+status 2, never a traceback. A relaxation or training that diverges, and a full disk, exit with status 1; an
+interrupted one (Ctrl-C) saves its progress, says how to resume and exits with status 130. Every output a command
+names is declared with ``outputs.add_output_argument`` and claimed by ``main`` before the command runs (the rule of
+ebm_sim/outputs.py: exists only with --overwrite or --resume, writable, one writer at a time).
 
 ``ebm relax`` is resumable: finished batches are saved atomically to ``<OUT>.partial.npz`` (every
 ``--checkpoint-every`` batches and on Ctrl-C); re-running the same command continues from there. The partial file is
