@@ -565,5 +565,15 @@ def main(argv=None) -> int:
         return 2
 
 
+def console_main() -> None:
+    """The ``ebm`` console script: ``main``, then exit with its status. Ctrl-C from then on is ignored: the command
+    has finished, and a KeyboardInterrupt in the interpreter's shutdown would only print a traceback."""
+    import signal
+
+    status = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -392,7 +392,7 @@ def test_robustness_refuses_a_folder_holding_another_evaluation(tmp_path, work, 
 # ============================================================================================== D. concurrent writers
 def test_two_ebm_train_on_one_output(tmp_path, reliability_tally):
     net = tmp_path / "net.h5"
-    first = subprocess.Popen([*EBM_COMMAND, "train", *SMALL_TRAIN, "--epochs", "20", "-o", str(net)],
+    first = subprocess.Popen([*EBM_COMMAND, "train", *SMALL_TRAIN, "--epochs", "400", "-o", str(net)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: outputs.lock_path(net).exists(), what="the first writer's lock")
@@ -403,8 +403,8 @@ def test_two_ebm_train_on_one_output(tmp_path, reliability_tally):
     judge_process(reliability_tally, "concurrent writers: a second ebm train on the same -o", second,
                   expect="error", phrases=("is being written by process", str(first.pid)))
     judge(reliability_tally, "concurrent writers: the first ebm train finishes and keeps its result",
-          first.returncode, out, err, expect="works", phrases=("epoch 20/20",))
-    assert len(storage.load_network(net).history["epoch"]) == 20
+          first.returncode, out, err, expect="works", phrases=("epoch 400/400",))
+    assert len(storage.load_network(net).history["epoch"]) == 400
 
 
 _LOCK_HOLDER = """
@@ -638,7 +638,7 @@ def test_a_diverging_relaxation_says_what_is_true(tmp_path, work, capsys, monkey
 
 def test_ctrl_c_in_ebm_train_says_what_is_saved(tmp_path, reliability_tally):
     net = tmp_path / "net.h5"
-    proc = subprocess.Popen([*EBM_COMMAND, "train", *SMALL_TRAIN, "--epochs", "50", "-o", str(net)],
+    proc = subprocess.Popen([*EBM_COMMAND, "train", *SMALL_TRAIN, "--epochs", "10000", "-o", str(net)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: net.exists(), what="the first checkpoint")
@@ -649,7 +649,7 @@ def test_ctrl_c_in_ebm_train_says_what_is_saved(tmp_path, reliability_tally):
         proc.kill()
     saved = len(storage.load_network(net).history["epoch"])
     judge(reliability_tally, "messages: Ctrl-C in ebm train", proc.returncode, out, err, expect="error",
-          phrases=(f"holds the first {saved} of 50 epochs", "--resume"), marker="ebm: interrupted")
+          phrases=(f"holds the first {saved} of 10000 epochs", "--resume"), marker="ebm: interrupted")
     assert proc.returncode == 130 and temps_in(tmp_path) == []
 
 
