@@ -10,10 +10,12 @@ The rules (README, "Outputs: one rule for every command that writes"):
    output for as long as the command runs; a second writer of the same output (file or folder) is refused at once,
    naming the process that holds it. The lock file is removed when the holder ends (a killed holder's lock file is
    harmless: the kernel released its lock and the next writer takes it over). Locks are re-entrant within a process.
-3. **Atomic writes.** ``atomic_path(path)`` yields ``.NAME.<pid>.<8 hex>.tmp`` in the target's folder; the caller
-   writes it, then it is fsync'ed and renamed onto the target. On any exception (Ctrl-C included) the temporary file
-   is removed and the target left as it was. Temporary files of processes that no longer run (killed with SIGKILL,
-   say) are removed by the next write into that folder, and reported by ``check_output``.
+3. **Atomic writes.** ``atomic_path(path)`` creates ``.NAME.<pid>.<8 hex>.tmp`` in the target's folder and locks it
+   (``flock``) while the caller writes it; then it is fsync'ed and renamed onto the target. On any exception (Ctrl-C
+   included) the temporary file is removed and the target left as it was. Temporary files no writer holds (their
+   process was killed with SIGKILL, say) are removed by the next write into that folder, and reported by
+   ``check_output``; the lock, not only the process id, tells a live writer (in another PID namespace, or on
+   another host of a filesystem with working ``flock``) from a dead one.
 4. **Space.** ``require_space(path, nbytes)`` refuses a write that needs more than the free space of the target's
    filesystem before it starts; a disk that fills up during the write (another process, say) gives the same
    ``DiskFullError`` (no temporary file left, target intact) instead of the writer's own failure.
@@ -32,6 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+STALE_AFTER = 60.0  # seconds after which an unlocked temporary file is stale even if its process id is in use
 WRITE_MARGIN = 64 * 1024  # bytes asked for beyond a write's size hint: the filesystem's blocks, small headers
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
@@ -104,9 +107,30 @@ def _pid_running(pid: int) -> bool:
 _CLEANED: set = set()  # folders whose stale temporary files this process has already removed
 
 
+def _locked_by_a_writer(path: str) -> bool:
+    """Whether a live writer holds the lock ``atomic_path`` keeps on its temporary file while it writes."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # a filesystem without flock: fall back on the process id alone
+        return False
+    finally:
+        os.close(fd)  # also releases a lock just taken
+    return False
+
+
 def remove_stale_temps(folder, *, once: bool = False) -> list:
-    """Remove the toolkit's temporary files (``.NAME.<pid>.<hex>.tmp``) in ``folder`` whose process no longer runs;
-    return their paths. ``once``: do nothing if this process already cleaned ``folder``."""
+    """Remove the toolkit's temporary files (``.NAME.<pid>.<hex>.tmp``) in ``folder`` that no writer holds: unlocked
+    (``atomic_path`` locks its file while writing) and either left by a process that no longer runs or older than
+    STALE_AFTER seconds (a recycled process id). Returns their paths. ``once``: do nothing if this process already
+    cleaned ``folder``."""
     folder = Path(folder)
     key = str(folder.resolve()) if folder.exists() else str(folder)
     if once and key in _CLEANED:
@@ -117,16 +141,21 @@ def remove_stale_temps(folder, *, once: bool = False) -> list:
         entries = list(os.scandir(folder))
     except OSError:
         return removed
+    now = time.time()
     for entry in entries:
         match = TEMP_PATTERN.match(entry.name)
-        if match is None or _pid_running(int(match["pid"])):
+        if match is None or _locked_by_a_writer(entry.path):
+            continue
+        try:
+            fresh = now - entry.stat().st_mtime < STALE_AFTER
+        except OSError:
+            continue
+        if fresh and _pid_running(int(match["pid"])):  # between a writer's open and its lock
             continue
         try:
             os.unlink(entry.path)
             removed.append(Path(entry.path))
-        except FileNotFoundError:  # removed meanwhile by another cleaner
-            pass
-        except OSError:  # a read-only folder: check_output reports it
+        except OSError:  # removed meanwhile by another cleaner, or a read-only folder (check_output reports it)
             pass
     return removed
 
@@ -149,14 +178,22 @@ def atomic_path(path, size_hint: int | None = None):
     remove_stale_temps(path.parent, once=True)
     if size_hint is not None:
         require_space(path, size_hint)
+    import fcntl
+
     tmp = temp_path(path)
     try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as error:
+        if is_disk_full(error):
+            raise _disk_full(path, None, free_space(path.parent)) from None
+        raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
+    try:
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # "a writer is here": remove_stale_temps leaves a locked file alone
+        except OSError:  # a filesystem without flock: the process id in the name still protects it
+            pass
+        yield tmp
+        os.fsync(fd)  # the same inode the caller wrote through its own handle
         os.replace(tmp, path)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
@@ -164,6 +201,8 @@ def atomic_path(path, size_hint: int | None = None):
             raise _disk_full(path, size_hint + WRITE_MARGIN if size_hint else None,
                              free_space(path.parent)) from None
         raise
+    finally:
+        os.close(fd)
 
 
 class RecordingFile:
@@ -171,7 +210,7 @@ class RecordingFile:
     OSError raised by ``write`` into "File close failed"): ``error`` keeps the last OSError that ``write`` or
     ``flush`` raised, so that the caller can re-raise the real one (ENOSPC). Other attributes are the file's."""
 
-    def __init__(self, path, mode: str = "xb"):
+    def __init__(self, path, mode: str = "wb"):
         self._handle = open(path, mode)
         self.error: OSError | None = None
 

@@ -159,7 +159,7 @@ def _write_artifact(path, fmt: str, datasets: dict, config: dict) -> str:
         # h5py writes through a Python file object: a full disk is then an OSError (ENOSPC) of Python's own that
         # atomic_path turns into DiskFullError (written by name, HDF5 fails in its close and h5py then crashes the
         # interpreter); h5py may word it "File close failed", so the file object keeps the real error
-        with RecordingFile(tmp, "xb") as handle:
+        with RecordingFile(tmp, "wb") as handle:
             try:
                 with h5py.File(handle, "w") as f:
                     for name in sorted(datasets):

@@ -704,6 +704,34 @@ def test_stale_temps_of_live_processes_are_kept(tmp_path):
     assert mine.exists() and other.exists() and not dead.exists()
 
 
+def test_a_locked_temp_is_a_live_writer_whatever_its_process_id(tmp_path):
+    """A writer in another PID namespace (or on another host) looks dead by its process id: its lock says otherwise.
+    An unlocked temp whose process id is in use (recycled) is stale once it is older than STALE_AFTER."""
+    import fcntl
+
+    foreign = tmp_path / ".x.h5.999999999.0123abcd.tmp"
+    recycled = tmp_path / f".y.h5.{os.getppid()}.0123abcd.tmp"
+    for path in (foreign, recycled):
+        path.write_bytes(b"x")
+    old = time.time() - 2 * outputs.STALE_AFTER
+    os.utime(recycled, (old, old))
+    fd = os.open(foreign, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert outputs.remove_stale_temps(tmp_path) == [recycled]
+        assert foreign.exists()
+    finally:
+        os.close(fd)
+    assert outputs.remove_stale_temps(tmp_path) == [foreign]
+
+
+def test_atomic_path_holds_its_temp_locked_while_writing(tmp_path):
+    with outputs.atomic_path(tmp_path / "a.txt") as tmp:
+        tmp.write_text("x")
+        assert outputs._locked_by_a_writer(str(tmp)) and outputs.remove_stale_temps(tmp_path) == []
+    assert (tmp_path / "a.txt").read_text() == "x" and temps_in(tmp_path) == []
+
+
 def test_the_lock_is_reentrant_and_released(tmp_path):
     target = tmp_path / "out.h5"
     with outputs.exclusive(target):
