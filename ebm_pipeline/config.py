@@ -47,7 +47,7 @@ DEFAULTS = {
         "pgd_at": {"epochs": 30, "eps": 0.1, "pgd_steps": 10, "pgd_step_size": 0.025},
         "robustness": {"samples": 200, "square_samples": 100, "audit_samples": 100, "pgd_steps": 20,
                        "audit_steps": 50, "audit_restarts": 2, "autoattack_iterations": 20, "square_queries": 500,
-                       "batch_size": 100},
+                       "min_norm_steps": 50, "batch_size": 100},
         "hardware": {"lava_limit": 100, "latency_samples": 50, "repeats": 3},
     },
     "fashion-mnist": {

@@ -52,7 +52,7 @@ def pct_ci(entry) -> str:
 
 
 def robustness_section(results: dict) -> str:
-    from distill.robustness.audit import ATTACK_COLUMNS
+    from distill.robustness.audit import ATTACK_COLUMNS, COLUMN_LABELS
     rows = []
     for name, r in results["models"].items():
         verdict = ("raw", '<span class="good">passed</span>') if r["audit"]["passed"] else (
@@ -61,15 +61,16 @@ def robustness_section(results: dict) -> str:
         rows.append([f"{name} ({r['info']['kind']})", pct_ci(r["clean"])]
                     + [pct_ci(r["attacks"].get(c)) for c in ATTACK_COLUMNS]
                     + [pct(corruption["accuracy"]) if corruption else "—", verdict])
-    parts = [table(["model", "clean", "FGSM", "PGD-Linf", "PGD-L2", "AutoAttack", "Square", "corruption mean",
-                    "audit"], rows)]
+    parts = [table(["model", "clean", *COLUMN_LABELS, "corruption mean", "audit"], rows)]
     c = results["config"]
     parts.append(f'<p class="note">Accuracy % [95 % Wilson interval]; adversarial columns are the worst case per '
                  f'example over each model\'s gradient sources (EBM: BPTT through the deployed relaxation, implicit '
                  f'differentiation, transfer from its student), judged by the deployed prediction. Budgets: Linf eps '
                  f'{c["eps_linf"]:g}, L2 eps {c["eps_l2"]:g}; PGD {c["pgd_steps"]} steps, {c["pgd_restarts"]} '
-                 f'start(s); AutoAttack {c["autoattack_iterations"]} iterations and Square {c["square_queries"]} '
-                 f'queries{" (REDUCED from the standard 100 / 5000)" if c["autoattack_iterations"] < 100 or c["square_queries"] < 5000 else ""}; '
+                 f'start(s); AutoAttack (Linf and L2) {c["autoattack_iterations"]} iterations and Square '
+                 f'{c["square_queries"]} queries{" (REDUCED from the standard 100 / 5000)" if c["autoattack_iterations"] < 100 or c["square_queries"] < 5000 else ""}; '
+                 f'FMN minimum-norm attack {c.get("min_norm_steps", "?")} steps; the Linf and L2 headline columns are '
+                 f'the worst case per example over AutoAttack and FMN (and PGD for L2); '
                  f'{results["examples"]["samples"]} attacked test images, {results["examples"]["square"]} for '
                  f'Square, {results["examples"]["corruption"]} corrupted.</p>')
     for name, r in results["models"].items():

@@ -32,7 +32,7 @@ from .stages import Ledger, file_hash, stage_key
 STAGES = ("train", "relax", "distill", "standard", "pgd_at", "robustness", "lava", "hardware", "dynamics", "report")
 BUDGET_NOTES = {"digits": "Embedded default (8x8 digits): budgets scaled so that the whole study fits in about five "
                           "minutes on a 2-core CPU (200 attacked test images, PGD 20 steps, AutoAttack and Square at "
-                          "a reduced budget, 100 images through Lava); see the configuration below."}
+                          "a reduced budget, FMN 50 steps, 100 images through Lava); see the configuration below."}
 
 
 def _resumable(path: Path, start):

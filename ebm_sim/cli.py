@@ -188,9 +188,11 @@ def cmd_robustness(args) -> int:
     options = {name: getattr(args, name) for name in (
         "eps_linf", "eps_l2", "sweep_linf", "sweep_l2", "pgd_steps", "pgd_restarts", "audit_steps", "audit_restarts",
         "audit_samples", "samples", "square_samples", "square_queries", "autoattack_iterations", "corruption_samples",
-        "corruptions", "seed", "batch_size")}
+        "corruptions", "seed", "batch_size", "min_norm_steps")}
     if args.no_autoattack:
         options["autoattack"] = False
+    if args.no_min_norm:
+        options["min_norm"] = False
     if args.no_square:
         options["square"] = False
     if args.no_corruptions:
@@ -305,7 +307,10 @@ def _add_robustness_command(sub) -> None:
     p.add_argument("--autoattack-iterations", type=int, default=None,
                    help=f"AutoAttack's APGD/FAB iterations (default {d.autoattack_iterations}; fewer is reported as "
                         f"a reduced AutoAttack)")
-    p.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack (the table then lacks its column)")
+    p.add_argument("--min-norm-steps", type=int, default=None,
+                   help=f"iterations of the minimum-norm attack FMN, Linf and L2 (default {d.min_norm_steps})")
+    p.add_argument("--no-min-norm", action="store_true", help="skip the minimum-norm attack (FMN)")
+    p.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack, Linf and L2")
     p.add_argument("--no-square", action="store_true", help="skip the Square black-box attack")
     p.add_argument("--no-corruptions", action="store_true", help="skip the 15 corruptions x 5 severities")
     p.add_argument("--seed", type=int, default=None, help="draw of the examples and the attacks' randomness")

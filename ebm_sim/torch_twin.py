@@ -104,13 +104,17 @@ def local_fields(net, biases_or_none, x, states, beta=0.0, target=None, input_fi
 @dataclass
 class TorchRelaxResult:
     """states: list of (B, n_k) tensors; steps: (B,) int tensor (per sample; with per_sample=False every entry is
-    the batch's step count); residual: (B,) tensor; converged: (B,) bool tensor (residual < tol); logits (B, n_L)."""
+    the batch's step count); residual: (B,) tensor; converged: (B,) bool tensor (residual < tol); logits (B, n_L);
+    output_update (B, n_L): the last layer's last update before the clip, s_L = clip(output_update, 0, 1) exactly
+    (a h_L of the states it was computed from with dt = 1; with Euler s_L + dt (a h_L - s_L)); the initial s_L if
+    no step ran."""
 
     states: list
     steps: torch.Tensor
     residual: torch.Tensor
     converged: torch.Tensor
     logits: torch.Tensor
+    output_update: torch.Tensor | None = None
 
 
 def relax(network, x, method: str = "fixed_point", tol: float = 1e-4, max_steps: int = 1000,
@@ -147,17 +151,21 @@ def relax(network, x, method: str = "fixed_point", tol: float = 1e-4, max_steps:
     active = torch.ones(batch, dtype=torch.bool, device=device)
     steps = torch.zeros(batch, dtype=torch.int64, device=device)
     residual = torch.full((batch,), float("inf"), dtype=dtype, device=device)
+    last = len(net.weights) - 1
     with torch.set_grad_enabled(differentiable):
+        update = states[last]
         input_field = torch.addmm(net.biases[0], x, net.weights[0].t()) if hoist_input else None
         for _ in range(max_steps):
             change = torch.zeros(batch, dtype=dtype, device=device)
             for group in groups:
                 fields = local_fields(net, None, x, states, beta, target, input_field, group)
                 for k in group:
-                    new = a * fields[k] if dt == 1.0 else states[k] + dt * (a * fields[k] - states[k])
-                    new = new.clamp(0.0, 1.0)
+                    raw = a * fields[k] if dt == 1.0 else states[k] + dt * (a * fields[k] - states[k])
+                    new = raw.clamp(0.0, 1.0)
                     change = torch.maximum(change, (new - states[k]).abs().amax(dim=1).detach())
                     states[k] = torch.where(active[:, None], new, states[k]) if per_sample else new
+                    if k == last:
+                        update = torch.where(active[:, None], raw, update) if per_sample else raw
             change = change / dt if dt != 1.0 else change
             residual = torch.where(active, change, residual) if per_sample else change
             steps = steps + active.long()
@@ -167,18 +175,20 @@ def relax(network, x, method: str = "fixed_point", tol: float = 1e-4, max_steps:
                     break
             elif bool((residual < tol).all()):
                 break
-    return TorchRelaxResult(states, steps, residual, residual < tol, net.logits(states))
+    return TorchRelaxResult(states, steps, residual, residual < tol, net.logits(states), update)
 
 
-LOGITS = ("state", "field")
+LOGITS = ("state", "field", "update")
 
 
 class EBMClassifier(torch.nn.Module):
     """An EBM as a classifier: forward(images in [0, 1], (B, n_0) or (B, ...)) -> logits, by running the deployed
     relaxation (same integrator, step cap, tolerance, zero initial state and clamping as prediction) with autograd
     through every step (BPTT), so attacks see what is deployed. Logits: the readout's; without a readout, the
-    output states s_L (``logits="state"``) or the output field a h_L before the clip (``logits="field"``, see
-    ``TorchNetwork.output_field``: a saturated output unit keeps its gradient, which attacks need)."""
+    output states s_L (``logits="state"``), the output field a h_L of the final states before the clip
+    (``logits="field"``, see ``TorchNetwork.output_field``: a saturated output unit keeps its gradient, which attacks
+    need), or the output layer's last update before the clip (``logits="update"``: it keeps that gradient too, and
+    is the value whose clip *is* the deployed s_L, where "field" is one step ahead of an unconverged relaxation)."""
 
     def __init__(self, network: Network, method: str = "fixed_point", max_steps: int = 30, tol: float = 1e-4,
                  dt: float | None = None, device="cpu", logits: str = "state"):
@@ -204,8 +214,10 @@ class EBMClassifier(torch.nn.Module):
 
     def forward(self, x):
         result = self.relax(x)
-        if self.logits == "state":
+        if self.logits == "state" or self._readout is not None:
             return result.logits
+        if self.logits == "update":
+            return result.output_update
         return self.twin().output_field(x.reshape(x.shape[0], -1), result.states)
 
 

@@ -17,6 +17,10 @@ Attacks (one run, one random start; the evaluation takes the worst case over ``r
               labelled so
   square      Square Attack, Linf, ``queries`` queries (Andriushchenko et al. 2020), score-based black box: it only
               reads logits (pyautoattack's SquareAttack, p_init 0.8 as in AutoAttack)
+  fmn         Fast Minimum-Norm attack (Pintor et al. 2021), Linf or L2, ``steps`` iterations (default 100), written
+              here after the authors' algorithm: a minimum-norm attack has no budget (eps 0); it returns, per
+              example, the smallest adversarial point it found (the input itself where it found none), so one run
+              gives the robust accuracy at every eps (``robust at eps`` = its smallest norm exceeds eps)
 PGD's default step size is 2.5 eps / steps (Madry et al.). Every attack runs under its own seeded torch generator
 state (``torch.random.fork_rng``), so results depend only on ``seed`` and the caller's global RNG is untouched.
 """
@@ -28,19 +32,22 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-ATTACKS = ("fgsm", "pgd-linf", "pgd-l2", "autoattack", "square")
+ATTACKS = ("fgsm", "pgd-linf", "pgd-l2", "autoattack", "square", "fmn")
+MINIMUM_NORM_ATTACKS = ("fmn",)
 NORMS = ("Linf", "L2")
 _FIXED_NORM = {"fgsm": "Linf", "pgd-linf": "Linf", "pgd-l2": "L2", "square": "Linf"}
 AUTOATTACK_ITERATIONS, AUTOATTACK_QUERIES = 100, 5000  # the standard version's budget
+FMN_STEPS = 100  # the authors' benchmark setting
 
 
 @dataclass(frozen=True)
 class AttackSpec:
     """One attack and its full budget.
 
-    name: one of ATTACKS; eps: the budget (Linf or L2 radius in pixel units, images in [0, 1]); steps: PGD
-    iterations; step_size: PGD step (None: 2.5 eps / steps); restarts: random starts (the evaluation keeps the worst
-    case per example); queries: Square's query budget; norm: AutoAttack's norm (the other attacks fix theirs).
+    name: one of ATTACKS; eps: the budget (Linf or L2 radius in pixel units, images in [0, 1]; 0 for a minimum-norm
+    attack); steps: PGD, AutoAttack or FMN iterations; step_size: PGD step (None: 2.5 eps / steps); restarts: random
+    starts (the evaluation keeps the worst case per example); queries: Square's query budget; norm: AutoAttack's and
+    FMN's norm (the other attacks fix theirs).
     """
 
     name: str
@@ -69,9 +76,19 @@ class AttackSpec:
             raise ValueError(f"{self.name}: needs steps >= 1, got {self.steps}")
         if self.name == "autoattack" and self.steps == 0:
             object.__setattr__(self, "steps", AUTOATTACK_ITERATIONS)
+        if self.minimum_norm:
+            if self.eps != 0.0:
+                raise ValueError(f"{self.name} is a minimum-norm attack: it has no budget (eps 0), got eps {self.eps}")
+            if self.steps == 0:
+                object.__setattr__(self, "steps", FMN_STEPS)
         if self.step_size is not None and not (isinstance(self.step_size, numbers.Real)
                                                and math.isfinite(self.step_size) and self.step_size > 0):
             raise ValueError(f"{self.name}: step_size must be a positive number or None, got {self.step_size!r}")
+
+    @property
+    def minimum_norm(self) -> bool:
+        """True for an attack that looks for the smallest adversarial perturbation instead of one within eps."""
+        return self.name in MINIMUM_NORM_ATTACKS
 
     @property
     def white_box(self) -> bool:
@@ -92,8 +109,10 @@ class AttackSpec:
             budget.pop("step_size")
         if self.name not in ("square", "autoattack"):
             budget.pop("queries")
-        if not (self.name.startswith("pgd") or self.name == "autoattack"):
+        if not (self.name.startswith("pgd") or self.name in ("autoattack", "fmn")):
             budget.pop("steps")
+        if self.minimum_norm:
+            budget.pop("eps")
         if self.name == "autoattack":
             budget["version"] = "standard" if self.standard else "standard, reduced budget"
         return budget
@@ -106,8 +125,8 @@ class AttackSpec:
     def describe(self) -> str:
         """A short human-readable budget, e.g. 'PGD-Linf eps 0.1, 40 steps of 0.00625, 2 restarts'."""
         label = {"fgsm": "FGSM", "pgd-linf": "PGD-Linf", "pgd-l2": "PGD-L2", "autoattack": f"AutoAttack-{self.norm}",
-                 "square": "Square-Linf"}[self.name]
-        text = f"{label} eps {self.eps:g}"
+                 "square": "Square-Linf", "fmn": f"FMN-{self.norm}"}[self.name]
+        text = f"{label}, {self.steps} steps (minimum norm)" if self.minimum_norm else f"{label} eps {self.eps:g}"
         if self.name.startswith("pgd"):
             text += f", {self.steps} steps of {self.alpha:.3g}"
         if self.name == "square":
@@ -129,7 +148,7 @@ def craft(source: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, spec: Attac
     if spec.name == "square" and x.ndim != 4:
         raise ValueError(f"Square attacks images (B, C, H, W); got shape {tuple(x.shape)}")
     x, y = x.detach(), y.detach()
-    if spec.eps == 0.0 or x.shape[0] == 0:
+    if (spec.eps == 0.0 and not spec.minimum_norm) or x.shape[0] == 0:
         return x.clone()
     was_training = source.training
     source.eval()
@@ -143,8 +162,11 @@ def craft(source: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, spec: Attac
 
 
 def _project(adv: torch.Tensor, x: torch.Tensor, spec: AttackSpec) -> torch.Tensor:
-    """Guard against a library's rounding: back into the eps ball around x and into [0, 1]."""
+    """Guard against a library's rounding: back into the eps ball around x (a minimum-norm attack has none) and into
+    [0, 1]."""
     delta = adv - x
+    if spec.minimum_norm:
+        return adv.clamp(0.0, 1.0)
     if spec.norm == "Linf":
         delta = delta.clamp(-spec.eps, spec.eps)
     else:
@@ -194,5 +216,71 @@ def _square(source, x, y, spec, seed):
         return attack.perturb(x, y)
 
 
+def perturbation_norms(adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
+    """||adv - x|| per example (B,), Linf or L2 over all pixels."""
+    delta = (adv - x).reshape(x.shape[0], -1)
+    return delta.abs().amax(dim=1) if norm == "Linf" else delta.norm(dim=1)
+
+
+def _fmn(source, x, y, spec, seed, alpha_init: float = 1.0, gamma_init: float = 0.05, gamma_final: float = 0.001):
+    """Fast Minimum-Norm attack (Pintor et al. 2021, arXiv 2102.12827), untargeted, Linf or L2.
+
+    Step k (cosine-annealed alpha_k from alpha_init to alpha_init / 100, gamma_k from gamma_init to gamma_final):
+      loss = max_{j != y} z_j - z_y at x + delta (> 0: adversarial, as the source decides);
+      keep x + delta if adversarial and ||delta|| below the best norm so far;
+      eps <- min(eps (1 - gamma), best) if adversarial; eps (1 + gamma) if one was found before; else ||delta|| +
+             (1 + gamma) |loss| / ||grad||_dual (a linear step just past the boundary); eps <= the largest norm;
+      delta <- project_eps(delta + alpha grad / ||grad||_2), then x + delta clipped to [0, 1].
+    Two changes to the authors' algorithm, both for the first crossing of the boundary: the gradient is projected on
+    the directions the box [0, 1] allows (zero where a pixel sits at 0 or 1 and the gradient points outside) before
+    the step and the linear estimate, and the estimate overshoots by a factor 1 + gamma. Without them the estimate
+    approaches the boundary from inside and never crosses it (measured on the digits baseline: 27 % of the L2 attacks
+    found an adversarial point). Returns the best adversarial point per example (x where none was found)."""
+    batch = x.shape[0]
+    order, dual = (math.inf, 1) if spec.norm == "Linf" else (2, 2)
+
+    def per_example(t):
+        return t.reshape((batch,) + (1,) * (x.ndim - 1))
+
+    def norms(t):
+        return t.reshape(batch, -1).norm(p=order, dim=1)
+
+    largest = norms(torch.maximum(x, 1 - x))
+    best_norm, best = largest.clone(), x.clone()
+    epsilon = torch.full((batch,), math.inf, dtype=x.dtype)
+    found = torch.zeros(batch, dtype=torch.bool)
+    own_mask = None  # +inf at the label: what max over the other classes ignores
+    delta = torch.zeros_like(x, requires_grad=True)
+    for step in range(spec.steps):
+        cosine = (1 + math.cos(math.pi * step / spec.steps)) / 2
+        alpha = alpha_init / 100 + (alpha_init - alpha_init / 100) * cosine
+        gamma = gamma_final + (gamma_init - gamma_final) * cosine
+        size = norms(delta.detach())
+        logits = source(x + delta)
+        if own_mask is None:
+            own_mask = torch.zeros_like(logits.detach()).scatter(1, y[:, None], math.inf)
+        loss = (logits - own_mask).amax(dim=1) - logits.gather(1, y[:, None]).squeeze(1)
+        (grad,) = torch.autograd.grad(loss.sum(), delta)
+        point = (x + delta).detach()  # directions that leave [0, 1] are no directions: the box would undo them
+        grad = torch.where(((point >= 1) & (grad > 0)) | ((point <= 0) & (grad < 0)), torch.zeros_like(grad), grad)
+        adversarial = logits.detach().argmax(dim=1) != y
+        better = adversarial & (size < best_norm)
+        found |= adversarial
+        best_norm = torch.where(better, size, best_norm)
+        best = torch.where(per_example(better), (x + delta).detach(), best)
+        to_boundary = loss.detach().abs() / grad.reshape(batch, -1).norm(p=dual, dim=1).clamp_min(1e-12)
+        epsilon = torch.where(adversarial, torch.minimum(epsilon * (1 - gamma), best_norm),
+                              torch.where(found, epsilon * (1 + gamma), size + (1 + gamma) * to_boundary))
+        epsilon = torch.minimum(epsilon, largest)
+        with torch.no_grad():
+            moved = delta + alpha * grad / per_example(grad.reshape(batch, -1).norm(dim=1).clamp_min(1e-12))
+            if spec.norm == "Linf":
+                moved = torch.maximum(torch.minimum(moved, per_example(epsilon)), -per_example(epsilon))
+            else:
+                moved = moved * per_example(torch.clamp(epsilon / norms(moved).clamp_min(1e-12), max=1.0))
+            delta.copy_((x + moved).clamp(0.0, 1.0) - x)
+    return best
+
+
 _ATTACK_RUNNERS = {"fgsm": _fgsm, "pgd-linf": _pgd_linf, "pgd-l2": _pgd_l2, "autoattack": _autoattack,
-                   "square": _square}
+                   "square": _square, "fmn": _fmn}

@@ -27,8 +27,11 @@ DATASET_BUDGETS["cifar100"] = DATASET_BUDGETS["cifar10"]
 class RobustnessConfig:
     """What a robustness evaluation runs.
 
-    eps_linf / eps_l2: the budgets of the table's columns (FGSM, PGD-Linf, AutoAttack, Square at eps_linf; PGD-L2 at
-    eps_l2); sweep_linf / sweep_l2: the eps sweeps (PGD; the table's values are included automatically).
+    eps_linf / eps_l2: the budgets of the table's columns (FGSM, PGD-Linf, AutoAttack-Linf, Square at eps_linf;
+    PGD-L2 and AutoAttack-L2 at eps_l2); sweep_linf / sweep_l2: the eps sweeps (PGD at each eps, the minimum-norm
+    attack's curve and AutoAttack at the table's eps, worst case per example; the table's values are included
+    automatically). min_norm: run the minimum-norm attack (FMN, Linf and L2, ``min_norm_steps`` iterations) on the
+    attacked examples; autoattack runs AutoAttack in both norms.
     pgd_steps, pgd_restarts, pgd_step_size (None: 2.5 eps / steps): PGD's budget. audit_steps, audit_restarts,
     audit_samples: the stronger PGD of the audit (on the first audit_samples examples). autoattack / square: run them;
     square_queries: Square's budget (also AutoAttack's Square); autoattack_iterations: AutoAttack's APGD / FAB
@@ -53,6 +56,8 @@ class RobustnessConfig:
     audit_samples: int = 200
     autoattack: bool = True
     autoattack_iterations: int = 100
+    min_norm: bool = True
+    min_norm_steps: int = 100
     square: bool = True
     square_queries: int = 5000
     samples: int = 1000
@@ -78,7 +83,7 @@ class RobustnessConfig:
             table = self.eps_linf if name == "sweep_linf" else self.eps_l2
             object.__setattr__(self, name, tuple(sorted(set(values) | {0.0, float(table)})))
         for name, low in (("pgd_steps", 1), ("pgd_restarts", 1), ("audit_steps", 1), ("audit_restarts", 1),
-                          ("audit_samples", 1), ("square_queries", 1), ("autoattack_iterations", 1), ("samples", 1), ("square_samples", 1),
+                          ("audit_samples", 1), ("square_queries", 1), ("autoattack_iterations", 1), ("min_norm_steps", 1), ("samples", 1), ("square_samples", 1),
                           ("batch_size", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..fitting import fingerprint
-from .attacks import AttackSpec, craft
+from .attacks import AttackSpec, craft, perturbation_norms
 from .config import RobustnessConfig
 from .models import EBMUnderTest, ModelUnderTest
 from .report import assemble, write_report
@@ -40,9 +40,9 @@ from .store import PartStore, bits
 @dataclass(frozen=True)
 class Task:
     """One piece of work on one model: kind "attack" (spec, source), "gradients" (source), "corruption" (name,
-    severity); ``group`` names what the result feeds ("fgsm", "pgd-linf", "pgd-l2", "autoattack", "square",
-    "pgd-audit", "gradients", "corruption"); ``subset``: which examples ("samples", "square", "audit",
-    "corruption")."""
+    severity); ``group`` names what the result feeds ("fgsm", "pgd-linf", "pgd-l2", "autoattack", "autoattack-l2",
+    "min-norm-linf", "min-norm-l2", "square", "pgd-audit", "gradients", "corruption"); ``subset``: which examples
+    ("samples", "square", "audit", "corruption")."""
 
     model: str
     kind: str
@@ -89,9 +89,15 @@ def plan(model: ModelUnderTest, config: RobustnessConfig) -> list:
         tasks.append(Task(model.name, "attack", "pgd-audit", "audit",
                           AttackSpec("pgd-linf", c.eps_linf, c.audit_steps, c.pgd_step_size, c.audit_restarts),
                           source))
+    if c.min_norm:
+        for norm in ("Linf", "L2"):
+            spec = AttackSpec("fmn", 0.0, steps=c.min_norm_steps, norm=norm)
+            tasks += [Task(model.name, "attack", f"min-norm-{norm.lower()}", "samples", spec, source)
+                      for source in attack_sources(model)]
     if c.autoattack:
-        spec = AttackSpec("autoattack", c.eps_linf, steps=c.autoattack_iterations, queries=c.square_queries)
-        tasks += [Task(model.name, "attack", "autoattack", "samples", spec, source) for source in attack_sources(model)]
+        for group, eps, norm in (("autoattack", c.eps_linf, "Linf"), ("autoattack-l2", c.eps_l2, "L2")):
+            spec = AttackSpec("autoattack", eps, steps=c.autoattack_iterations, queries=c.square_queries, norm=norm)
+            tasks += [Task(model.name, "attack", group, "samples", spec, source) for source in attack_sources(model)]
     if c.square:
         tasks.append(Task(model.name, "attack", "square", "square", AttackSpec("square", c.eps_linf,
                                                                                 queries=c.square_queries),
@@ -105,12 +111,16 @@ def plan(model: ModelUnderTest, config: RobustnessConfig) -> list:
 
 
 # ---------------------------------------------------------------------------------------------- keys
+EBM_ATTACK_LOGITS = "last update before the clip, agreeing with the deployed prediction"
+
+
 def model_key(model: ModelUnderTest) -> dict:
     """What identifies a model's behaviour: a hash of its architecture and parameters (not of its file, whose training
     history and timings change from run to run), and for an EBM its deployment and its student's parameters."""
     key = {"parameters": model.parameters_hash, "kind": model.kind}
     if isinstance(model, EBMUnderTest):
         key["deployment"] = model.deployment.as_dict()
+        key["attack_logits"] = EBM_ATTACK_LOGITS  # parts made with other attack logits are not reused
         if "transfer" in model.sources:
             from distill.io import model_hash
             key["student"] = model_hash(model.sources["transfer"])
@@ -145,10 +155,14 @@ def _images(x: np.ndarray, image_shape) -> torch.Tensor:
 def run_attack(model: ModelUnderTest, task: Task, x: np.ndarray, y: np.ndarray, clean_correct: np.ndarray,
                seed: int) -> dict:
     """Attack the clean-correct examples of one chunk; robust flags per example (worst case over restarts, judged by
-    the deployed prediction). For an EBM at the table's PGD-Linf budget also the deployed relaxation's residuals on
-    the adversarial examples."""
+    the deployed prediction), or for a minimum-norm attack the norm of each example's smallest adversarial
+    perturbation (``run_minimum_norm``). For an EBM at the table's PGD-Linf budget also the deployed relaxation's
+    residuals on the adversarial examples, and whether each gradient source, as it is (without
+    ``agree_with_deployed``), predicts there as deployed."""
     spec = task.spec
     source = model.black_box if task.source == "black-box" else model.sources[task.source]
+    if spec.minimum_norm:
+        return run_minimum_norm(model, source, spec, x, y, clean_correct, seed)
     robust = clean_correct.copy()
     attacked = np.flatnonzero(clean_correct)
     images, labels = _images(x, model.image_shape), torch.from_numpy(np.asarray(y, dtype=np.int64))
@@ -163,17 +177,41 @@ def run_attack(model: ModelUnderTest, task: Task, x: np.ndarray, y: np.ndarray, 
         robust[todo[model.predict(adv) != y[todo]]] = False
     record = {"robust": bits(robust)}
     if isinstance(model, EBMUnderTest) and task.group == "pgd-linf" and attacked.size:
-        stats = model.relaxation_stats(adversarial[attacked])
+        points = adversarial[attacked]
+        stats = model.relaxation_stats(points)
         record["adversarial_relaxation"] = {"converged": bits(stats["converged"]),
                                             "residual": [float(r) for r in stats["residual"]],
                                             "steps": [int(s) for s in stats["steps"]]}
+        if task.source in ("bptt", "implicit"):  # do the logits decide as deployed where the attack went?
+            deployed, images = model.predict(points), _images(points, model.image_shape)
+            with torch.no_grad():
+                used = model.sources[task.source](images).argmax(1).numpy()
+                raw = model.raw_sources[task.source](images).argmax(1).numpy()
+            record["matches_deployed_adversarial"] = bits(used == deployed)
+            record["raw_matches_deployed_adversarial"] = bits(raw == deployed)
     return record
+
+
+def run_minimum_norm(model: ModelUnderTest, source, spec: AttackSpec, x: np.ndarray, y: np.ndarray,
+                     clean_correct: np.ndarray, seed: int) -> dict:
+    """{"norms": per example the norm of the smallest adversarial perturbation found and confirmed by the deployed
+    prediction, 0.0 for an example misclassified clean, None where none was found}."""
+    norms = [None if correct else 0.0 for correct in clean_correct]
+    attacked = np.flatnonzero(clean_correct)
+    if attacked.size:
+        images = _images(x[attacked], model.image_shape)
+        adv = craft(source, images, torch.from_numpy(np.asarray(y[attacked], dtype=np.int64)), spec, seed)
+        sizes = perturbation_norms(adv, images, spec.norm).numpy()
+        fooled = model.predict(adv.reshape(len(attacked), -1).numpy()) != y[attacked]
+        for index, size, confirmed in zip(attacked, sizes, fooled):
+            norms[index] = float(size) if confirmed else None
+    return {"norms": norms}
 
 
 def run_gradients(model: ModelUnderTest, task: Task, x: np.ndarray, y: np.ndarray) -> dict:
     """Input gradients of the cross-entropy at clean inputs from one source: NaN / all-zero flags, L1 norms, and
     whether the source's argmax equals the deployed prediction."""
-    source = model.sources[task.source]
+    source = getattr(model, "raw_sources", model.sources)[task.source]  # as it is, without agree_with_deployed
     images = _images(x, model.image_shape).requires_grad_(True)
     with torch.enable_grad():
         logits = source(images)

@@ -25,7 +25,9 @@ class ImplicitEBM(torch.nn.Module):
     input gradients by implicit differentiation (see the module docstring).
 
     The forward value is that of the deployed relaxation (same integrator, tolerance, step cap, zero start) on the
-    Torch twin; logits: the readout's, or the output field a h_L (``TorchNetwork.output_field``). adjoint_tol: a
+    Torch twin; logits: the readout's, or the output layer's last update before the clip (whose clip is the deployed
+    s_L; ``EBMClassifier(logits="update")``), differentiated as the output field a h_L at the fixed point
+    (``TorchNetwork.output_field``). adjoint_tol: a
     sample's adjoint iteration has converged when max |v_{k+1} - v_k| <= adjoint_tol * max |v_{k+1}| (relative:
     attacks need the gradient's direction, not 6 digits); the batch iterates until all have, or adjoint_max_steps.
     ``last_adjoint_steps`` and ``last_adjoint_converged`` (share of samples) tell how the last backward pass ended.
@@ -65,9 +67,11 @@ class ImplicitEBM(torch.nn.Module):
         net = self.twin()
         x = x.reshape(x.shape[0], -1).to(net.dtype)
         with torch.no_grad():
-            fixed = torch_twin.relax(net, x.detach(), self.method, self.tol, self.max_steps, self.dt).states
+            relaxed = torch_twin.relax(net, x.detach(), self.method, self.tol, self.max_steps, self.dt)
+        fixed = relaxed.states
+        deployed = relaxed.logits if net.readout is not None else relaxed.output_update
         if not torch.is_grad_enabled() or not x.requires_grad:
-            return net.output_field(x, fixed)
+            return deployed
         sizes = [s.shape[1] for s in fixed]
         star = torch.cat(fixed, dim=1)
         # vector-Jacobian products wrt s at s*, x held fixed
@@ -77,7 +81,8 @@ class ImplicitEBM(torch.nn.Module):
         # the value is s* (what is deployed); the gradient flows through F, with the incoming gradient replaced by v
         states = star + (stepped - stepped.detach())
         states.register_hook(lambda g: self._adjoint(probe, probe_out, g))
-        return net.output_field(x, list(torch.split(states, sizes, dim=1)))
+        field = net.output_field(x, list(torch.split(states, sizes, dim=1)))
+        return field + (deployed - field).detach()  # the deployed value; the fixed point's implicit gradient
 
     def _adjoint(self, probe, probe_out, g):
         """v = g + J^T v, iterated until every sample's max |v_{k+1} - v_k| <= adjoint_tol * max |v_{k+1}| (see the

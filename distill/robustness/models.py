@@ -10,8 +10,13 @@ Every model under test offers
     ``"implicit"``  implicit differentiation at the fixed point (``ImplicitEBM``),
     ``"transfer"``  its distilled student: adversarial examples crafted on it, judged on the EBM;
   per example the worst case over the sources counts.
-  Logits of the EBM sources are the output field a h_L before the clip (or the readout's), so a saturated output
-  unit keeps its gradient; their argmax equals the deployed argmax s_L wherever s_L has a unique largest entry.
+  Logits of the EBM sources are the output layer's last update before the clip (or the readout's): its clip is the
+  deployed s_L, so a saturated output unit keeps its gradient and, unlike the field of the final states (one step
+  ahead of an unconverged relaxation), it decides as deployed. Where they still differ (ties among saturated or
+  silent outputs, float rounding between the Torch twin and the Numba kernels), ``agree_with_deployed`` lifts the
+  deployed class's logit just above the others by a detached offset: an attack's own success test is then the
+  deployed prediction's, and no success is claimed that the deployed model rejects. ``raw_sources`` keeps the
+  sources without it (the audit compares them with the deployed prediction).
 - ``black_box``: a module that only answers queries (logits of the deployed fixed point), for Square.
 ``ModuleUnderTest`` wraps any torch classifier the same way (a user's own model); ``FeedForwardUnderTest`` the
 toolkit's students and baselines, ``EBMUnderTest`` an EBM network file.
@@ -175,17 +180,17 @@ class EBMUnderTest(ModelUnderTest):
         if "transfer" in gradients and student is None:
             raise ValueError(f"{name}: the transfer attack needs the EBM's distilled student (a student file)")
         d = self.deployment
-        sources = {}
+        raw = {}
         if "bptt" in gradients:
-            sources["bptt"] = torch_twin.EBMClassifier(self.network, d.method, d.max_steps, d.tol, d.dt,
-                                                       logits="field").eval()
-        implicit = ImplicitEBM(self.network, d.method, d.max_steps, d.tol, d.dt).eval()
+            raw["bptt"] = torch_twin.EBMClassifier(self.network, d.method, d.max_steps, d.tol, d.dt,
+                                                   logits="update").eval()
         if "implicit" in gradients:
-            sources["implicit"] = implicit
+            raw["implicit"] = ImplicitEBM(self.network, d.method, d.max_steps, d.tol, d.dt).eval()
+        self.raw_sources = dict(raw)
+        self.sources = {name: AgreeWithDeployed(module, self) for name, module in raw.items()}
         self.student_path = None
-        if "transfer" in gradients:
-            sources["transfer"] = self._load_student(student)
-        self.sources = sources
+        if "transfer" in gradients:  # the student's own logits: a transfer attack is judged on the EBM afterwards
+            self.sources["transfer"] = self.raw_sources["transfer"] = self._load_student(student)
         self.batch_size = batch_size
         self.black_box = DeployedLogits(self)
 
@@ -212,18 +217,22 @@ class EBMUnderTest(ModelUnderTest):
         return np.concatenate([r.predictions() for r in results]) if results else np.zeros(0, np.int64)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """Logits of the deployed relaxation (Numba): the readout's, or the output field a (W_{L-1} s_{L-1} + b_L)
-        (the sources' convention, see the module docstring); (N, C) float32."""
+        """Logits of the deployed relaxation (Numba) whose argmax is the deployed prediction: the readout's, or the
+        output field a (W_{L-1} s_{L-1} + b_L) of the final states passed through ``agree_with_deployed`` with the
+        same relaxation's predictions; (N, C) float32."""
         network = self.network
         x = np.asarray(x, dtype=network.dtype).reshape(len(x), -1)
         out = []
         for (a, b), result in zip(_batches(len(x), self.batch_size), self._relax(x)):
             if "logits" in result.extras:
-                out.append(result.extras["logits"])
-                continue
-            below = result.states[-2] if len(result.states) > 1 else x[a:b]
-            out.append(network.slope * (below @ network.weights[-1].T + network.biases[-1]))
-        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, network.layer_sizes[-1]), np.float32)
+                logits = result.extras["logits"]
+            else:
+                below = result.states[-2] if len(result.states) > 1 else x[a:b]
+                logits = network.slope * (below @ network.weights[-1].T + network.biases[-1])
+            agreed = agree_with_deployed(torch.from_numpy(np.asarray(logits, np.float32)),
+                                         torch.from_numpy(result.predictions()))
+            out.append(agreed.numpy())
+        return np.concatenate(out) if out else np.zeros((0, network.layer_sizes[-1]), np.float32)
 
     def relaxation_stats(self, x: np.ndarray) -> dict:
         """Of the deployed relaxation on x: {"residual", "converged", "steps"} per sample (numpy arrays)."""
@@ -233,6 +242,42 @@ class EBMUnderTest(ModelUnderTest):
     def describe(self) -> dict:
         return {**super().describe(), "deployment": self.deployment.as_dict(),
                 "student": None if self.student_path is None else str(self.student_path)}
+
+
+DEPLOYED_MARGIN = 1e-3  # how far above the others agree_with_deployed lifts the deployed class's logit
+
+
+def agree_with_deployed(logits: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
+    """``logits`` (B, C) whose argmax is ``predictions`` (B,): where another class's logit reaches the deployed
+    class's, the deployed class's is raised to DEPLOYED_MARGIN above it by a detached offset (values change there,
+    gradients do not; elsewhere the logits are returned as they are)."""
+    predictions = predictions.to(device=logits.device, dtype=torch.int64).reshape(-1, 1)
+    own = logits.gather(1, predictions)
+    others = logits.detach().scatter(1, predictions, float("-inf")).amax(dim=1, keepdim=True)
+    lift = torch.clamp(others - own.detach() + DEPLOYED_MARGIN, min=0.0)
+    lift = torch.where(others >= own.detach(), lift, torch.zeros_like(lift))
+    return logits + torch.zeros_like(logits).scatter(1, predictions, lift)
+
+
+class AgreeWithDeployed(torch.nn.Module):
+    """A gradient source whose logits decide as the deployed model does (``agree_with_deployed`` with
+    ``model.predict`` on the same images): forward values and gradients are the source's elsewhere."""
+
+    def __init__(self, source: torch.nn.Module, model: "EBMUnderTest"):
+        super().__init__()
+        self.source = source
+        self._model = model
+
+    def forward(self, x):
+        logits = self.source(x)
+        deployed = self._model.predict(x.detach().reshape(x.shape[0], -1).cpu().numpy())
+        return agree_with_deployed(logits, torch.from_numpy(deployed))
+
+    def __getattr__(self, name):  # e.g. the implicit source's last_adjoint_converged
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("source"), name)
 
 
 class DeployedLogits(torch.nn.Module):

@@ -5,10 +5,17 @@ results.json (format "ebm-robustness-results", version 1):
    "models": {name: {
       "info": {kind, file, content_hash, gradient_sources, deployment?, student?},
       "clean": {accuracy, ci95, n} on the whole test set; "clean_on_samples": the same on the attacked examples,
-      "attacks": {fgsm | pgd_linf | pgd_l2 | autoattack | square:
-                  {accuracy, ci95, n (worst case over the sources), budget (the attack's full budget),
-                   per_source: {source: {accuracy, ci95, n}}}},
-      "sweeps": {"linf" | "l2": [{eps, accuracy, ci95, n, per_source}]},
+      "attacks": {fgsm | pgd_linf | pgd_l2 | autoattack | autoattack_l2 | square (audit.COLUMNS):
+                  {accuracy, ci95, n (worst case over the column's attacks and the sources), budget (the first
+                   attack's full budget), budgets {attack group: budget}, per_source: {source: {accuracy, ci95, n}},
+                   per_attack: {attack group: accuracy}}},
+      "sweeps": {"linf" | "l2": [{eps, accuracy, ci95, n (worst case per example over every attack of the norm at
+                                  or below eps: PGD, FMN, AutoAttack), pgd (PGD at eps alone), fmn (FMN alone),
+                                  per_source (PGD)}]},
+      "min_norm": {"linf" | "l2": {median, n, broken}}: per example an upper bound on the smallest adversarial
+                  perturbation (the least of FMN's norm over the sources, the smallest sweep eps where PGD succeeded,
+                  the table eps where AutoAttack did; 0 if misclassified clean); median over the attacked examples
+                  (None above every norm tried), broken: the share with a finite bound,
       "comparisons": the paired numbers the audit compares (same examples),
       "gradients": {source: {n, nan_fraction, zero_fraction, matches_deployed, median_l1}},
       "relaxation" (EBMs): {"clean" | "adversarial": {converged_fraction, median_residual, max_residual, mean_steps}},
@@ -28,38 +35,76 @@ import numpy as np
 
 from ebm_sim.storage import save_figure
 
-from .audit import ATTACK_COLUMNS, run_audit
+from .audit import ATTACK_COLUMNS, COLUMN_LABELS, COLUMNS, run_audit
 from .stats import accuracy
-from .store import flags_of, unbits
+from .store import flags_of, unbits, values_of
 
 FORMAT = "ebm-robustness-results"
 FORMAT_VERSION = 1
-
-GROUP_OF_COLUMN = {"fgsm": "fgsm", "pgd_linf": "pgd-linf", "pgd_l2": "pgd-l2", "autoattack": "autoattack",
-                   "square": "square"}
+NORM_GROUPS = {"linf": ("pgd-linf", "min-norm-linf", "autoattack"), "l2": ("pgd-l2", "min-norm-l2", "autoattack-l2")}
 
 
 def _tasks_of(parts: dict, model: str, group: str, eps: float | None = None) -> dict:
-    """{source: [(chunk, record), ...]} of a model's tasks in ``group`` (at ``eps``)."""
+    """{source: (task, [(chunk, record), ...])} of a model's tasks in ``group`` (at ``eps``; a minimum-norm attack
+    has no eps and serves every one)."""
     found = {}
     for (name, task), items in parts.items():
-        if name == model and task.group == group and (eps is None or math.isclose(task.spec.eps, eps)):
+        if name == model and task.group == group and (eps is None or task.spec.minimum_norm
+                                                       or math.isclose(task.spec.eps, eps)):
             found[task.source] = (task, items)
     return found
 
 
-def _robust_result(parts, model, group, eps, indices) -> dict | None:
-    """Worst case over the sources (and each source's own accuracy) of a group at eps on ``indices``."""
-    tasks = _tasks_of(parts, model, group, eps)
-    if not tasks:
+def _norms(items, indices) -> np.ndarray:
+    """A minimum-norm task's norms for ``indices`` (inf where it found no adversarial point)."""
+    return np.array([math.inf if v is None else float(v) for v in values_of(items, "norms", indices)])
+
+
+def _flags(task, items, indices, eps: float) -> np.ndarray:
+    """Robust flags at ``eps``: a minimum-norm attack's smallest norm exceeds eps, else the part's flags."""
+    if task.spec.minimum_norm:
+        return _norms(items, indices) > eps
+    return flags_of(items, "robust", indices)
+
+
+def _robust_result(parts, model, groups, eps, indices) -> dict | None:
+    """Worst case per example over the attack ``groups`` and the sources at ``eps`` on ``indices``, with each
+    source's (worst over the groups) and each group's (worst over the sources) accuracy."""
+    worst, per_source, per_attack, budgets = np.ones(len(indices), dtype=bool), {}, {}, {}
+    for group in groups:
+        tasks = _tasks_of(parts, model, group, eps)
+        group_worst = np.ones(len(indices), dtype=bool)
+        for source, (task, items) in sorted(tasks.items()):
+            flags = _flags(task, items, indices, eps)
+            per_source[source] = per_source.get(source, True) & flags
+            group_worst &= flags
+            budgets[group] = task.spec.as_dict()
+        if tasks:
+            per_attack[group] = float(group_worst.mean()) if len(group_worst) else math.nan
+            worst &= group_worst
+    if not budgets:
         return None
-    per_source, worst, budget = {}, np.ones(len(indices), dtype=bool), None
-    for source, (task, items) in sorted(tasks.items()):
-        flags = flags_of(items, "robust", indices)
-        per_source[source] = accuracy(flags)
-        worst &= flags
-        budget = task.spec.as_dict()
-    return {**accuracy(worst), "budget": budget, "per_source": per_source, "_flags": worst}
+    return {**accuracy(worst), "budget": next(iter(budgets.values())), "budgets": budgets,
+            "per_source": {s: accuracy(f) for s, f in sorted(per_source.items())}, "per_attack": per_attack,
+            "_flags": worst}
+
+
+def minimal_norm_bounds(parts, model, norm: str, indices, correct, config) -> np.ndarray | None:
+    """Per example of ``indices``, an upper bound on its smallest adversarial perturbation in ``norm``: the least of
+    FMN's norm (over the sources), the smallest sweep eps at which PGD succeeded and the table eps if AutoAttack
+    did; 0 where misclassified clean; inf where nothing succeeded. None without any attack of the norm."""
+    pgd_group, fmn_group, aa_group = NORM_GROUPS[norm]
+    bound = np.where(correct, math.inf, 0.0)
+    seen = False
+    for source, (task, items) in _tasks_of(parts, model, fmn_group).items():
+        bound, seen = np.minimum(bound, _norms(items, indices)), True
+    sweep = config.sweep_linf if norm == "linf" else config.sweep_l2
+    table_eps = config.eps_linf if norm == "linf" else config.eps_l2
+    for group, values in ((pgd_group, sweep), (aa_group, (table_eps,))):
+        for eps in (e for e in values if e > 0):
+            for source, (task, items) in _tasks_of(parts, model, group, eps).items():
+                bound, seen = np.where(flags_of(items, "robust", indices), bound, np.minimum(bound, eps)), True
+    return bound if seen else None
 
 
 def _relaxation_summary(records: list) -> dict | None:
@@ -81,24 +126,32 @@ def assemble_model(model, parts: dict, clean: dict, draw: dict, y_test: np.ndarr
     samples = draw["samples"]
     result = {"info": model.describe(), "clean": accuracy(correct), "clean_on_samples": accuracy(correct[samples])}
     attacks = {}
-    for column in ATTACK_COLUMNS:
-        eps = config.eps_l2 if column == "pgd_l2" else config.eps_linf
+    for column, (_, norm, groups) in COLUMNS.items():
+        eps = config.eps_l2 if norm == "l2" else config.eps_linf
         subset = draw["square"] if column == "square" else samples
-        found = _robust_result(parts, name, GROUP_OF_COLUMN[column], eps, subset)
+        found = _robust_result(parts, name, groups, eps, subset)
         if found is not None:
             attacks[column] = found
-    sweeps = {}
-    for norm, group, values in (("linf", "pgd-linf", config.sweep_linf), ("l2", "pgd-l2", config.sweep_l2)):
+    sweeps, min_norm = {}, {}
+    for norm, values in (("linf", config.sweep_linf), ("l2", config.sweep_l2)):
+        bound = minimal_norm_bounds(parts, name, norm, samples, correct[samples], config)
         curve = []
         for eps in values:
-            point = (_robust_result(parts, name, group, eps, samples) if eps > 0 else
-                     {**accuracy(correct[samples]), "per_source": {}})
-            if point is not None:
-                point.pop("_flags", None)
-                point.pop("budget", None)
-                curve.append({"eps": float(eps), **point})
+            if bound is None:
+                continue
+            pgd, fmn = (_robust_result(parts, name, (group,), eps, samples) if eps > 0 else None
+                        for group in NORM_GROUPS[norm][:2])
+            clean_share = float(correct[samples].mean())
+            curve.append({"eps": float(eps), **accuracy(bound > eps),
+                          "pgd": pgd["accuracy"] if pgd else clean_share,
+                          "fmn": fmn["accuracy"] if fmn else (clean_share if eps == 0 else None),
+                          "per_source": pgd["per_source"] if pgd else {}})
         sweeps[norm] = curve
-    result["attacks"], result["sweeps"] = attacks, sweeps
+        if bound is not None and len(bound):
+            median = float(np.median(bound))
+            min_norm[norm] = {"median": median if math.isfinite(median) else None, "n": int(len(bound)),
+                              "broken": float(np.isfinite(bound).mean())}
+    result["attacks"], result["sweeps"], result["min_norm"] = attacks, sweeps, min_norm
 
     comparisons = {}
     if "fgsm" in attacks and "pgd_linf" in attacks:
@@ -108,15 +161,15 @@ def assemble_model(model, parts: dict, clean: dict, draw: dict, y_test: np.ndarr
     if "square" in attacks and "pgd_linf" in attacks:
         square_set = draw["square"]
         white = np.ones(len(square_set), dtype=bool)
-        for group in ("pgd-linf", "autoattack"):
+        for group in ("pgd-linf", "autoattack", "min-norm-linf"):
             for source, (task, items) in _tasks_of(parts, name, group, config.eps_linf).items():
                 if set(map(int, square_set)) <= {int(i) for chunk, _ in items for i in chunk}:
-                    white &= flags_of(items, "robust", square_set)
+                    white &= _flags(task, items, square_set, config.eps_linf)
         comparisons["white_vs_black_box"] = {"n": len(square_set), "white_box": float(white.mean()),
                                              "square": float(attacks["square"]["_flags"].mean())}
     audit_set = draw["audit"]
-    strong = _robust_result(parts, name, "pgd-audit", config.eps_linf, audit_set)
-    base = _robust_result(parts, name, "pgd-linf", config.eps_linf, audit_set)
+    strong = _robust_result(parts, name, ("pgd-audit",), config.eps_linf, audit_set)
+    base = _robust_result(parts, name, ("pgd-linf",), config.eps_linf, audit_set)
     if strong is not None and base is not None:
         comparisons["more_steps_and_restarts"] = {
             "n": len(audit_set), "base": base["accuracy"], "strong": strong["accuracy"],
@@ -135,6 +188,14 @@ def assemble_model(model, parts: dict, clean: dict, draw: dict, y_test: np.ndarr
         adjoint = [r["adjoint_converged"] for _, r in items if "adjoint_converged" in r]
         if adjoint:
             gradients[source]["adjoint_converged"] = float(np.mean(adjoint))
+        records = [r for _, r in _tasks_of(parts, name, "pgd-linf", config.eps_linf).get(source, (None, []))[1]
+                   if "matches_deployed_adversarial" in r]
+        if records:
+            used = np.concatenate([unbits(r["matches_deployed_adversarial"]) for r in records])
+            raw = np.concatenate([unbits(r["raw_matches_deployed_adversarial"]) for r in records])
+            if len(used):
+                gradients[source]["adversarial"] = {"n": int(len(used)), "matches_deployed": float(used.mean()),
+                                                    "raw_matches_deployed": float(raw.mean())}
     result["gradients"] = gradients
 
     if "relaxation" in clean:
@@ -179,7 +240,7 @@ def assemble(models, parts: dict, clean: dict, draw: dict, y_test: np.ndarray, c
 
 
 # ---------------------------------------------------------------------------------------------- table
-TABLE_COLUMNS = ("clean", "fgsm", "pgd_linf", "pgd_l2", "autoattack", "square", "corruption_mean")
+TABLE_COLUMNS = ("clean",) + ATTACK_COLUMNS + ("corruption_mean",)
 
 
 def table_rows(results: dict) -> list:
@@ -190,10 +251,18 @@ def table_rows(results: dict) -> list:
         for column in ATTACK_COLUMNS:
             row[column] = r["attacks"][column]["accuracy"] if column in r["attacks"] else None
         row["corruption_mean"] = r["corruptions"]["accuracy"] if "corruptions" in r else None
+        for norm in ("linf", "l2"):
+            row[f"min_norm_{norm}_median"] = r.get("min_norm", {}).get(norm, {}).get("median")
         row["audit_passed"] = r["audit"]["passed"]
         row["audit_failed"] = r["audit"]["failed"]
         rows.append(row)
     return rows
+
+
+def _norm_cell(entry: dict | None) -> str:
+    if not entry:
+        return "—"
+    return f"> max ({100 * entry['broken']:.0f} % broken)" if entry["median"] is None else f"{entry['median']:.3g}"
 
 
 def _cell(entry: dict | None) -> str:
@@ -210,8 +279,9 @@ def markdown_table(results: dict) -> str:
              "Accuracy in % with its 95 % Wilson interval. Adversarial columns: the worst case per example over the "
              "model's gradient sources (EBM: BPTT through the deployed relaxation, implicit differentiation, "
              "transfer from its distilled student), judged by the deployed prediction.", "",
-             "| model | clean | FGSM | PGD-Linf | PGD-L2 | AutoAttack | Square | corruption mean | audit |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | clean | " + " | ".join(COLUMN_LABELS) + " | corruption mean | median min. norm Linf / L2 "
+             "| audit |",
+             "|---|---|" + "---|" * len(COLUMN_LABELS) + "---|---|---|"]
     for name, r in results["models"].items():
         attacks = r["attacks"]
         corruption = r.get("corruptions")
@@ -220,24 +290,31 @@ def markdown_table(results: dict) -> str:
         cells = [_cell(r["clean"])] + [(_cell(attacks.get(col)) + (unreliable if col in attacks else ""))
                                        for col in ATTACK_COLUMNS]
         cells.append("—" if corruption is None else f"{100 * corruption['accuracy']:.1f}")
+        cells.append(" / ".join(_norm_cell(r.get("min_norm", {}).get(norm)) for norm in ("linf", "l2")))
         lines.append(f"| {name} ({r['info']['kind']}) | " + " | ".join(cells) + f" | {audit} |")
     lines += ["", "## Budgets", "",
               f"- examples: {results['examples']['samples']} attacked (FGSM, PGD, AutoAttack), "
               f"{results['examples']['square']} for Square, {results['examples']['audit']} for the audit's stronger "
               f"PGD and the gradient check, {results['examples']['corruption']} corrupted; seed {c['seed']}",
-              "- FGSM, PGD-Linf, AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square"
+              "- FGSM, PGD-Linf, AutoAttack-Linf (standard: APGD-CE, APGD-T, FAB-T, Square"
               + ("" if c["autoattack_iterations"] >= 100 and c["square_queries"] >= 5000 else
                  f"; REDUCED budget: {c['autoattack_iterations']} iterations, Square {c['square_queries']} queries")
-              + f"), Square: Linf eps {c['eps_linf']:g}; PGD-L2: eps {c['eps_l2']:g}; pixel units, images in [0, 1]",
+              + f"), Square: Linf eps {c['eps_linf']:g}; PGD-L2, AutoAttack-L2: eps {c['eps_l2']:g}; pixel units, "
+                f"images in [0, 1]",
+              f"- minimum-norm attack: FMN (Pintor et al. 2021), Linf and L2, {c.get('min_norm_steps', '?')} steps"
+              + ("" if c.get("min_norm", False) else " (not run)") + "; the Linf and L2 headline columns are the "
+              "worst case per example over AutoAttack and FMN (and PGD for L2); the median minimal norm is an upper "
+              "bound per example (FMN, PGD's sweep, AutoAttack) with its median over the attacked examples",
               f"- PGD: {c['pgd_steps']} steps of {'2.5 eps / steps' if c['pgd_step_size'] is None else c['pgd_step_size']}"
               f", {c['pgd_restarts']} random start(s); audit PGD: {c['audit_steps']} steps, {c['audit_restarts']} "
               f"restarts; Square: {c['square_queries']} queries",
-              f"- eps sweeps (PGD): Linf {', '.join(f'{e:g}' for e in c['sweep_linf'])}; "
+              f"- eps sweeps (worst case per example over PGD at each eps and below, FMN, AutoAttack at the table's "
+              f"eps): Linf {', '.join(f'{e:g}' for e in c['sweep_linf'])}; "
               f"L2 {', '.join(f'{e:g}' for e in c['sweep_l2'])}", ""]
     for name, r in results["models"].items():
         lines += [f"## {name}: audit {'passed' if r['audit']['passed'] else 'FAILED'}", ""]
-        lines += [f"- [{'x' if check['passed'] else ' '}] {check['name']}: {check['detail']}"
-                  for check in r["audit"]["checks"]]
+        lines += [f"- [{'x' if check['passed'] else ('!' if check.get('warning') else ' ')}] {check['name']}"
+                  f"{' (warning)' if check.get('warning') else ''}: {check['detail']}" for check in r["audit"]["checks"]]
         per_source = {col: r["attacks"][col]["per_source"] for col in ATTACK_COLUMNS if col in r["attacks"]}
         if any(len(v) > 1 for v in per_source.values()):
             lines += ["", "Per gradient source: " + "; ".join(
@@ -275,10 +352,11 @@ def plot_sweeps(results: dict, path: Path) -> Path:
             label = name + ("" if r["audit"]["passed"] else " (audit failed)")
             ax.errorbar(eps, acc, yerr=[low, high], marker="o", capsize=3, label=label)
         ax.set_xlabel(f"eps ({'L-inf' if norm == 'linf' else 'L2'}, pixels in [0, 1])")
-        ax.set_ylabel("accuracy under PGD (%)")
+        ax.set_ylabel("robust accuracy (%)")
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
-        ax.set_title(f"PGD-{'Linf' if norm == 'linf' else 'L2'}, worst case over gradient sources")
+        ax.set_title(f"{'Linf' if norm == 'linf' else 'L2'}: worst case of PGD, FMN, AutoAttack and the gradient "
+                     f"sources", fontsize=9)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path, dpi=110, bbox_inches="tight")

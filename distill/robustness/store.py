@@ -57,6 +57,16 @@ def unbits(text: str) -> np.ndarray:
     return np.frombuffer(text.encode(), dtype=np.uint8) == ord("1")
 
 
+def values_of(parts_of_task: list, field: str, indices) -> list:
+    """Per-example values of one task for ``indices`` (in that order), from its parts [(chunk indices, record)]
+    whose ``field`` is a list with one value per example of the chunk."""
+    lookup = {}
+    for chunk, record in parts_of_task:
+        for index, value in zip(chunk, record[field]):
+            lookup[int(index)] = value
+    return [lookup[int(i)] for i in indices]
+
+
 def flags_of(parts_of_task: list, field: str, indices) -> np.ndarray:
     """Per-example flags of one task for ``indices`` (in that order), from its parts [(chunk indices, record)]."""
     lookup = {}
