@@ -5,16 +5,21 @@
 Full run (Fashion-MNIST): the 784-512-512-10 EBM of benchmarks/train.py (benchmarks/results/networks/), a student
 distilled from its fixed points (ebm distill defaults), and two baselines of the same architecture (ebm baseline:
 standard, and PGD adversarial training at Linf 0.1, 10 steps of 0.025, 10 epochs); the four are trained once into
---models-dir and reused (an interrupted training resumes). Then distill.robustness.evaluate with Fashion-MNIST's
-budgets: FGSM, PGD-Linf (eps sweep 0 to 0.3) and PGD-L2 (sweep 0 to 3) with 40 steps, and AutoAttack standard on
-1,000 test images; Square (5,000 queries) on 500; the audit's PGD (100 steps, 3 restarts) and the gradient check on
-200; the 15 corruptions at 5 severities on the whole test set. The EBM is attacked through BPTT over its deployed
-relaxation, implicit differentiation and transfer from the student; per example the worst case counts.
-The evaluation is resumable (its parts are kept in --eval-dir): re-run the same command after an interruption.
---quick: the digits EBM, small models and budgets (AutoAttack and Square reduced, labelled so), under two minutes.
+--models-dir (default benchmarks/results/networks/, committed, so that anyone can re-audit them) and reused (an
+interrupted training resumes). Then distill.robustness.evaluate with Fashion-MNIST's budgets on 1,000 test images:
+FGSM, PGD-Linf (eps sweep 0 to 0.3) and PGD-L2 (sweep 0 to 3) with 40 steps, AutoAttack standard in Linf (0.1) and
+L2 (1.5), the minimum-norm attack FMN (Linf and L2, 100 steps); Square (5,000 queries) on 500; the audit's PGD (100
+steps, 3 restarts) and the gradient check on 200; the 15 corruptions at 5 severities on the whole test set. The EBM
+is attacked through BPTT over its deployed relaxation, implicit differentiation and transfer from the student; per
+example the worst case counts. The evaluation is resumable (its parts are kept in --eval-dir): re-run the same
+command after an interruption.
+--quick: the digits EBM, small models and budgets (AutoAttack and Square reduced, labelled so), under two minutes;
+it writes to benchmarks/results/quick/ (not tracked), never over the recorded full results.
 Writes the report (table.md, sweeps.png, corruptions.png, results.json) to --eval-dir and the summary JSON to --out,
-printed as the last line: per model clean, fgsm, pgd_linf, pgd_l2, autoattack, square, corruption_mean,
-audit_passed (and which checks failed), and the cost in minutes.
+printed as the last line: per model clean, fgsm, pgd_linf, pgd_l2 (worst case of PGD-L2, AutoAttack-L2 and FMN),
+autoattack (worst case of AutoAttack-Linf and FMN), autoattack_l2, square, corruption_mean, min_norm_linf_median,
+min_norm_l2_median, the sweeps (worst case, PGD alone, FMN alone), audit_passed (failed checks, warnings), and the
+cost in minutes.
 """
 from __future__ import annotations
 
@@ -40,9 +45,11 @@ FULL = {"dataset": "fashion-mnist", "network": "fashion_deep_784-512-512-10.h5",
 QUICK = {"dataset": "digits", "network": "digits_64-256-10.h5", "distill_epochs": 15,
          "baseline_epochs": {"standard": 15, "pgd-at": 15}}
 QUICK_BUDGET = dict(samples=60, square_samples=30, audit_samples=30, pgd_steps=5, audit_steps=10, audit_restarts=2,
-                    square_queries=50, autoattack_iterations=5, sweep_linf=(0.0, 0.1, 0.3), sweep_l2=(0.0, 0.5, 1.0),
-                    severities=(1, 3, 5), batch_size=60)
-KEYS = ("clean", "fgsm", "pgd_linf", "pgd_l2", "autoattack", "square", "corruption_mean")
+                    square_queries=50, autoattack_iterations=5, min_norm_steps=20, sweep_linf=(0.0, 0.1, 0.3),
+                    sweep_l2=(0.0, 0.5, 1.0), severities=(1, 3, 5), batch_size=60)
+KEYS = ("clean", "fgsm", "pgd_linf", "pgd_l2", "autoattack", "autoattack_l2", "square", "corruption_mean",
+        "min_norm_linf_median", "min_norm_l2_median")
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def log(message: str) -> None:
@@ -110,12 +117,14 @@ def summary(results: dict) -> dict:
     for row in results["table"]:
         model = results["models"][row["model"]]
         models[row["model"]] = {**{k: row[k] for k in KEYS}, "audit_passed": row["audit_passed"],
-                                "audit_failed": row["audit_failed"], "kind": row["kind"],
-                                "minutes": model["seconds"] / 60,
+                                "audit_failed": row["audit_failed"], "audit_warnings": model["audit"]["warnings"],
+                                "kind": row["kind"], "minutes": model["seconds"] / 60,
                                 "per_source": {col: {s: v["accuracy"] for s, v in entry["per_source"].items()}
                                                for col, entry in model["attacks"].items()},
-                                "sweep_linf": [[p["eps"], p["accuracy"]] for p in model["sweeps"]["linf"]],
-                                "sweep_l2": [[p["eps"], p["accuracy"]] for p in model["sweeps"]["l2"]]}
+                                "per_attack": {col: entry["per_attack"] for col, entry in model["attacks"].items()},
+                                **{f"sweep_{norm}": [[p["eps"], p["accuracy"], p["pgd"], p["fmn"]]
+                                                     for p in model["sweeps"][norm]] for norm in ("linf", "l2")},
+                                "sweep_columns": ["eps", "worst case", "PGD", "FMN"]}
         if "relaxation" in model:
             models[row["model"]]["relaxation"] = model["relaxation"]
     return models
@@ -124,9 +133,10 @@ def summary(results: dict) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="digits, small budgets (under two minutes)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "robustness.json"))
+    parser.add_argument("--out", default=None, help="summary JSON (default benchmarks/results/robustness.json; "
+                                                    "quick: benchmarks/results/quick/robustness.json)")
     parser.add_argument("--models-dir", default=None, help="where the student and baselines are trained and kept "
-                                                           "(default benchmarks/results/models, quick: a temp dir)")
+                                                           "(default benchmarks/results/networks, quick: a temp dir)")
     parser.add_argument("--eval-dir", default=None, help="the evaluation's report and resumable parts (default "
                                                          "benchmarks/results/robustness, quick: a temp dir)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -140,9 +150,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     settings = QUICK if args.quick else FULL
     scratch = tempfile.TemporaryDirectory() if args.quick else None
-    base = Path(scratch.name) if scratch else ROOT / "benchmarks" / "results"
-    models_dir = Path(args.models_dir) if args.models_dir else base / "models"
+    base = Path(scratch.name) if scratch else RESULTS
+    models_dir = Path(args.models_dir) if args.models_dir else (base / "models" if scratch else NETWORKS)
     eval_dir = Path(args.eval_dir) if args.eval_dir else base / "robustness"
+    out_path = Path(args.out) if args.out else RESULTS / ("quick" if args.quick else "") / "robustness.json"
     start = time.perf_counter()
     paths, training_seconds = prepare_models(settings, models_dir, not args.no_progress)
     data = load_dataset(settings["dataset"])
@@ -161,7 +172,7 @@ def main(argv=None):
                             "evaluation_compute": sum(m["seconds"] for m in results["models"].values()) / 60,
                             "total_this_run": (time.perf_counter() - start) / 60,
                             "training_per_model": {k: v / 60 for k, v in training_seconds.items()}}}
-    write_results(out, args.out)
+    write_results(out, out_path)
     if scratch:
         scratch.cleanup()
 
