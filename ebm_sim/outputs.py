@@ -205,6 +205,31 @@ def atomic_path(path, size_hint: int | None = None):
         os.close(fd)
 
 
+@contextmanager
+def interrupts_deferred():
+    """Hold Ctrl-C (SIGINT) until the block has finished, then deliver it: for a write that a C library drives through
+    Python callbacks (h5py's file-object driver), where a KeyboardInterrupt raised inside a callback is lost or turned
+    into an unrelated error (seen: the training went on; an AttributeError). The block's own exceptions pass as they
+    are. Outside the main thread (no signal handlers there) the block runs as it is."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt here
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signal.SIGINT)
+
+
 class RecordingFile:
     """A binary file opened for a writer that reports errors in its own words (h5py's file-object driver turns an
     OSError raised by ``write`` into "File close failed"): ``error`` keeps the last OSError that ``write`` or

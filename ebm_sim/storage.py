@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 
 from .network import Network
-from .outputs import RecordingFile, atomic_path  # atomic_path is re-exported: the writer every module uses
+from .outputs import RecordingFile, atomic_path, interrupts_deferred  # atomic_path is re-exported for others
 
 FORMAT_VERSION = 1
 FORMATS = {
@@ -155,7 +155,7 @@ def _write_artifact(path, fmt: str, datasets: dict, config: dict) -> str:
     path = Path(path)
     attrs = _header(fmt, datasets, config)
     payload = sum(np.asarray(a).nbytes for a in datasets.values()) + HDF5_OBJECT_BYTES * (len(datasets) + 1)
-    with atomic_path(path, size_hint=payload) as tmp:
+    with interrupts_deferred(), atomic_path(path, size_hint=payload) as tmp:  # Ctrl-C after the file is complete
         # h5py writes through a Python file object: a full disk is then an OSError (ENOSPC) of Python's own that
         # atomic_path turns into DiskFullError (written by name, HDF5 fails in its close and h5py then crashes the
         # interpreter); h5py may word it "File close failed", so the file object keeps the real error

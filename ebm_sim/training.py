@@ -474,6 +474,7 @@ def _fit_epochs(network, optimizer, x_train, y_train, x_test, y_test, config, st
     from tqdm import tqdm
 
     from . import storage
+    from .outputs import interrupts_deferred
 
     for epoch in range(state.epoch, config.epochs):
         start = time.perf_counter()
@@ -497,8 +498,9 @@ def _fit_epochs(network, optimizer, x_train, y_train, x_test, y_test, config, st
                           "optimizer": optimizer.state()}
             # the training configuration travels with the network: it defines the deployed relaxation (free phase)
             extra = {"config": config.as_dict(), **(extra_attrs or {})}
-            storage.save_network(checkpoint_path, network, extra_attrs=extra, checkpoint=checkpoint)
-            state.saved = epoch + 1
+            with interrupts_deferred():  # Ctrl-C after the checkpoint is written and counted
+                storage.save_network(checkpoint_path, network, extra_attrs=extra, checkpoint=checkpoint)
+                state.saved = epoch + 1
 
 
 def _json(value) -> str:

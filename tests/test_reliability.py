@@ -653,6 +653,25 @@ def test_ctrl_c_in_ebm_train_says_what_is_saved(tmp_path, reliability_tally):
     assert proc.returncode == 130 and temps_in(tmp_path) == []
 
 
+def test_ctrl_c_inside_the_hdf5_writer(tmp_path, monkeypatch, reliability_tally):
+    """h5py drives its file-object writes through Python callbacks and loses a KeyboardInterrupt raised inside them
+    (the training went on): Ctrl-C is held until the file is complete, then delivered."""
+    real_write, calls = outputs.RecordingFile.write, []
+
+    def write(self, data):
+        calls.append(len(data))
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_write(self, data)
+
+    monkeypatch.setattr(outputs.RecordingFile, "write", write)
+    path = tmp_path / "net.h5"
+    judge_call(reliability_tally, "messages: Ctrl-C while a checkpoint is written", lambda: storage.save_network(
+        path, Network.init((64, 500, 10), seed=0)), error=KeyboardInterrupt)
+    monkeypatch.undo()
+    assert len(calls) > 3 and storage.load_network(path).layer_sizes == (64, 500, 10) and temps_in(tmp_path) == []
+
+
 def test_ebm_info_on_several_files_and_a_closed_pipe(tmp_path, work, reliability_tally):
     good, bad = work / "trained.h5", tmp_path / "bad.h5"
     bad.write_bytes(b"not hdf5")
