@@ -339,7 +339,9 @@ def _result(**changes):
 ])
 def test_each_audit_check_fails_on_its_symptom(changes, failed):
     audit = run_audit(_result(**changes), RobustnessConfig())
-    assert audit["failed"] == failed and audit["passed"] == (not failed)
+    warned = [name for name in failed if name == "relaxation_converges_on_adversarial_inputs"]  # a warning
+    assert audit["failed"] == [f for f in failed if f not in warned] and audit["warnings"] == warned
+    assert audit["passed"] == (audit["failed"] == [])
 
 
 # ---------------------------------------------------------------------------------------------- end to end

@@ -15,9 +15,11 @@ says which check failed next to the numbers. The checks (tolerance: ``slack`` on
   ``agree_with_deployed``, is reported beside it);
 - a warning, not a failure: fixed-step PGD within ``slack`` of the adaptive and minimum-norm attacks at the same
   budget, else "PGD is step-limited" (the headline columns and the sweeps show the adaptive numbers);
-- EBMs: the deployed relaxation converges about as often on adversarial inputs as on clean ones (within 10 points;
-  otherwise the prediction rests on an unfinished relaxation, and implicit gradients are not those of the function
-  deployed). The residuals themselves are reported beside the check.
+- a warning, not a failure (EBMs): the deployed relaxation converges about as often on adversarial inputs as on clean
+  ones (within 10 points; otherwise the attacks found points where the prediction rests on an unfinished
+  relaxation: valid adversarial examples against what is deployed, since BPTT differentiates the truncated
+  relaxation itself, but implicit gradients there are not those of the function deployed). The residuals
+  themselves are reported beside the check.
 """
 from __future__ import annotations
 
@@ -142,7 +144,7 @@ def check_relaxation(result: dict, config) -> list:
         return []
     clean, adversarial = relaxation["clean"], relaxation["adversarial"]
     passed = adversarial["converged_fraction"] >= clean["converged_fraction"] - 0.10
-    return [{"name": "relaxation_converges_on_adversarial_inputs", "passed": passed,
+    return [{"name": "relaxation_converges_on_adversarial_inputs", "passed": passed, "warning": True,
              "detail": f"converged (residual < tol) on {_pct(clean['converged_fraction'])} of clean and "
                        f"{_pct(adversarial['converged_fraction'])} of PGD-Linf adversarial inputs; median residual "
                        f"{clean['median_residual']:.2g} / {adversarial['median_residual']:.2g}, mean steps "
