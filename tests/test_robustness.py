@@ -489,3 +489,22 @@ def test_minimum_norm_attack_against_pgd_on_a_small_network(trained, digits, tmp
         for point in strong["models"]["standard"]["sweeps"][norm]:
             # equal within a few examples of the 90 attacked (measured: at most 5 points apart, FMN the lower)
             assert -0.06 <= point["fmn"] - point["pgd"] <= 0.02, (norm, point)
+
+
+def test_parts_are_claimed_so_that_processes_sharing_a_folder_do_not_repeat_work(tmp_path):
+    import os
+    import socket
+
+    from distill.robustness.store import PartStore
+
+    store, key = PartStore(tmp_path), {"part": 1}
+    here = socket.gethostname()
+    store.claim_path(key).write_text(f"{os.getppid()}@{here}")  # a live process of this host works on it
+    assert not store.claim(key)
+    store.claim_path(key).write_text(f"999999999@{here}")  # its owner is gone: taken over
+    assert store.claim(key) and store.claim(key)  # (and a process may claim its own part again)
+    assert store.claim_path(key).read_text() == f"{os.getpid()}@{here}"
+    store.release(key)
+    assert not store.claim_path(key).exists() and store.claim(key)
+    store.claim_path(key).write_text(f"{os.getpid()}@another-host")  # another host's claim is left to it
+    assert not store.claim(key)

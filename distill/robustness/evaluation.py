@@ -208,6 +208,25 @@ def run_minimum_norm(model: ModelUnderTest, source, spec: AttackSpec, x: np.ndar
     return {"norms": norms}
 
 
+CLAIM_POLL_SECONDS = 2.0  # how often a process looks again for parts that another process is working on
+
+
+def run_part(model: ModelUnderTest, task: Task, chunk: np.ndarray, key: dict, x_test: np.ndarray,
+             y_test: np.ndarray, clean: dict, image_shape: tuple, config: RobustnessConfig) -> dict:
+    """The record of one part (an attack, a gradient check or a corruption on one chunk), with its seconds."""
+    predictions = np.asarray(clean[model.name]["predictions"])
+    x, y = x_test[chunk], y_test[chunk]
+    start = time.perf_counter()
+    if task.kind == "attack":
+        record = run_attack(model, task, x, y, predictions[chunk] == y, part_seed(key))
+    elif task.kind == "gradients":
+        record = run_gradients(model, task, x, y)
+    else:
+        record = run_corruption(model, task, x, y, chunk, image_shape, config.seed)
+    record["seconds"] = time.perf_counter() - start
+    return record
+
+
 def run_gradients(model: ModelUnderTest, task: Task, x: np.ndarray, y: np.ndarray) -> dict:
     """Input gradients of the cross-entropy at clean inputs from one source: NaN / all-zero flags, L1 norms, and
     whether the source's argmax equals the deployed prediction."""
@@ -346,25 +365,26 @@ def evaluate(models: list, x_test: np.ndarray, y_test: np.ndarray, image_shape: 
     if todo:
         log(f"robustness: {len(work)} parts, {len(work) - len(todo)} already done in {store.directory}, "
             f"{len(todo)} to run")
-    bar = tqdm(todo, desc="robustness", unit="part", disable=not progress, dynamic_ncols=True)
-    for model, task, chunk, key in bar:
-        bar.set_postfix_str(task.label()[:60], refresh=False)
-        record = store.get(key)  # done meanwhile by another process evaluating into the same folder
-        if record is not None:
+    bar = tqdm(total=len(todo), desc="robustness", unit="part", disable=not progress, dynamic_ncols=True)
+    while todo:  # parts claimed by another process come back until they are stored (or their owner is gone)
+        waiting = []
+        for model, task, chunk, key in todo:
+            bar.set_postfix_str(task.label()[:60], refresh=False)
+            record = store.get(key)  # done meanwhile by another process evaluating into the same folder
+            if record is None and not store.claim(key):
+                waiting.append((model, task, chunk, key))
+                continue
+            if record is None:
+                try:
+                    record = run_part(model, task, chunk, key, x_test, y_test, clean, image_shape, config)
+                    store.put(key, record)
+                finally:
+                    store.release(key)
             parts.setdefault((model.name, task), []).append((chunk, record))
-            continue
-        predictions = np.asarray(clean[model.name]["predictions"])
-        x, y = x_test[chunk], y_test[chunk]
-        start = time.perf_counter()
-        if task.kind == "attack":
-            record = run_attack(model, task, x, y, predictions[chunk] == y, part_seed(key))
-        elif task.kind == "gradients":
-            record = run_gradients(model, task, x, y)
-        else:
-            record = run_corruption(model, task, x, y, chunk, image_shape, config.seed)
-        record["seconds"] = time.perf_counter() - start
-        store.put(key, record)
-        parts.setdefault((model.name, task), []).append((chunk, record))
+            bar.update(1)
+        if waiting and len(waiting) == len(todo):
+            time.sleep(CLAIM_POLL_SECONDS)
+        todo = waiting
     bar.close()
 
     results = assemble(models, parts, clean, draw, y_test, config, dataset=dataset)

@@ -5,6 +5,10 @@ A part is one chunk of one task (an attack, a gradient check, a corruption) on o
 the result (model and student hashes, deployment, the attack's full budget, the gradient source, the example indices,
 the seed, the data's fingerprint), so a part is reused only for exactly the same work; files are written atomically
 (temporary file + rename), so an interruption never leaves a half-written part.
+
+Several processes may evaluate into one folder: a process that starts a part claims it (``claim``: a file
+``.<name>.claim`` created exclusively, holding its process id and host); the others leave a claimed part to its
+owner and come back for it once it is stored, or take it over when its owner no longer runs on this host.
 """
 from __future__ import annotations
 
@@ -45,6 +49,50 @@ class PartStore:
 
     def put(self, key: dict, record: dict) -> None:
         write_text(self.path(key), _canonical({"key": key, "record": record}))
+
+    def claim_path(self, key: dict) -> Path:
+        return self.directory / f".{self.path(key).stem}.claim"
+
+    def claim(self, key: dict) -> bool:
+        """Claim the part for this process: True unless another live process of this host holds it (a claim of a
+        process that no longer runs, or of this one, is taken over)."""
+        import os
+        import socket
+
+        path, me = self.claim_path(key), f"{os.getpid()}@{socket.gethostname()}"
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                try:
+                    owner = path.read_text().strip()
+                except OSError:
+                    continue  # released meanwhile: try again
+                pid, _, host = owner.partition("@")
+                if owner == me:
+                    return True
+                if host != socket.gethostname() or not pid.isdigit() or _running(int(pid)):
+                    return False
+                path.unlink(missing_ok=True)  # its owner is gone: take it over
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(me)
+            return True
+        return False
+
+    def release(self, key: dict) -> None:
+        self.claim_path(key).unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    import os
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def bits(flags) -> str:
