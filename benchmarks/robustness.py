@@ -130,6 +130,21 @@ def summary(results: dict) -> dict:
     return models
 
 
+def cost_by_attack(eval_dir: Path) -> dict:
+    """Minutes of compute per attack (name and norm, e.g. "fmn-L2", "autoattack-Linf"), gradient check and
+    corruption, summed over the models' parts in eval_dir/parts (each part records its own seconds)."""
+    import json
+
+    minutes = {}
+    for path in (eval_dir / "parts").glob("*.json"):
+        stored = json.loads(path.read_text())
+        key, record = stored["key"], stored["record"]
+        attack = key.get("attack")
+        name = f"{attack['name']}-{attack['norm']}" if attack else key["kind"]
+        minutes[name] = minutes.get(name, 0.0) + record.get("seconds", 0.0) / 60
+    return dict(sorted(minutes.items()))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="digits, small budgets (under two minutes)")
@@ -171,7 +186,8 @@ def main(argv=None):
                             "evaluation_this_run": (time.perf_counter() - evaluation_start) / 60,
                             "evaluation_compute": sum(m["seconds"] for m in results["models"].values()) / 60,
                             "total_this_run": (time.perf_counter() - start) / 60,
-                            "training_per_model": {k: v / 60 for k, v in training_seconds.items()}}}
+                            "training_per_model": {k: v / 60 for k, v in training_seconds.items()},
+                            "per_attack": cost_by_attack(eval_dir)}}
     write_results(out, out_path)
     if scratch:
         scratch.cleanup()
