@@ -1,0 +1,137 @@
+"""The energy of a layered network as the sum of its interactions' terms, written once for every backend.
+
+Notation: x (B, *shape_0) is the clamped input s_0; ``states`` the list s_1 .. s_L, s_k of shape (B, *shape_k), in
+[0, 1]; a = network.slope; ``params`` the parameters in the backend's array type (``parameters(network, backend)``).
+
+    Phi(x, s) = sum_i Phi_i(s_pre(i), s_post(i)) - beta C(s_L, y)                     (primitive function)
+    h_k = dPhi/ds_k = sum over the interactions touching layer k of their field on it   (local field)
+    E(s) = sum_k ||s_k||^2 / (2a) - Phi(x, s),   dE/ds_k = s_k / a - h_k,   ds_k/dt = a h_k - s_k
+Fixed points: s = clip(a h, 0, 1) = rho(dPhi/ds). For a dense network these are exactly :mod:`ebm_sim.energy`'s
+equations (tests hold the two against each other).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .interaction import implementation
+from .network import LayeredNetwork
+
+
+@dataclass
+class Parameters:
+    """A network's parameters in one backend's array type: one dict per interaction, and the cost's dict."""
+
+    interactions: list
+    cost: dict
+    backend: str = "numpy"
+
+
+def parameters(network: LayeredNetwork, backend: str = "numpy", **to_backend) -> Parameters:
+    """The parameters as ``backend`` arrays: numpy (the network's own arrays) or torch (``device``, ``dtype``,
+    ``requires_grad`` passed to :func:`ebm_sim.model.torch_ops.tensors`)."""
+    if backend == "numpy":
+        return Parameters([i.params for i in network.interactions], network.cost.params, "numpy")
+    if backend == "torch":
+        from .torch_ops import tensors
+        return Parameters([tensors(i.params, **to_backend) for i in network.interactions],
+                          tensors(network.cost.params, **to_backend), "torch")
+    raise ValueError(f"unknown backend {backend!r}; choose numpy or torch")
+
+
+def _params(network, params):
+    return parameters(network) if params is None else params
+
+
+def _per_sample_dot(a, b):
+    """<a_b, b_b> for each sample b: shape (B,)."""
+    return (a * b).reshape(a.shape[0], -1).sum(1)
+
+
+def cost_value(network, states, target, params=None):
+    """C(s_L, y) per sample (B,)."""
+    params = _params(network, params)
+    return implementation(network.cost.kind, params.backend).value(network.cost, params.cost, states[-1], target)
+
+
+def output(network, states, params=None):
+    """The prediction's scores (B, classes): the readout's logits, or flat(s_L)."""
+    params = _params(network, params)
+    return implementation(network.cost.kind, params.backend).output(network.cost, params.cost, states[-1])
+
+
+def local_fields(network: LayeredNetwork, x, states, beta: float = 0.0, target=None, params=None,
+                 layers=None) -> list:
+    """h_k for the layers that relax (list of L arrays shaped like the states; None for layers not in ``layers``,
+    0-based state indices, default all), nudged on s_L: h_L -= beta dC/ds_L (needs ``target`` when beta != 0)."""
+    params = _params(network, params)
+    wanted = set(range(network.num_layers)) if layers is None else set(layers)
+    every = [x] + list(states)
+    fields = [None] * network.num_layers
+
+    def add(layer, value):
+        k = layer - 1
+        fields[k] = value if fields[k] is None else fields[k] + value
+
+    for i, p in zip(network.interactions, params.interactions):
+        impl = implementation(i.kind, params.backend)
+        if i.unary:
+            if i.post - 1 in wanted:
+                add(i.post, impl.field(i, p, every[i.post]))
+            continue
+        if i.post - 1 in wanted:
+            add(i.post, impl.post_field(i, p, every[i.pre]))
+        if i.pre >= 1 and i.pre - 1 in wanted:
+            add(i.pre, impl.pre_field(i, p, every[i.pre], every[i.post]))
+    last = network.num_layers - 1
+    if beta != 0.0 and last in wanted:
+        if target is None:
+            raise ValueError("beta != 0 needs a target for the cost")
+        fields[last] = fields[last] - beta * implementation(network.cost.kind, params.backend).state_gradient(
+            network.cost, params.cost, states[-1], target)
+    return fields
+
+
+def primitive(network: LayeredNetwork, x, states, beta: float = 0.0, target=None, params=None):
+    """Phi(x, s) per sample (B,): sum_i <field_i on post, s_post> - beta C."""
+    params = _params(network, params)
+    every = [x] + list(states)
+    phi = 0.0
+    for i, p in zip(network.interactions, params.interactions):
+        impl = implementation(i.kind, params.backend)
+        term = impl.field(i, p, every[i.post]) if i.unary else impl.post_field(i, p, every[i.pre])
+        phi = phi + _per_sample_dot(term, every[i.post])
+    if beta != 0.0:
+        phi = phi - beta * cost_value(network, states, target, params)
+    return phi
+
+
+def energy(network: LayeredNetwork, x, states, beta: float = 0.0, target=None, params=None):
+    """E(s) + beta C per sample (B,) = sum_k ||s_k||^2 / (2a) - Phi."""
+    squares = sum(_per_sample_dot(s, s) for s in states)
+    return 0.5 / network.slope * squares - primitive(network, x, states, beta, target, params)
+
+
+def velocity(network: LayeredNetwork, x, states, beta: float = 0.0, target=None, params=None) -> list:
+    """ds_k/dt = a h_k - s_k (unprojected)."""
+    a = network.slope
+    return [a * h - s for s, h in zip(states, local_fields(network, x, states, beta, target, params))]
+
+
+def parameter_gradient(network: LayeredNetwork, x, states, params=None) -> list:
+    """dPhi/dtheta (beta = 0), batch mean, one dict per interaction (the cost's parameters are not in Phi at beta 0)."""
+    params = _params(network, params)
+    every = [x] + list(states)
+    grads = []
+    for i, p in zip(network.interactions, params.interactions):
+        impl = implementation(i.kind, params.backend)
+        grads.append(impl.parameter_gradient(i, p, None if i.unary else every[i.pre], every[i.post]))
+    return grads
+
+
+def cost_parameter_gradient(network: LayeredNetwork, states, target, params=None) -> dict:
+    """dC/dtheta of the cost's own parameters (the readout's), batch mean."""
+    params = _params(network, params)
+    return implementation(network.cost.kind, params.backend).parameter_gradient(
+        network.cost, params.cost, states[-1], target)

@@ -1,0 +1,206 @@
+"""A layered network: layer shapes, the interactions that join them, and the cost of the nudged phase.
+
+    layer_shapes[0] is the clamped input s_0 = x; layer_shapes[1:] are the layers that relax, s_1 .. s_L, each (n,) or
+    (C, H, W); states are activations in [0, 1], batch first: s_k has shape (B, *layer_shapes[k]).
+    interactions: Dense / Conv2d (binary, pre < post) and Bias (unary), see :mod:`ebm_sim.model.interaction`;
+    cost: SquaredError (s_L is the output) or SoftmaxReadout (logits = W flat(s_L) + b).
+    activation: rho(u) = clip(a u, 0, 1) with a = ACTIVATIONS[activation] (the simulator's one table).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..limits import require_memory
+from ..network import ACTIVATIONS, Network, _check_dtype
+from . import spec as spec_module
+from .bias import Bias
+from .conv import Conv2d
+from .cost import SoftmaxReadout, SquaredError
+from .dense import Dense
+
+
+@dataclass
+class LayeredNetwork:
+    layer_shapes: tuple
+    interactions: list
+    cost: object = field(default_factory=SquaredError)
+    activation: str = "hard_sigmoid"
+    history: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.layer_shapes = tuple(tuple(int(n) for n in shape) for shape in self.layer_shapes)
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
+        if len(self.layer_shapes) < 2:
+            raise ValueError("a network needs an input layer and at least one layer that relaxes")
+        for k, shape in enumerate(self.layer_shapes):
+            if len(shape) not in (1, 3) or min(shape) < 1:
+                raise ValueError(f"layer {k} has shape {shape}: a layer is (n,) or (C, H, W) with positive sizes")
+        last = len(self.layer_shapes) - 1
+        touched = set()
+        dtypes = set()
+        for i in self.interactions:
+            if i.unary:
+                if not 1 <= i.post <= last:
+                    raise ValueError(f"{i.describe()}: the layer must be one of 1..{last} (the input is clamped)")
+            elif not (0 <= i.pre < i.post <= last):
+                raise ValueError(f"{i.describe()}: needs 0 <= pre < post <= {last}")
+            else:
+                touched.add(i.post)
+            i.check(self.layer_shapes[i.pre], self.layer_shapes[i.post])
+            dtypes |= {np.asarray(p).dtype for p in i.params.values()}
+        missing = sorted(set(range(1, last + 1)) - touched)
+        if missing:
+            raise ValueError(f"layers {missing} receive no interaction from a lower layer")
+        expected = self.cost.param_shapes(self.layer_shapes[-1])
+        for name, shape in expected.items():
+            if tuple(np.shape(self.cost.params.get(name))) != tuple(shape):
+                raise ValueError(f"the {self.cost.kind} parameter {name!r} must have shape {shape}, "
+                                 f"got {np.shape(self.cost.params.get(name))}")
+        dtypes |= {np.asarray(p).dtype for p in self.cost.params.values()}
+        if len(dtypes) > 1:
+            raise ValueError(f"parameters mix dtypes {sorted(map(str, dtypes))}")
+        if dtypes:
+            _check_dtype(next(iter(dtypes)))
+
+    # ------------------------------------------------------------------ shape and type
+    @property
+    def num_layers(self) -> int:
+        """L, the number of layers that relax."""
+        return len(self.layer_shapes) - 1
+
+    @property
+    def state_shapes(self) -> tuple:
+        return self.layer_shapes[1:]
+
+    @property
+    def input_shape(self) -> tuple:
+        return self.layer_shapes[0]
+
+    @property
+    def num_classes(self) -> int:
+        return self.cost.classes(self.layer_shapes[-1])
+
+    @property
+    def slope(self) -> float:
+        return ACTIVATIONS[self.activation]
+
+    @property
+    def dtype(self) -> np.dtype:
+        for p in self.parameter_arrays():
+            return p.dtype
+        return np.dtype(np.float32)
+
+    def parameter_arrays(self) -> list:
+        """Every parameter array, interactions in order then the cost's."""
+        return [i.params[n] for i in self.interactions for n in i.param_names] + [
+            self.cost.params[n] for n in sorted(self.cost.params)]
+
+    def synapses(self) -> int:
+        """Multiply-adds of one forward sweep of every interaction (and the readout) for one sample."""
+        return sum(i.synapses(self.layer_shapes[i.pre], self.layer_shapes[i.post]) for i in self.interactions) + \
+            self.cost.synapses(self.layer_shapes[-1])
+
+    def zero_states(self, batch: int) -> list:
+        return [np.zeros((batch,) + shape, dtype=self.dtype) for shape in self.state_shapes]
+
+    def astype(self, dtype) -> "LayeredNetwork":
+        dtype = _check_dtype(dtype)
+        interactions = [type(i).__new__(type(i)) for i in self.interactions]
+        for new, old in zip(interactions, self.interactions):
+            new.__dict__.update(old.__dict__)
+            new.params = {n: p.astype(dtype) for n, p in old.params.items()}
+        cost = type(self.cost).__new__(type(self.cost))
+        cost.__dict__.update(self.cost.__dict__)
+        cost.params = {n: p.astype(dtype) for n, p in self.cost.params.items()}
+        return LayeredNetwork(self.layer_shapes, interactions, cost, self.activation, dict(self.history))
+
+    def copy(self) -> "LayeredNetwork":
+        return self.astype(self.dtype)
+
+    # ------------------------------------------------------------------ identity
+    def describe(self) -> dict:
+        """The architecture as plain data (layers, interactions with their settings, cost, activation)."""
+        return {"layers": [list(s) for s in self.layer_shapes], "activation": self.activation,
+                "interactions": [{"kind": i.kind, "pre": i.pre, "post": i.post, **i.hyperparameters()}
+                                 for i in self.interactions],
+                "cost": {"kind": self.cost.kind, "classes": self.num_classes}}
+
+    def content_hash(self) -> str:
+        """SHA-256 over the architecture (``describe``), the dtype and the exact parameter bytes."""
+        h = hashlib.sha256()
+        h.update(json.dumps(self.describe(), sort_keys=True).encode())
+        h.update(str(self.dtype).encode())
+        for array in self.parameter_arrays():
+            h.update(np.ascontiguousarray(array).tobytes())
+        return h.hexdigest()
+
+    def __repr__(self) -> str:
+        shapes = "-".join("x".join(map(str, s)) for s in self.layer_shapes)
+        return (f"LayeredNetwork({shapes}, {len(self.interactions)} interactions, cost={self.cost.kind}, "
+                f"activation={self.activation!r}, dtype={self.dtype})")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def init(cls, architecture, seed: int = 0, dtype=np.float32, activation: str | None = None,
+             gain: float = 1.0) -> "LayeredNetwork":
+        """A seeded network from a spec string, a TOML path, layer sizes or a parsed ``spec.Architecture``.
+
+        Each block adds a layer, its interaction from the layer below (Dense or Conv2d) and a Bias; a readout block
+        sets the cost. Parameters ~ U(-g/sqrt(fan_in), g/sqrt(fan_in)) (torch's Linear/Conv2d default)."""
+        architecture = spec_module.load(architecture)
+        activation = activation or architecture.activation or "hard_sigmoid"
+        dtype = _check_dtype(dtype)
+        if not np.isfinite(gain) or gain <= 0:
+            raise ValueError(f"gain must be positive, got {gain}")
+        shapes, interactions, cost = [tuple(architecture.input_shape)], [], SquaredError()
+        for block in architecture.blocks:
+            k, below = len(shapes), shapes[-1]
+            try:
+                if block.kind == "readout":
+                    cost = SoftmaxReadout(block.size)
+                    continue
+                if block.kind == "conv":
+                    link = Conv2d(k - 1, k, kernel=block.kernel, stride=block.stride, padding=block.padding,
+                                  pool=block.pool)
+                    shapes.append(link.output_shape(below, block.size))
+                else:
+                    link = Dense(k - 1, k)
+                    shapes.append((block.size,))
+            except ValueError as error:
+                raise spec_module.SpecError(f"block {k} ({block.text()}) of '{architecture.text()}': {error}") from None
+            interactions += [link, Bias(k, fan_in_units=link.fan_in(below))]
+        count = sum(int(np.prod(s)) for s in _param_shapes(shapes, interactions, cost))
+        require_memory(count * (8 + dtype.itemsize), f"a {architecture.text()} network ({count:,} parameters)",
+                       "check the architecture")
+        rng = np.random.default_rng(seed)
+        for i in interactions:
+            i.init_params(rng, shapes[i.pre], shapes[i.post], dtype, gain)
+        cost.init_params(rng, shapes[-1], dtype, gain)
+        return cls(tuple(shapes), interactions, cost, activation)
+
+    @classmethod
+    def from_dense(cls, network: Network) -> "LayeredNetwork":
+        """The same network (sharing no arrays) as layers and interactions: W_k -> Dense(k, k+1), b_{k+1} -> Bias;
+        a readout network's last (W, b) -> SoftmaxReadout."""
+        dynamic = network.dynamics()
+        sizes = dynamic.layer_sizes
+        interactions = []
+        for k, (w, b) in enumerate(zip(dynamic.weights, dynamic.biases)):
+            interactions.append(Dense(k, k + 1, {"weight": w.copy()}))
+            interactions.append(Bias(k + 1, {"bias": b.copy()}, fan_in_units=sizes[k]))
+        if network.readout:
+            w, b = network.readout_layer()
+            cost = SoftmaxReadout(w.shape[0], {"weight": w.copy(), "bias": b.copy()})
+        else:
+            cost = SquaredError()
+        return cls(tuple((n,) for n in sizes), interactions, cost, network.activation, dict(network.history))
+
+
+def _param_shapes(shapes, interactions, cost) -> list:
+    out = [s for i in interactions for s in i.param_shapes(shapes[i.pre], shapes[i.post]).values()]
+    return out + list(cost.param_shapes(shapes[-1]).values())
