@@ -37,6 +37,7 @@ COSTS = ("mse", "cross_entropy")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
 BACKENDS = ("numba", "torch")
+AUGMENTATIONS = ("none", "crop_flip")
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -63,6 +64,7 @@ class TrainConfig:
     eval_batch_size: int = 1000
     backend: str = "numba"  # or "torch": the EP step runs on the Torch twin, on ``device`` (e.g. "cuda")
     device: str = "cpu"
+    augment: str = "none"  # or "crop_flip": random crop with 4 pixels of zero padding and horizontal flip (images)
 
     def __post_init__(self):
         def positive_int(name):
@@ -82,7 +84,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "free_steps", "nudged_steps", "eval_batch_size"):
             positive_int(name)
         for name, allowed in (("nudging", NUDGINGS), ("cost", COSTS), ("optimizer", OPTIMIZERS),
-                              ("schedule", SCHEDULES)):
+                              ("schedule", SCHEDULES), ("augment", AUGMENTATIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         if self.method not in METHODS or self.method == "solve_ivp":
@@ -128,18 +130,41 @@ def one_hot(labels, num_classes: int, dtype) -> np.ndarray:
     return np.eye(num_classes, dtype=dtype)[labels]
 
 
+def is_layered(network) -> bool:
+    """A network of layers and interactions (:mod:`ebm_sim.model`), e.g. convolutional, rather than a dense Network."""
+    from .model.network import LayeredNetwork
+    return isinstance(network, LayeredNetwork)
+
+
 def batch_loss(network: Network, states, target) -> np.ndarray:
     """C per sample: MSE on s_L, or cross-entropy of the softmax readout (see ``energy.cost``)."""
+    if is_layered(network):
+        from .model.energy import cost_value
+        return cost_value(network, states, target)
     return energy.cost(network, states, target)
 
 
 def predictions(network: Network, states) -> np.ndarray:
     """argmax of s_L, or of the readout's logits."""
+    if is_layered(network):
+        from .model.energy import output
+        return np.argmax(output(network, states), axis=1)
     return np.argmax(network.logits(states), axis=1)
+
+
+def num_outputs(network) -> int:
+    """Units of the prediction: classes of the readout, or of the output layer."""
+    return network.num_classes if is_layered(network) else network.layer_sizes[-1]
 
 
 def check_cost(network: Network, cost: str) -> None:
     """The cost fixes the output: MSE on the last state layer, cross-entropy through a softmax readout."""
+    if is_layered(network):
+        readout = network.cost.kind == "softmax_readout"
+        if (cost == "cross_entropy") != readout:
+            raise ValueError(f"cost {cost!r} does not fit a network whose cost is {network.cost.kind}: a spec that "
+                             f"ends in 'readout N' trains with cross_entropy, one without it with mse")
+        return
     if cost == "cross_entropy" and not network.readout:
         raise ValueError("cost 'cross_entropy' needs a network with a softmax readout: "
                          "Network.init(..., readout=True) (ebm train --cost cross_entropy makes one)")
@@ -174,6 +199,8 @@ def ep_gradient(network: Network, x, target, config: TrainConfig, sign: float = 
     """The EP estimate of dL/dtheta on a minibatch (see the module docstring). ``sign`` (+1 or -1) is the sign of
     beta for one-sided nudging ("positive" uses +1; "random" draws it). With ``config.backend == "torch"`` the
     same step runs on the Torch twin (``config.device``)."""
+    if is_layered(network):
+        return layered_ep_gradient(network, x, target, config, sign)
     if config.backend == "torch":
         from .torch_twin import ep_gradient as torch_ep_gradient
         return torch_ep_gradient(network, x, target, config, sign, config.device)
@@ -201,10 +228,101 @@ def ep_gradient(network: Network, x, target, config: TrainConfig, sign: float = 
     return EPStep(gradient, free.states, free.steps, free.residual, float(nudged_steps))
 
 
+def layered_params(network, config: TrainConfig):
+    """A LayeredNetwork's parameters for ``config.backend``: torch tensors sharing the numpy arrays' memory on the CPU
+    (the optimizer's in-place updates are seen without a copy), copies on another device; the numba backend has no
+    layered kernels yet."""
+    from .model.energy import Parameters, parameters as model_parameters
+
+    if config.backend != "torch":
+        raise ValueError("layered (e.g. convolutional) networks train with backend 'torch' for now (the Numba "
+                         "kernels cover dense networks); pass --backend torch")
+    if config.device == "cpu":
+        import torch
+        return Parameters([{k: torch.from_numpy(v) for k, v in i.params.items()} for i in network.interactions],
+                          {k: torch.from_numpy(v) for k, v in network.cost.params.items()}, "torch")
+    return model_parameters(network, "torch", device=config.device)
+
+
+def layered_relax(network, x, config: TrainConfig, max_steps: int):
+    """The free phase of a LayeredNetwork on numpy images x: numpy states, steps and residuals."""
+    import torch
+
+    from .model.dynamics import relax as layered_relax_fn
+
+    with torch.no_grad():
+        result = layered_relax_fn(network, torch.as_tensor(x, device=config.device), config.method, config.tol,
+                                  max_steps, config.dt, params=layered_params(network, config))
+    return (_numpy_states(result.states), result.steps.cpu().numpy(), result.residual.cpu().numpy())
+
+
+def _numpy_states(states) -> list:
+    return [s.detach().cpu().numpy() for s in states]
+
+
+def layered_ep_gradient(network, x, target, config: TrainConfig, sign: float = 1.0) -> EPStep:
+    """``ep_gradient`` for a LayeredNetwork: :func:`ebm_sim.model.ep.ep_gradient` on the torch backend, gradients
+    in the order of ``parameters(network)``."""
+    import torch
+
+    from .model.ep import ep_gradient as model_ep_gradient
+
+    params = layered_params(network, config)
+    with torch.no_grad():
+        step = model_ep_gradient(network, torch.as_tensor(x, device=config.device),
+                                 torch.as_tensor(target, device=config.device), config.beta, config.free_steps,
+                                 config.nudged_steps, "symmetric" if config.nudging == "symmetric" else "positive",
+                                 config.method, config.tol, config.dt, sign, params)
+    gradient = [g[name] for g, i in zip(step.interactions, network.interactions) for name in i.param_names]
+    gradient += [step.cost[name] for name in sorted(network.cost.params)]
+    return EPStep([g.cpu().numpy() for g in gradient], _numpy_states(step.free.states), step.free.steps.cpu().numpy(),
+                  step.free.residual.cpu().numpy(), step.nudged_steps)
+
+
+# ------------------------------------------------------------------------------------------------ augmentation
+def crop_flip(x, rng, padding: int = 4) -> np.ndarray:
+    """Random crop of each (C, H, W) image from its zero-padded copy (offsets 0..2 padding) and a horizontal flip
+    with probability 1/2 (the CIFAR recipes' augmentation): x (B, C, H, W) -> (B, C, H, W)."""
+    batch, _, height, width = x.shape
+    padded = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    rows = rng.integers(0, 2 * padding + 1, batch)
+    cols = rng.integers(0, 2 * padding + 1, batch)
+    flips = rng.random(batch) < 0.5
+    out = np.empty_like(x)
+    for b in range(batch):
+        crop = padded[b, :, rows[b]:rows[b] + height, cols[b]:cols[b] + width]
+        out[b] = crop[:, :, ::-1] if flips[b] else crop
+    return out
+
+
+def augment(config: TrainConfig, x, epoch: int, batch: int) -> np.ndarray:
+    """The batch as the step sees it: unchanged, or ``crop_flip`` seeded by (seed, epoch, batch) (reproducible and
+    resumable)."""
+    if config.augment == "none":
+        return x
+    return crop_flip(x, np.random.default_rng([config.seed, epoch, batch, 2]))
+
+
 # ------------------------------------------------------------------------------------------------ optimizers
 def parameters(network: Network) -> list:
-    """The trainable arrays in EP order: [W_0, b_1, W_1, b_2, ...] (views: updating them updates the network)."""
+    """The trainable arrays in EP order: [W_0, b_1, W_1, b_2, ...] (views: updating them updates the network); for a
+    LayeredNetwork, each interaction's parameters in order, then the readout's."""
+    if is_layered(network):
+        return network.parameter_arrays()
     return [p for pair in zip(network.weights, network.biases) for p in pair]
+
+
+def rate_groups(network) -> list:
+    """The learning-rate index of each array of ``parameters``: layer k's incoming weights and bias share rate k - 1;
+    a readout has the last rate. A dense network has one rate per weight matrix (the readout's included)."""
+    if is_layered(network):
+        groups = [i.post - 1 for i in network.interactions for _ in i.param_names]
+        return groups + [network.num_layers] * len(network.cost.params)
+    return [k for k in range(network.num_layers) for _ in range(2)]
+
+
+def num_rates(network) -> int:
+    return max(rate_groups(network)) + 1
 
 
 class SGD:
@@ -263,7 +381,8 @@ class Adam:
 
 
 def make_optimizer(network: Network, config: TrainConfig):
-    rates = [lr for lr in config.layer_rates(network.num_layers) for _ in range(2)]  # W_k and b_{k+1}
+    layer_rates = config.layer_rates(num_rates(network))
+    rates = [layer_rates[group] for group in rate_groups(network)]
     params = parameters(network)
     if config.optimizer == "sgd":
         return SGD(params, rates, config.momentum, config.weight_decay)
@@ -282,10 +401,17 @@ def check_data(network: Network, x, labels, num_classes: int, what: str) -> None
     """Clear errors before any work: sizes that do not fit the network, labels out of range, NaN inputs."""
     x = np.asarray(x)
     labels = np.asarray(labels)
-    sizes = network.layer_sizes
-    if x.ndim != 2 or x.shape[1] != sizes[0]:
-        raise ValueError(f"the network's input layer has {sizes[0]} units but the {what} inputs have shape "
-                         f"{x.shape}: layer sizes {'-'.join(map(str, sizes))} do not fit this dataset")
+    if is_layered(network):
+        if x.shape[1:] != network.input_shape:
+            raise ValueError(f"the network's input layer has shape {network.input_shape} but the {what} inputs have "
+                             f"shape {x.shape}: give (N, {', '.join(map(str, network.input_shape))}) images "
+                             f"(Dataset.images() reshapes flattened ones)")
+        sizes = (int(np.prod(network.input_shape)), network.num_classes)
+    else:
+        sizes = network.layer_sizes
+        if x.ndim != 2 or x.shape[1] != sizes[0]:
+            raise ValueError(f"the network's input layer has {sizes[0]} units but the {what} inputs have shape "
+                             f"{x.shape}: layer sizes {'-'.join(map(str, sizes))} do not fit this dataset")
     if sizes[-1] != num_classes:
         raise ValueError(f"the network's output layer has {sizes[-1]} units but the dataset has {num_classes} "
                          f"classes: layer sizes {'-'.join(map(str, sizes))} do not fit this dataset")
@@ -302,15 +428,20 @@ def check_data(network: Network, x, labels, num_classes: int, what: str) -> None
 # ------------------------------------------------------------------------------------------------ evaluation
 def evaluate(network: Network, x, labels, config: TrainConfig) -> dict:
     """Free phase on (x, labels) in batches: accuracy, mean loss, mean steps, largest residual."""
-    num_classes = network.layer_sizes[-1]
+    num_classes = num_outputs(network)
     correct, loss, steps, residual = 0, 0.0, 0.0, 0.0
     for start in range(0, x.shape[0], config.eval_batch_size):
         xb, yb = x[start:start + config.eval_batch_size], labels[start:start + config.eval_batch_size]
-        result = relax(network, xb, method=config.method, tol=config.tol, max_steps=config.free_steps, dt=config.dt)
-        correct += int(np.sum(predictions(network, result.states) == yb))
-        loss += float(np.sum(batch_loss(network, result.states, one_hot(yb, num_classes, network.dtype))))
-        steps += float(np.sum(result.steps))
-        residual = max(residual, float(result.residual.max()))
+        if is_layered(network):
+            states, batch_steps, batch_residual = layered_relax(network, xb, config, config.free_steps)
+        else:
+            result = relax(network, xb, method=config.method, tol=config.tol, max_steps=config.free_steps,
+                           dt=config.dt)
+            states, batch_steps, batch_residual = result.states, result.steps, result.residual
+        correct += int(np.sum(predictions(network, states) == yb))
+        loss += float(np.sum(batch_loss(network, states, one_hot(yb, num_classes, network.dtype))))
+        steps += float(np.sum(batch_steps))
+        residual = max(residual, float(batch_residual.max()))
     n = x.shape[0]
     return {"accuracy": correct / n, "loss": loss / n, "steps_mean": steps / n, "residual_max": residual}
 
@@ -342,14 +473,14 @@ def nudge_sign(config: TrainConfig, epoch: int, batch: int) -> float:
 
 def train_epoch(network: Network, optimizer, x, labels, config: TrainConfig, epoch: int, progress=None) -> dict:
     """One epoch of EP over (x, labels); updates ``network`` in place. Returns the epoch's training statistics."""
-    num_classes = network.layer_sizes[-1]
+    num_classes = num_outputs(network)
     params = parameters(network)
     scale = schedule_scale(config, epoch)
     order = batch_order(config, epoch, x.shape[0])
     correct, loss, free_steps, nudged_steps, residual, batches = 0, 0.0, 0.0, 0.0, 0.0, 0
     for index, start in enumerate(range(0, x.shape[0], config.batch_size)):
         rows = order[start:start + config.batch_size]
-        xb, yb = x[rows], labels[rows]
+        xb, yb = augment(config, x[rows], epoch, index), labels[rows]
         target = one_hot(yb, num_classes, network.dtype)
         step = ep_gradient(network, xb, target, config, nudge_sign(config, epoch, index))
         optimizer.step(params, step.gradient, scale)
@@ -395,10 +526,15 @@ def fit(network: Network, x_train, y_train, x_test, y_test, config: TrainConfig,
     checkpoint), before any work.
     """
     if num_classes is None:
-        num_classes = network.layer_sizes[-1]
+        num_classes = num_outputs(network)
     check_data(network, x_train, y_train, num_classes, "training")
     check_data(network, x_test, y_test, num_classes, "test")
-    config.layer_rates(network.num_layers)  # per-layer rates must match the depth
+    config.layer_rates(num_rates(network))  # per-layer rates must match the depth
+    if config.augment != "none" and np.asarray(x_train).ndim != 4:
+        raise ValueError(f"augment {config.augment!r} crops and flips (N, C, H, W) images; the training inputs have "
+                         f"shape {np.asarray(x_train).shape}")
+    if is_layered(network):
+        layered_params(network, config)  # the backend can train it
     check_cost(network, config.cost)
     if resume and checkpoint_path is None:
         raise ValueError("resume needs the checkpoint file (the network file written by a previous run)")
@@ -503,6 +639,13 @@ def _fit_epochs(network, optimizer, x_train, y_train, x_test, y_test, config, st
                 state.saved = epoch + 1
 
 
+def architecture(network) -> str:
+    """The architecture in words (layer sizes or shapes and interactions), for comparisons and messages."""
+    if is_layered(network):
+        return _json(network.describe())
+    return str(network.layer_sizes)
+
+
 def _json(value) -> str:
     import json
     return json.dumps(value, sort_keys=True)
@@ -531,9 +674,9 @@ def _resume(path, network: Network, optimizer, settings: dict, log):
         details = ", ".join(f"{key}: {stored['config'].get(key)!r} -> {settings['config'][key]!r}"
                             for key in differing)
         raise ValueError(f"cannot resume from {path}: the training configuration differs ({details})")
-    if stored_network.layer_sizes != network.layer_sizes:
-        raise ValueError(f"cannot resume from {path}: it holds a {stored_network.layer_sizes} network, "
-                         f"not {network.layer_sizes}")
+    if architecture(stored_network) != architecture(network):
+        raise ValueError(f"cannot resume from {path}: it holds a {architecture(stored_network)} network, "
+                         f"not {architecture(network)}")
     # the optimizer was built for ``network``'s arrays: copy the stored parameters into them
     for mine, theirs in zip(parameters(network), parameters(stored_network)):
         mine[...] = theirs

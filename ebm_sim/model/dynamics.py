@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..relax import DEFAULT_DT
-from .energy import local_fields, parameters
+from .energy import clamped_fields, local_fields, parameters
 from .interaction import array_ops
 
 LAYERED_METHODS = ("euler", "fixed_point", "alternating")
@@ -39,9 +39,17 @@ def update_groups(method: str, num_layers: int) -> list:
 
 def relax(network, x, method: str = "fixed_point", tol: float = 1e-4, max_steps: int = 1000, dt=None,
           beta: float = 0.0, target=None, initial=None, params=None, per_sample: bool = True) -> LayeredRelaxResult:
-    """Relax x (B, *input_shape) to a fixed point of a LayeredNetwork with ``params`` (numpy by default; torch
-    tensors from ``energy.parameters(network, "torch", ...)`` relax on their device, differentiably if they or x
-    require grad and grad mode is on)."""
+    """Relax images x (B, *input_shape) to a fixed point of a LayeredNetwork with ``params`` (numpy by default;
+    torch tensors from ``energy.parameters(network, "torch", ...)`` relax on their device, differentiably if they or
+    x require grad and grad mode is on). The clamped layer is s_0 = network.normalize(x)."""
+    return relax_clamped(network, network.normalize(x), method, tol, max_steps, dt, beta, target, initial, params,
+                         per_sample)
+
+
+def relax_clamped(network, x, method: str = "fixed_point", tol: float = 1e-4, max_steps: int = 1000, dt=None,
+                  beta: float = 0.0, target=None, initial=None, params=None,
+                  per_sample: bool = True) -> LayeredRelaxResult:
+    """``relax`` with x already the clamped layer s_0 (normalized)."""
     if method not in LAYERED_METHODS:
         raise ValueError(f"a layered network relaxes with {', '.join(LAYERED_METHODS)}, not {method!r}")
     if x.shape[1:] != network.input_shape:
@@ -65,10 +73,11 @@ def relax(network, x, method: str = "fixed_point", tol: float = 1e-4, max_steps:
     residual = ops.full(batch, float("inf"), x)
     last = network.num_layers - 1
     update = states[last]
+    clamped = clamped_fields(network, x, params)
     for _ in range(max_steps):
         change = ops.full(batch, 0.0, x)
         for group in update_groups(method, network.num_layers):
-            fields = local_fields(network, x, states, beta, target, params, layers=group)
+            fields = local_fields(network, x, states, beta, target, params, layers=group, clamped=clamped)
             for k in group:
                 raw = a * fields[k] if dt == 1.0 else states[k] + dt * (a * fields[k] - states[k])
                 new = ops.clip(raw, 0.0, 1.0)

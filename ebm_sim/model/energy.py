@@ -61,10 +61,34 @@ def output(network, states, params=None):
     return implementation(network.cost.kind, params.backend).output(network.cost, params.cost, states[-1])
 
 
+def clamped_fields(network: LayeredNetwork, x, params=None) -> list:
+    """The part of every layer's field that no state changes (list of L arrays or None): the post fields of the
+    interactions from the clamped input x and the biases. A relaxation computes it once (it is most of a dense first
+    layer's work: W_0 x + b_1) and passes it to ``local_fields``."""
+    params = _params(network, params)
+    fields = [None] * network.num_layers
+    for i, p in zip(network.interactions, params.interactions):
+        impl = implementation(i.kind, params.backend)
+        if i.unary:
+            value = impl.field(i, p, x.new_zeros((x.shape[0],) + network.layer_shapes[i.post])
+                               if hasattr(x, "new_zeros") else np.zeros((x.shape[0],) + network.layer_shapes[i.post],
+                                                                        dtype=x.dtype))
+        elif i.pre == 0:
+            value = impl.post_field(i, p, x)
+        else:
+            continue
+        k = i.post - 1
+        fields[k] = value if fields[k] is None else fields[k] + value
+    return fields
+
+
 def local_fields(network: LayeredNetwork, x, states, beta: float = 0.0, target=None, params=None,
-                 layers=None) -> list:
+                 layers=None, clamped=None) -> list:
     """h_k for the layers that relax (list of L arrays shaped like the states; None for layers not in ``layers``,
-    0-based state indices, default all), nudged on s_L: h_L -= beta dC/ds_L (needs ``target`` when beta != 0)."""
+    0-based state indices, default all), nudged on s_L: h_L -= beta dC/ds_L (needs ``target`` when beta != 0).
+    ``clamped``: ``clamped_fields(network, x, params)`` when precomputed (then those terms are not recomputed).
+    A binary interaction whose two fields are both wanted computes them together (``fields``: one convolution for
+    the pooled post field and the max-pool routing of the pre field)."""
     params = _params(network, params)
     wanted = set(range(network.num_layers)) if layers is None else set(layers)
     every = [x] + list(states)
@@ -74,15 +98,27 @@ def local_fields(network: LayeredNetwork, x, states, beta: float = 0.0, target=N
         k = layer - 1
         fields[k] = value if fields[k] is None else fields[k] + value
 
+    if clamped is not None:
+        for k in wanted:
+            if clamped[k] is not None:
+                fields[k] = clamped[k]
     for i, p in zip(network.interactions, params.interactions):
+        if clamped is not None and (i.unary or i.pre == 0):
+            continue  # its field is in ``clamped`` (an interaction from the clamped input has no pre field)
         impl = implementation(i.kind, params.backend)
         if i.unary:
             if i.post - 1 in wanted:
                 add(i.post, impl.field(i, p, every[i.post]))
             continue
-        if i.post - 1 in wanted:
+        want_post, want_pre = i.post - 1 in wanted, i.pre >= 1 and i.pre - 1 in wanted
+        if want_post and want_pre and hasattr(impl, "fields"):
+            post, pre = impl.fields(i, p, every[i.pre], every[i.post])
+            add(i.post, post)
+            add(i.pre, pre)
+            continue
+        if want_post:
             add(i.post, impl.post_field(i, p, every[i.pre]))
-        if i.pre >= 1 and i.pre - 1 in wanted:
+        if want_pre:
             add(i.pre, impl.pre_field(i, p, every[i.pre], every[i.post]))
     last = network.num_layers - 1
     if beta != 0.0 and last in wanted:

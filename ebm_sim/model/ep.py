@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .dynamics import relax
+from .dynamics import relax_clamped
 from .energy import cost_parameter_gradient, parameter_gradient, parameters
 
 NUDGINGS = ("symmetric", "positive")
@@ -32,17 +32,18 @@ class LayeredEPStep:
 def ep_gradient(network, x, target, beta: float = 0.5, free_steps: int = 30, nudged_steps: int = 10,
                 nudging: str = "symmetric", method: str = "fixed_point", tol: float = 0.0, dt=None,
                 sign: float = 1.0, params=None) -> LayeredEPStep:
-    """One EP estimate of the loss gradient on the batch (x, one-hot target) (see the module docstring)."""
+    """One EP estimate of the loss gradient on the batch (images x, one-hot target) (see the module docstring)."""
     if nudging not in NUDGINGS:
         raise ValueError(f"nudging must be one of {', '.join(NUDGINGS)}, got {nudging!r}")
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     params = parameters(network) if params is None else params
     common = dict(method=method, tol=tol, dt=dt, params=params)
-    free = relax(network, x, max_steps=free_steps, **common)
+    x = network.normalize(x)  # the clamped layer s_0
+    free = relax_clamped(network, x, max_steps=free_steps, **common)
 
     def nudged(b):
-        return relax(network, x, max_steps=nudged_steps, beta=b, target=target, initial=free.states, **common)
+        return relax_clamped(network, x, max_steps=nudged_steps, beta=b, target=target, initial=free.states, **common)
 
     if nudging == "symmetric":
         plus, minus = nudged(beta), nudged(-beta)

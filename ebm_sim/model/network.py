@@ -5,6 +5,9 @@
     interactions: Dense / Conv2d (binary, pre < post) and Bias (unary), see :mod:`ebm_sim.model.interaction`;
     cost: SquaredError (s_L is the output) or SoftmaxReadout (logits = W flat(s_L) + b).
     activation: rho(u) = clip(a u, 0, 1) with a = ACTIVATIONS[activation] (the simulator's one table).
+    normalization: None, or {"mean": [...], "std": [...]} per input channel: the clamped layer is
+        s_0 = (x - mean) / std for images x in [0, 1] (inside the model, so that attacks and budgets stay in pixel
+        space; zero padding is then zero in the normalized space, as in the reference codes).
 """
 from __future__ import annotations
 
@@ -19,8 +22,9 @@ from ..network import ACTIVATIONS, Network, _check_dtype
 from . import spec as spec_module
 from .bias import Bias
 from .conv import Conv2d
-from .cost import SoftmaxReadout, SquaredError
+from .cost import COSTS, SoftmaxReadout, SquaredError
 from .dense import Dense
+from .interaction import INTERACTIONS
 
 
 @dataclass
@@ -30,6 +34,7 @@ class LayeredNetwork:
     cost: object = field(default_factory=SquaredError)
     activation: str = "hard_sigmoid"
     history: dict = field(default_factory=dict)
+    normalization: dict | None = None
 
     def __post_init__(self):
         self.layer_shapes = tuple(tuple(int(n) for n in shape) for shape in self.layer_shapes)
@@ -66,6 +71,32 @@ class LayeredNetwork:
             raise ValueError(f"parameters mix dtypes {sorted(map(str, dtypes))}")
         if dtypes:
             _check_dtype(next(iter(dtypes)))
+        self._check_normalization()
+
+    def _check_normalization(self) -> None:
+        if self.normalization is None:
+            return
+        channels = self.layer_shapes[0][0] if len(self.layer_shapes[0]) == 3 else 1
+        if set(self.normalization) != {"mean", "std"}:
+            raise ValueError(f"normalization needs exactly 'mean' and 'std', got {sorted(self.normalization)}")
+        mean, std = (np.asarray(self.normalization[k], dtype=np.float64).reshape(-1) for k in ("mean", "std"))
+        if mean.shape != (channels,) or std.shape != (channels,):
+            raise ValueError(f"normalization mean and std need {channels} values (one per input channel), got "
+                             f"{mean.size} and {std.size}")
+        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std)) and np.all(std > 0)):
+            raise ValueError("normalization mean must be finite and std positive")
+        self.normalization = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+
+    def normalize(self, x):
+        """s_0 = (x - mean) / std per channel (x unchanged without a normalization); numpy arrays or tensors."""
+        if self.normalization is None:
+            return x
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        mean = np.asarray(self.normalization["mean"], dtype=np.float64).reshape(shape)
+        std = np.asarray(self.normalization["std"], dtype=np.float64).reshape(shape)
+        if hasattr(x, "new_tensor"):
+            return (x - x.new_tensor(mean)) / x.new_tensor(std)
+        return ((x - mean) / std).astype(x.dtype)
 
     # ------------------------------------------------------------------ shape and type
     @property
@@ -117,7 +148,8 @@ class LayeredNetwork:
         cost = type(self.cost).__new__(type(self.cost))
         cost.__dict__.update(self.cost.__dict__)
         cost.params = {n: p.astype(dtype) for n, p in self.cost.params.items()}
-        return LayeredNetwork(self.layer_shapes, interactions, cost, self.activation, dict(self.history))
+        return LayeredNetwork(self.layer_shapes, interactions, cost, self.activation, dict(self.history),
+                              self.normalization)
 
     def copy(self) -> "LayeredNetwork":
         return self.astype(self.dtype)
@@ -128,7 +160,8 @@ class LayeredNetwork:
         return {"layers": [list(s) for s in self.layer_shapes], "activation": self.activation,
                 "interactions": [{"kind": i.kind, "pre": i.pre, "post": i.post, **i.hyperparameters()}
                                  for i in self.interactions],
-                "cost": {"kind": self.cost.kind, "classes": self.num_classes}}
+                "cost": {"kind": self.cost.kind, "classes": self.num_classes},
+                **({"normalization": self.normalization} if self.normalization is not None else {})}
 
     def content_hash(self) -> str:
         """SHA-256 over the architecture (``describe``), the dtype and the exact parameter bytes."""
@@ -147,7 +180,7 @@ class LayeredNetwork:
     # ------------------------------------------------------------------ construction
     @classmethod
     def init(cls, architecture, seed: int = 0, dtype=np.float32, activation: str | None = None,
-             gain: float = 1.0) -> "LayeredNetwork":
+             gain: float = 1.0, normalization: dict | None = None) -> "LayeredNetwork":
         """A seeded network from a spec string, a TOML path, layer sizes or a parsed ``spec.Architecture``.
 
         Each block adds a layer, its interaction from the layer below (Dense or Conv2d) and a Bias; a readout block
@@ -181,7 +214,7 @@ class LayeredNetwork:
         for i in interactions:
             i.init_params(rng, shapes[i.pre], shapes[i.post], dtype, gain)
         cost.init_params(rng, shapes[-1], dtype, gain)
-        return cls(tuple(shapes), interactions, cost, activation)
+        return cls(tuple(shapes), interactions, cost, activation, normalization=normalization)
 
     @classmethod
     def from_dense(cls, network: Network) -> "LayeredNetwork":
@@ -199,6 +232,52 @@ class LayeredNetwork:
         else:
             cost = SquaredError()
         return cls(tuple((n,) for n in sizes), interactions, cost, network.activation, dict(network.history))
+
+    @classmethod
+    def from_description(cls, description: dict, interaction_params: list, cost_params: dict,
+                         history: dict | None = None) -> "LayeredNetwork":
+        """The network that ``describe()`` gave ``description``, with these parameters: ``interaction_params[i]``
+        ({name: array}) for the i-th interaction, ``cost_params`` for the cost. Classes come from the registries
+        (``INTERACTIONS``, ``COSTS``) by kind; every kind is looked up before anything is built. ValueError names an
+        unknown kind, a missing or unexpected parameter or anything the network itself refuses. (A Bias's
+        ``fan_in_units``, which only sets its initialization bound, is not part of the description: it is 1.)"""
+        entries = list(description["interactions"])
+        if len(entries) != len(interaction_params):
+            raise ValueError(f"{len(entries)} interactions are described but {len(interaction_params)} parameter "
+                             "sets were given")
+        classes = [_registered(INTERACTIONS, entry["kind"], "interaction") for entry in entries]
+        cost_class = _registered(COSTS, description["cost"]["kind"], "cost")
+        interactions = [_interaction_from(c, entry, params)
+                        for c, entry, params in zip(classes, entries, interaction_params)]
+        cost = _cost_from(cost_class, description["cost"], description["layers"][-1], cost_params)
+        return cls(tuple(description["layers"]), interactions, cost, description["activation"], dict(history or {}),
+                   description.get("normalization"))
+
+
+def _registered(registry: dict, kind, what: str):
+    """``registry[kind]``, or ValueError naming the unknown kind and the known ones."""
+    if kind not in registry:
+        raise ValueError(f"unknown {what} kind {kind!r}; known: {', '.join(sorted(registry))}")
+    return registry[kind]
+
+
+def _interaction_from(interaction_class, entry: dict, params: dict):
+    """An interaction from its ``describe()`` entry: a unary one is built as ``cls(layer, params, **settings)``,
+    a binary one as ``cls(pre, post, params, **settings)``; settings are the entry's hyperparameters."""
+    settings = {k: v for k, v in entry.items() if k not in ("kind", "pre", "post")}
+    layers = (entry["post"],) if interaction_class.unary else (entry["pre"], entry["post"])
+    return interaction_class(*layers, dict(params), **settings)
+
+
+def _cost_from(cost_class, entry: dict, last_shape, params: dict):
+    """A cost from its ``describe()`` entry ({"kind", "classes"}): a cost whose class count is a setting
+    (``num_classes``) gets it; the parameters must be exactly the ones its ``param_shapes`` names."""
+    settings = {"num_classes": int(entry["classes"])} if hasattr(cost_class, "num_classes") else {}
+    cost = cost_class(params=dict(params), **settings)
+    expected = sorted(cost.param_shapes(tuple(last_shape)))
+    if sorted(params) != expected:
+        raise ValueError(f"the {cost.kind} cost needs parameters {expected}, got {sorted(params)}")
+    return cost
 
 
 def _param_shapes(shapes, interactions, cost) -> list:

@@ -91,9 +91,9 @@ def pool(i, u):
     return windows.max(axis=4) if i.pool == "max" else windows.mean(axis=4)
 
 
-def unpool(i, s_post, s_pre, weight):
+def unpool(i, s_post, s_pre, weight, u=None):
     """Route s_post (B, C, h, w) back to the conv map's shape (Ho, Wo): to each window's first maximum of the current
-    u = conv(s_pre) (max), spread as value / 4 (avg), or unchanged (no pooling)."""
+    u = conv(s_pre) (max; pass u when it is at hand), spread as value / 4 (avg), or unchanged (no pooling)."""
     if i.pool is None:
         return s_post
     conv_shape = i.conv_shape(s_pre.shape[1:])
@@ -101,7 +101,7 @@ def unpool(i, s_post, s_pre, weight):
         spread = np.repeat(s_post[..., None] / 4, 4, axis=4)
     else:
         spread = np.zeros(s_post.shape + (4,), dtype=s_post.dtype)
-        u = conv(i, weight, s_pre)
+        u = conv(i, weight, s_pre) if u is None else u
         np.put_along_axis(spread, windows_2x2(u).argmax(axis=4)[..., None], s_post[..., None], axis=4)
     return from_windows_2x2(spread, conv_shape)
 
@@ -116,6 +116,13 @@ class Conv2dNumpy:
     def pre_field(i, params, s_pre, s_post):
         routed = unpool(i, s_post, s_pre, params["weight"])
         return conv_transpose(i, params["weight"], routed, s_pre.shape[1:])
+
+    @staticmethod
+    def fields(i, params, s_pre, s_post):
+        """(post field, pre field) from one convolution of s_pre."""
+        u = conv(i, params["weight"], s_pre)
+        routed = unpool(i, s_post, s_pre, params["weight"], u)
+        return pool(i, u), conv_transpose(i, params["weight"], routed, s_pre.shape[1:])
 
     @staticmethod
     def parameter_gradient(i, params, s_pre, s_post):

@@ -62,15 +62,18 @@ def conv_transpose(i, weight, grad, pre_shape):
     return F.conv_transpose2d(grad, weight, stride=i.stride, padding=i.padding, output_padding=extra)
 
 
-def unpool(i, s_post, s_pre, weight):
+def unpool(i, s_post, s_pre, weight, indices=None):
+    """s_post back to the conv map's shape: max-unpooled to the argmax ``indices`` of the current conv(s_pre)
+    (computed when not given), spread as value / 4 (avg), or unchanged."""
     if i.pool is None:
         return s_post
     conv_shape = i.conv_shape(tuple(s_pre.shape[1:]))
     if i.pool == "avg":
         spread = s_post.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3) / 4
         return F.pad(spread, (0, conv_shape[1] - spread.shape[3], 0, conv_shape[0] - spread.shape[2]))
-    with torch.no_grad():
-        _, indices = F.max_pool2d(conv(i, weight, s_pre), 2, return_indices=True)
+    if indices is None:
+        with torch.no_grad():
+            _, indices = F.max_pool2d(conv(i, weight, s_pre), 2, return_indices=True)
     return F.max_unpool2d(s_post, indices, 2, output_size=conv_shape)
 
 
@@ -87,6 +90,18 @@ class Conv2dTorch:
     def pre_field(i, params, s_pre, s_post):
         routed = unpool(i, s_post, s_pre, params["weight"])
         return conv_transpose(i, params["weight"], routed, tuple(s_pre.shape[1:]))
+
+    @staticmethod
+    def fields(i, params, s_pre, s_post):
+        """(post field, pre field) from one convolution of s_pre (its max-pool indices route the pre field)."""
+        u = conv(i, params["weight"], s_pre)
+        indices = None
+        if i.pool == "max":
+            post, indices = F.max_pool2d(u, 2, return_indices=True)
+        else:
+            post = F.avg_pool2d(u, 2) if i.pool == "avg" else u
+        routed = unpool(i, s_post, s_pre, params["weight"], indices)
+        return post, conv_transpose(i, params["weight"], routed, tuple(s_pre.shape[1:]))
 
     @staticmethod
     def parameter_gradient(i, params, s_pre, s_post):
