@@ -5,7 +5,8 @@ attributes
 
     format           "ebm-network" | "ebm-fixed-points" | "ebm-trajectory" | "ebm-feedforward" (distill.io) |
                      "ebm-lava-program" (hardware.lava_file)
-    version          int, FORMAT_VERSION of the writer
+    version          int, the version of the format the writer wrote (VERSIONS: the ones each format has; a network
+                     is version 1 for a dense ``Network``, 2 for a ``LayeredNetwork`` of layers and interactions)
     created          ISO 8601 time (UTC) of writing
     toolkit_version  version of ebm-toolkit that wrote it
     content_hash     SHA-256 (hex) over the datasets and the configuration attributes (see ``_content_hash``)
@@ -32,10 +33,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .model.cost import COSTS
+from .model.interaction import INTERACTIONS
+from .model.network import LayeredNetwork
 from .network import Network
 from .outputs import RecordingFile, atomic_path, interrupts_deferred  # atomic_path is re-exported for others
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the version every format started at (a dense Network is still written as version 1)
+LAYERED_NETWORK_VERSION = 2  # an ebm-network file of a LayeredNetwork (layers, interactions, cost)
 FORMATS = {
     "ebm-network": "a network",
     "ebm-fixed-points": "a fixed-point dataset",
@@ -43,6 +48,8 @@ FORMATS = {
     "ebm-feedforward": "a feedforward model",  # written by distill.io (torch side), through write_artifact
     "ebm-lava-program": "a Lava program",  # written by hardware.lava_file through write_artifact
 }
+VERSIONS = {**{fmt: (FORMAT_VERSION,) for fmt in FORMATS},  # format -> the versions this toolkit reads
+            "ebm-network": (FORMAT_VERSION, LAYERED_NETWORK_VERSION)}
 HEADER_ATTRS = ("format", "version", "created", "toolkit_version", "content_hash")
 _UNHASHED_ATTRS = ("created", "toolkit_version", "content_hash")
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -112,9 +119,9 @@ def _content_hash(datasets: dict, attrs: dict) -> str:
     return h.hexdigest()
 
 
-def _header(fmt: str, datasets: dict, config: dict) -> dict:
+def _header(fmt: str, datasets: dict, config: dict, version: int = FORMAT_VERSION) -> dict:
     """All root attributes of a new artifact: format, version, configuration, created, toolkit, hash."""
-    hashed = {"format": fmt, "version": FORMAT_VERSION, **config}
+    hashed = {"format": fmt, "version": version, **config}
     return {**hashed, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "toolkit_version": _toolkit_version(), "content_hash": _content_hash(datasets, hashed)}
 
@@ -150,10 +157,11 @@ def save_figure(fig, path, **savefig) -> Path:
     return path
 
 
-def _write_artifact(path, fmt: str, datasets: dict, config: dict) -> str:
-    """Atomically write ``datasets`` (name -> array) and the header + ``config`` attributes; return the hash."""
+def _write_artifact(path, fmt: str, datasets: dict, config: dict, version: int = FORMAT_VERSION) -> str:
+    """Atomically write ``datasets`` (name -> array) and the header (of format ``fmt``, ``version``) + ``config``
+    attributes; return the hash."""
     path = Path(path)
-    attrs = _header(fmt, datasets, config)
+    attrs = _header(fmt, datasets, config, version)
     payload = sum(np.asarray(a).nbytes for a in datasets.values()) + HDF5_OBJECT_BYTES * (len(datasets) + 1)
     with interrupts_deferred(), atomic_path(path, size_hint=payload) as tmp:  # Ctrl-C after the file is complete
         # h5py writes through a Python file object: a full disk is then an OSError (ENOSPC) of Python's own that
@@ -173,13 +181,16 @@ def _write_artifact(path, fmt: str, datasets: dict, config: dict) -> str:
     return attrs["content_hash"]
 
 
-def write_artifact(path, fmt: str, datasets: dict, config: dict) -> str:
+def write_artifact(path, fmt: str, datasets: dict, config: dict, version: int = FORMAT_VERSION) -> str:
     """Public hook for a format written outside this module (``"ebm-feedforward"``: ``distill.io``): atomically
     write ``datasets`` (name -> array, stored as given) and the common header plus ``config`` (str, int, float,
-    bool or int-list attributes; JSON strings for objects); return the content hash. ``fmt`` must be in FORMATS."""
+    bool or int-list attributes; JSON strings for objects); return the content hash. ``fmt`` must be in FORMATS,
+    ``version`` one of ``VERSIONS[fmt]``."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}")
-    return _write_artifact(path, fmt, datasets, config)
+    if version not in VERSIONS[fmt]:
+        raise ValueError(f"{fmt} has versions {', '.join(map(str, VERSIONS[fmt]))}, not {version!r}")
+    return _write_artifact(path, fmt, datasets, config, version)
 
 
 def read_artifact(path, fmt: str) -> tuple[dict, dict]:
@@ -265,9 +276,11 @@ def _check_header(path: Path, attrs: dict, expected: str | None) -> None:
     if expected is not None and fmt != expected:
         raise ArtifactError(f"{path} holds {FORMATS[fmt]} (format {fmt!r}), but {FORMATS[expected]} "
                             f"(format {expected!r}) was expected")
-    if attrs.get("version") != FORMAT_VERSION:
+    if attrs.get("version") not in VERSIONS[fmt]:
+        readable = ", ".join(map(str, VERSIONS[fmt]))
         raise ArtifactError(f"{path}: unsupported {fmt} version {attrs.get('version')!r}; this toolkit "
-                            f"({_toolkit_version()}) reads version {FORMAT_VERSION}")
+                            f"({_toolkit_version()}) reads {fmt} version{'s' * (len(VERSIONS[fmt]) > 1)} "
+                            f"{readable}")
     if not isinstance(attrs.get("content_hash"), str):
         raise ArtifactError(f"{path} has no content_hash attribute: corrupt or not written by this toolkit")
 
@@ -393,57 +406,164 @@ def _history_datasets(history: dict) -> tuple[dict, dict]:
     return datasets, kinds
 
 
-def save_network(path, network: Network, extra_attrs: dict | None = None,
+def save_network(path, network: Network | LayeredNetwork, extra_attrs: dict | None = None,
                  checkpoint: dict | None = None) -> str:
     """Write ``network`` to ``path`` atomically (replacing any existing file) and return the file's content hash.
 
-    Schema (format "ebm-network"):
-      datasets  weights/W{k}  (n_{k+1}, n_k), k = 0..L-1, network dtype
-                biases/b{k}   (n_k,),         k = 1..L,   network dtype
-                history/<name>  numeric array, one per ``network.history`` entry (list of floats -> 1-D,
-                                list of 1-D arrays -> 2-D)
-                checkpoint/<key>[/<key>...]  one per leaf of ``checkpoint`` (only if given)
-      attrs     layer_sizes (int64 array (L+1,)), activation (str), dtype ("float32"/"float64"),
-                network_hash (str, ``network.content_hash()``), history_types (JSON {name: "list"|"array"}),
-                has_checkpoint (bool), extra (JSON of ``extra_attrs``, "{}" if None),
-                readout (bool, only when true: the last layer is a softmax readout; absent = False)
+    A dense ``Network`` is written as version 1, a ``LayeredNetwork`` as version 2 (format "ebm-network"; full
+    schemas in docs/formats.md):
+      version 1  datasets  weights/W{k} (n_{k+1}, n_k), k = 0..L-1; biases/b{k} (n_k,), k = 1..L (network dtype)
+                 attrs     layer_sizes (int64 array (L+1,)), activation (str), dtype, network_hash,
+                           readout (bool, only when true: the last layer is a softmax readout; absent = False)
+      version 2  datasets  interactions/<i>/<name>  parameter <name> of the i-th interaction (its order in
+                                                    ``network.interactions``); cost/<name>  the cost's parameters
+                 attrs     architecture (JSON of ``network.describe()``: layers, activation, interactions with kind,
+                           pre, post and hyperparameters, cost with kind and classes), dtype, network_hash
+      both       datasets  history/<name>  numeric array, one per ``network.history`` entry (list of floats -> 1-D,
+                                           list of 1-D arrays -> 2-D)
+                           checkpoint/<key>[/<key>...]  one per leaf of ``checkpoint`` (only if given)
+                 attrs     dtype ("float32"/"float64"), network_hash (str, ``network.content_hash()``),
+                           history_types (JSON {name: "list"|"array"}), has_checkpoint (bool), extra (JSON of
+                           ``extra_attrs``, "{}" if None)
 
     checkpoint: optional dict of numpy arrays, numeric/bool scalars, str, or nested dicts of these (e.g. the
     epoch, optimizer state, a JSON-encoded RNG state); read back with ``load_checkpoint``. The whole file is
     rewritten: saving without ``checkpoint`` drops a checkpoint stored earlier.
     extra_attrs: optional JSON-serializable dict of configuration (shown by ``artifact_info``).
     """
+    layered = isinstance(network, LayeredNetwork)
+    datasets, config = _layered_network_content(network) if layered else _dense_network_content(network)
     history, history_types = _history_datasets(network.history)
-    datasets = {f"weights/W{k}": w for k, w in enumerate(network.weights)}
-    datasets.update({f"biases/b{k + 1}": b for k, b in enumerate(network.biases)})
     datasets.update(history)
     if checkpoint is not None:
         datasets.update(_flatten(checkpoint, "checkpoint", "checkpoint"))
-    config = {"layer_sizes": [int(n) for n in network.layer_sizes], "activation": network.activation,
-              "dtype": str(network.dtype), "network_hash": network.content_hash(),
-              "history_types": _to_json(history_types, "history"), "has_checkpoint": checkpoint is not None,
-              "extra": _to_json(extra_attrs or {}, "extra_attrs")}
-    if network.readout:
+    config.update({"history_types": _to_json(history_types, "history"), "has_checkpoint": checkpoint is not None,
+                   "extra": _to_json(extra_attrs or {}, "extra_attrs")})
+    if not layered and network.readout:
         config["readout"] = True
-    return _write_artifact(path, "ebm-network", datasets, config)
+    version = LAYERED_NETWORK_VERSION if layered else FORMAT_VERSION
+    return _write_artifact(path, "ebm-network", datasets, config, version)
 
 
-def load_network(path) -> Network:
-    """Read a network written by ``save_network``: bit-exact weights/biases, activation and history
-    (lists come back as lists, arrays as arrays). Raises ArtifactError on a bad file."""
+def _dense_network_content(network: Network) -> tuple[dict, dict]:
+    """Version 1: the parameter datasets and the identity attributes of a dense ``Network``."""
+    datasets = {f"weights/W{k}": w for k, w in enumerate(network.weights)}
+    datasets.update({f"biases/b{k + 1}": b for k, b in enumerate(network.biases)})
+    config = {"layer_sizes": [int(n) for n in network.layer_sizes], "activation": network.activation,
+              "dtype": str(network.dtype), "network_hash": network.content_hash()}
+    return datasets, config
+
+
+def _layered_network_content(network: LayeredNetwork) -> tuple[dict, dict]:
+    """Version 2: the parameter datasets (interactions/<i>/<name>, cost/<name>) and the identity attributes
+    (architecture, dtype, network_hash) of a ``LayeredNetwork``."""
+    datasets = {f"interactions/{i}/{name}": array
+                for i, interaction in enumerate(network.interactions) for name, array in interaction.params.items()}
+    datasets.update({f"cost/{name}": array for name, array in network.cost.params.items()})
+    config = {"architecture": _to_json(network.describe(), "the architecture"), "dtype": str(network.dtype),
+              "network_hash": network.content_hash()}
+    return datasets, config
+
+
+def load_network(path) -> Network | LayeredNetwork:
+    """Read a network written by ``save_network``: a ``Network`` from a version-1 file, a ``LayeredNetwork`` from a
+    version-2 file, with bit-exact parameters, activation and history (lists come back as lists, arrays as
+    arrays). Raises ArtifactError on a bad file."""
     datasets, attrs = _load(path, "ebm-network")
-    num_layers = len(attrs["layer_sizes"]) - 1
-    weights = _take(path, datasets, _layer_names("weights/W", 0, num_layers))
-    biases = _take(path, datasets, _layer_names("biases/b", 1, num_layers))
+    read = _read_layered_network if attrs["version"] == LAYERED_NETWORK_VERSION else _read_dense_network
+    network = read(path, datasets, attrs)
+    if network.content_hash() != attrs.get("network_hash"):
+        raise ArtifactError(f"{path}: network hash mismatch (stored {str(attrs.get('network_hash'))[:12]}, "
+                            f"loaded {network.content_hash()[:12]}): corrupt or not written by this toolkit")
+    return network
+
+
+def load_layered_network(path) -> LayeredNetwork:
+    """Read a network file of either version as a ``LayeredNetwork`` (a version-1 dense network through
+    ``LayeredNetwork.from_dense``: the same dynamics, Dense + Bias interactions). Raises ArtifactError on a bad
+    file."""
+    network = load_network(path)
+    return network if isinstance(network, LayeredNetwork) else LayeredNetwork.from_dense(network)
+
+
+def _read_history(path, datasets: dict, attrs: dict) -> dict:
+    """The training history stored under history/ (lists as lists, arrays as arrays)."""
     history = {}
     for key, kind in json.loads(attrs["history_types"]).items():
         (array,) = _take(path, datasets, [f"history/{key}"])
         history[key] = array if kind == "array" else (array.tolist() if array.ndim == 1 else list(array))
-    network = Network(weights, biases, attrs["activation"], history, readout=bool(attrs.get("readout", False)))
-    if network.content_hash() != attrs["network_hash"]:
-        raise ArtifactError(f"{path}: network hash mismatch (stored {attrs['network_hash'][:12]}, "
-                            f"loaded {network.content_hash()[:12]}): corrupt or not written by this toolkit")
-    return network
+    return history
+
+
+def _read_dense_network(path, datasets: dict, attrs: dict) -> Network:
+    """A version-1 file's ``Network``."""
+    num_layers = len(attrs["layer_sizes"]) - 1
+    weights = _take(path, datasets, _layer_names("weights/W", 0, num_layers))
+    biases = _take(path, datasets, _layer_names("biases/b", 1, num_layers))
+    return Network(weights, biases, attrs["activation"], _read_history(path, datasets, attrs),
+                   readout=bool(attrs.get("readout", False)))
+
+
+def _read_layered_network(path, datasets: dict, attrs: dict) -> LayeredNetwork:
+    """A version-2 file's ``LayeredNetwork``: every kind is looked up in the registries and every parameter dataset
+    taken before the network is built through ``LayeredNetwork.from_description``."""
+    description = _architecture(path, attrs)
+    classes = [_registered(path, INTERACTIONS, entry, f"interaction {i}")
+               for i, entry in enumerate(description["interactions"])]
+    _registered(path, COSTS, description["cost"], "the cost")
+    params = [dict(zip(c.param_names, _take(path, datasets, [f"interactions/{i}/{n}" for n in c.param_names])))
+              for i, c in enumerate(classes)]
+    cost_params = {name[len("cost/"):]: array for name, array in datasets.items() if name.startswith("cost/")}
+    history = _read_history(path, datasets, attrs)
+    try:
+        return LayeredNetwork.from_description(description, params, cost_params, history)
+    except (ValueError, TypeError) as error:
+        raise ArtifactError(f"{path}: the stored network does not fit its architecture ({error}): corrupt or not "
+                            f"written by this toolkit") from None
+
+
+def _architecture(path, attrs: dict) -> dict:
+    """The ``architecture`` attribute of a version-2 network file, checked to be the shape ``describe()`` gives
+    (layers, activation, interactions: a list of {kind, pre, post, ...}, cost: {kind, classes})."""
+    try:
+        description = json.loads(attrs["architecture"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ArtifactError(f"{path}: no readable 'architecture' attribute ({error!r}): corrupt or not written by "
+                            f"this toolkit") from None
+    problem = _architecture_problem(description)
+    if problem:
+        raise ArtifactError(f"{path}: the architecture attribute {problem}: corrupt or not written by this toolkit")
+    return description
+
+
+def _architecture_problem(description) -> str | None:
+    """What is wrong with the structure of a stored architecture, or None."""
+    if not isinstance(description, dict):
+        return "is not a JSON object"
+    missing = [key for key in ("layers", "activation", "interactions", "cost") if key not in description]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    layers, entries, cost = description["layers"], description["interactions"], description["cost"]
+    if not (isinstance(layers, list) and layers and all(isinstance(s, list) and s and
+                                                        all(type(n) is int for n in s) for s in layers)):
+        return f"has layers {layers!r}, not a list of shapes (lists of ints)"
+    if not isinstance(entries, list):
+        return f"has interactions {entries!r}, not a list"
+    for i, entry in enumerate(entries):
+        if not (isinstance(entry, dict) and isinstance(entry.get("kind"), str)
+                and type(entry.get("pre")) is int and type(entry.get("post")) is int):
+            return f"has interaction {i} {entry!r}, not an object with a kind and int pre and post"
+    if not (isinstance(cost, dict) and isinstance(cost.get("kind"), str) and type(cost.get("classes")) is int):
+        return f"has cost {cost!r}, not an object with a kind and int classes"
+    return None
+
+
+def _registered(path, registry: dict, entry: dict, what: str):
+    """The class ``registry`` (INTERACTIONS or COSTS) has for ``entry["kind"]``, else ArtifactError naming it."""
+    if entry["kind"] not in registry:
+        raise ArtifactError(f"{path}: {what} has unknown kind {entry['kind']!r}; this toolkit knows "
+                            f"{', '.join(sorted(registry))} (a file of a newer toolkit?)")
+    return registry[entry["kind"]]
 
 
 def load_checkpoint(path) -> dict | None:
@@ -586,12 +706,7 @@ def artifact_info(path) -> dict:
     fmt = attrs["format"]
     summary = {}
     if fmt == "ebm-network":
-        summary = {"layer_sizes": attrs.get("layer_sizes"), "activation": attrs.get("activation"),
-                   "dtype": attrs.get("dtype"), "network_hash": attrs.get("network_hash"),
-                   "history_keys": sorted(json.loads(attrs.get("history_types", "{}"))),
-                   "checkpoint_keys": sorted(n[len("checkpoint/"):] for n in datasets
-                                             if n.startswith("checkpoint/")) if attrs.get("has_checkpoint") else None,
-                   "extra": json.loads(attrs.get("extra", "{}"))}
+        summary = _network_summary(path, datasets, attrs)
     elif fmt == "ebm-feedforward":
         summary = {key: attrs.get(key) for key in ("kind", "layer_sizes", "activation", "readout", "dataset",
                                                    "network_hash", "fixed_points_hash", "model_hash")}
@@ -611,6 +726,34 @@ def artifact_info(path) -> dict:
             "hash_status": "ok" if computed == attrs["content_hash"] else "mismatch",
             "datasets": {n: {"shape": tuple(a.shape), "dtype": str(a.dtype)} for n, a in sorted(datasets.items())},
             "summary": summary}
+
+
+def _network_summary(path, datasets: dict, attrs: dict) -> dict:
+    """``artifact_info``'s summary of a network file: its architecture (version 1: layer sizes and activation;
+    version 2: layer shapes, activation, interactions, cost and any other part of the description), dtype, network
+    hash, history and checkpoint keys and the extra attributes."""
+    if attrs["version"] == LAYERED_NETWORK_VERSION:
+        description = _architecture(path, attrs)
+        summary = {"layer_shapes": ["x".join(map(str, shape)) for shape in description["layers"]],
+                   "activation": description["activation"],
+                   "interactions": [_interaction_text(entry) for entry in description["interactions"]],
+                   "cost": f"{description['cost']['kind']}, {description['cost']['classes']} classes",
+                   **{k: v for k, v in description.items() if k not in ("layers", "activation", "interactions",
+                                                                         "cost")}}
+    else:
+        summary = {"layer_sizes": attrs.get("layer_sizes"), "activation": attrs.get("activation")}
+    return {**summary, "dtype": attrs.get("dtype"), "network_hash": attrs.get("network_hash"),
+            "history_keys": sorted(json.loads(attrs.get("history_types", "{}"))),
+            "checkpoint_keys": sorted(n[len("checkpoint/"):] for n in datasets
+                                      if n.startswith("checkpoint/")) if attrs.get("has_checkpoint") else None,
+            "extra": json.loads(attrs.get("extra", "{}"))}
+
+
+def _interaction_text(entry: dict) -> str:
+    """One stored interaction in a line: "conv2d 0->1 (kernel=3 stride=1 padding=1 pool=max)", "bias 1"."""
+    layers = f"{entry['pre']}->{entry['post']}" if entry["pre"] != entry["post"] else str(entry["post"])
+    settings = " ".join(f"{k}={v}" for k, v in entry.items() if k not in ("kind", "pre", "post"))
+    return f"{entry['kind']} {layers}" + (f" ({settings})" if settings else "")
 
 
 def format_info(info: dict) -> str:
