@@ -43,7 +43,7 @@ def run_distill(network_path, fixed_points_path, out, *, test_fixed_points=None,
     out = Path(out)
     config = DistillConfig(**config)  # validated before any work
     check_output(out, overwrite=overwrite, resume=resume)
-    network = storage.load_network(network_path)
+    network = storage.load_dense_network(network_path, "distillation")
     fixed_points = storage.load_fixed_points(fixed_points_path, network=network)
     test = storage.load_fixed_points(test_fixed_points, network=network) if test_fixed_points else None
     fp_hash = stored_content_hash(fixed_points_path)

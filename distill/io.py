@@ -208,7 +208,7 @@ def load_model(path, **ebm_options) -> torch.nn.Module:
     """
     fmt = artifact_format(path)
     if fmt == "ebm-network":
-        network = storage.load_network(path)
+        network = storage.load_dense_network(path, "load_model (the Torch twin)")
         from ebm_sim import torch_twin
         classifier = getattr(torch_twin, "EBMClassifier", None)
         if classifier is None:

@@ -213,7 +213,7 @@ class Pipeline:
         hardware = self.config.sections["hardware"]
 
         def work():
-            network = storage.load_network(self.path("network.h5"))
+            network = storage.load_dense_network(self.path("network.h5"), "ebm pipeline")
             x, y = load_test_inputs(self.config.dataset, self.config.data_dir, hardware["lava_limit"],
                                     network.layer_sizes[0])
             runs, programs = {}, {}
@@ -257,7 +257,7 @@ class Pipeline:
         d = self.config.deployment
 
         def work():
-            network = storage.load_network(self.path("network.h5"))
+            network = storage.load_dense_network(self.path("network.h5"), "ebm pipeline")
             traces = relaxation_traces(network, self.data.x_test[:samples], d["tol"], max_steps=200)
             plot_relaxation(traces, self.path("dynamics.png"),
                             f"{'-'.join(map(str, network.layer_sizes))} EBM, {samples} {self.data.name} test images")
@@ -276,7 +276,7 @@ class Pipeline:
         from .plots import plot_training
 
         def work():
-            histories = {"EBM (EP)": storage.load_network(self.path("network.h5")).history}
+            histories = {"EBM (EP)": storage.load_dense_network(self.path("network.h5"), "ebm pipeline").history}
             for name, file in (("distilled", "student"), ("standard", "standard"), ("pgd-at", "pgd_at")):
                 histories[name] = load_feedforward(self.path(f"{file}.h5")).history
             plot_training(histories, self.path("training.png"))

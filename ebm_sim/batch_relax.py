@@ -220,7 +220,7 @@ def run_relax(network_path, dataset: str, out, *, data_dir=None, split: str = "t
     network_path, out = Path(network_path), Path(out)
     if out.exists() and network_path.exists() and out.resolve() == network_path.resolve():
         raise ValueError(f"the output {out} is the network file itself; choose another -o")
-    network = storage.load_network(network_path)
+    network = storage.load_dense_network(network_path, "ebm relax")
     ds = datasets.load_dataset(dataset, data_dir, limit_train=limit if split == "train" else None,
                                limit_test=limit if split == "test" else None)
     if ds.num_features != network.layer_sizes[0]:

@@ -478,6 +478,17 @@ def load_network(path) -> Network | LayeredNetwork:
     return network
 
 
+def load_dense_network(path, purpose: str) -> Network:
+    """``load_network`` for the parts of the toolkit that handle dense networks only (the Numba kernels, the Torch
+    twin, distillation, robustness, the Lava mapping, the pipeline): a version-2 (layered, e.g. convolutional) file is
+    refused with an ArtifactError naming ``purpose`` (e.g. "ebm relax")."""
+    network = load_network(path)
+    if isinstance(network, LayeredNetwork):
+        raise ArtifactError(f"{path} holds a layered network ({network!r}); {purpose} handles dense networks for "
+                            f"now (layered ones relax and train with ebm_sim.model and ebm train --backend torch)")
+    return network
+
+
 def load_layered_network(path) -> LayeredNetwork:
     """Read a network file of either version as a ``LayeredNetwork`` (a version-1 dense network through
     ``LayeredNetwork.from_dense``: the same dynamics, Dense + Bias interactions). Raises ArtifactError on a bad

@@ -26,7 +26,7 @@ def cmd_export(args) -> int:
     from .lava_file import save_program
     from .mapping import to_program
 
-    network = storage.load_network(args.network)
+    network = storage.load_dense_network(args.network, "the Lava mapping")
     options = {k: v for k, v in _relaxation_options(args).items() if v is not None}
     if args.kind == "fixed":
         options.update(frac_bits=args.frac_bits, max_weight_error=args.max_weight_error, max_zeroed=args.max_zeroed)

@@ -31,7 +31,7 @@ def program_from_file(path, kind: str | None = None, **options):
             raise ValueError(f"{path} is a Lava export (a {program.kind} program with its settings fixed at export): "
                              f"{', '.join(given)} cannot be changed; export the network again instead")
         return program, None
-    network = storage.load_network(path)
+    network = storage.load_dense_network(path, "the Lava mapping")
     return to_program(network, kind or "fixed", **options), network
 
 

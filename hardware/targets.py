@@ -81,7 +81,7 @@ def _load(spec: CompareSpec):
 
     from .evaluate import load_test_inputs
 
-    network = storage.load_network(spec.network)
+    network = storage.load_dense_network(spec.network, "the hardware targets")
     x, y = load_test_inputs(spec.dataset, spec.data_dir, spec.limit, network.layer_sizes[0])
     return network, x, y
 

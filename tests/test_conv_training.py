@@ -96,3 +96,13 @@ def test_crop_flip_is_seeded_and_keeps_pixels():
     shifted = crop_flip(x, np.random.default_rng(1), padding=4)
     assert shifted.shape == x.shape and set(np.unique(shifted)) <= set(np.unique(x)) | {0.0}
     assert augment(TrainConfig(), x, 0, 0) is x
+
+
+def test_dense_only_commands_refuse_a_layered_network_clearly(tmp_path, capsys):
+    net = tmp_path / "conv.h5"
+    assert main(["init", "--arch", SMALL, "-o", str(net)]) == 0
+    capsys.readouterr()
+    assert main(["relax", str(net), "--dataset", "digits", "--limit", "10", "-o", str(tmp_path / "fp.h5")]) == 2
+    err = _error(capsys)
+    assert "holds a layered network" in err and "ebm relax handles dense networks for now" in err
+    assert not (tmp_path / "fp.h5").exists()

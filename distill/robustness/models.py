@@ -168,7 +168,7 @@ class EBMUnderTest(ModelUnderTest):
         from .implicit import ImplicitEBM
         info = storage.artifact_info(path)
         super().__init__(name, path, info["content_hash"])
-        self.network = storage.load_network(path)
+        self.network = storage.load_dense_network(path, "the robustness evaluation")
         self.parameters_hash = self.network.content_hash()  # architecture and parameters (not the history)
         self._set_image_shape(image_shape, self.network.layer_sizes[0])
         self.deployment = deployment or Deployment.of_network_file(path, info)
