@@ -122,7 +122,7 @@ def relax_group(quick: bool, data_dir) -> dict:
                    "seconds_per_step": per_step, "gflops": 2 * macs * batch / per_step / 1e9,
                    "time_to_equilibrium_s": None if big else seconds}
             if big:
-                steps_batch1 = rows["batch1"]["steps"]
+                steps_batch1 = rows["batch1"]["torch"]["steps"]
                 row.update(time_to_equilibrium_s=per_step * steps_batch1, estimated=True,
                            note=f"timed over {steps} steps; time to equilibrium = seconds per step x the "
                                 f"{steps_batch1} steps of the batch-1 run")

@@ -327,6 +327,10 @@ def _result(**changes):
     ({"sweeps__linf": [{"eps": 0, "accuracy": 0.9}, {"eps": 0.1, "accuracy": 0.3}, {"eps": 0.2, "accuracy": 0.5},
                        {"eps": 0.3, "accuracy": 0.0}]}, ["monotone_in_eps_linf"]),
     ({"sweeps__linf": [{"eps": 0, "accuracy": 0.9}, {"eps": 0.3, "accuracy": 0.2}]}, ["reaches_zero"]),
+    # reaches zero on the worst case over the sweep's attacks (PGD alone may stop short of it)
+    ({"sweeps__linf": [{"eps": 0, "accuracy": 0.9, "pgd": 0.9}, {"eps": 0.3, "accuracy": 0.01, "pgd": 0.05}]}, []),
+    ({"sweeps__linf": [{"eps": 0, "accuracy": 0.9, "pgd": 0.9}, {"eps": 0.3, "accuracy": 0.03, "pgd": 0.03}]},
+     ["reaches_zero"]),
     ({"comparisons__fgsm_vs_pgd": {"eps": 0.1, "n": 100, "fgsm": 0.3, "pgd": 0.4}}, ["iterative_beats_single_step"]),
     ({"comparisons__white_vs_black_box": {"n": 50, "white_box": 0.6, "square": 0.3}}, ["white_box_beats_black_box"]),
     ({"comparisons__more_steps_and_restarts": {"n": 50, "base": 0.4, "strong": 0.2, "base_budget": "a",
