@@ -70,16 +70,16 @@ def _relax_fixed_point(network, x, settings, target, states, record):
     return states, steps, residual, frames
 
 
-def _relax_rk45(network, x, settings, target, states, record):
-    batch = x.shape[0]
-    h = np.full(batch, settings.dt, dtype=x.dtype)
+def rk45_packed(f, s, settings: RelaxSettings, record: bool):
+    """Dormand-Prince 5(4) with per-sample step control on packed states s (B, N) under the flow f: (B, N) -> (B, N),
+    projected onto [0, 1] after each accepted step; a sample stops when max |f| < tol or after max_steps steps.
+    Returns (s, steps, residual, frames: list of packed states or None). Any network whose states pack into (B, N)
+    uses it (dense networks here, layered ones in :mod:`ebm_sim.model.dynamics`)."""
+    batch = s.shape[0]
+    h = np.full(batch, settings.dt, dtype=s.dtype)
     steps = np.zeros(batch, dtype=np.int64)
     active = np.ones(batch, dtype=bool)
-    frames = [states]
-    cat = lambda layers: np.concatenate(layers, axis=1)  # noqa: E731
-    split = lambda flat: np.split(flat, np.cumsum(network.state_sizes)[:-1], axis=1)  # noqa: E731
-    f = lambda flat: cat(flow(network, x, split(flat), settings.beta, target))  # noqa: E731
-    s = cat(states)
+    frames = [s] if record else None
     while True:
         k1 = f(s)
         residual = np.max(np.abs(k1), axis=1)
@@ -102,38 +102,54 @@ def _relax_rk45(network, x, settings, target, states, record):
         h = np.where(active, np.minimum(h * np.where(error <= 1.0, grow, shrink), settings.dt_max), h)
         steps = steps + active
         if record:
-            frames.append(split(s))
-    return split(s), steps, residual, frames
+            frames.append(s)
+    return s, steps, residual, frames
 
 
-def _relax_solve_ivp(network, x, settings, target, states, record):
-    """SciPy's adaptive RK45 (the solver ``solve_ivp(method="RK45")`` runs, with the settings' rtol/atol) on the
-    projected flow in float64, one sample at a time, stepped by hand so that the residual max |P(ds/dt)| < tol and
-    the step cap are checked after every step. steps counts the solver's steps."""
-    sizes = np.cumsum(network.state_sizes)[:-1]
-    net64 = network.astype(np.float64)
+def solve_ivp_packed(rhs_of_sample, s, settings: RelaxSettings):
+    """SciPy's RK45 (the solver behind ``solve_ivp(method="RK45")``) per sample, float64, stepped by hand so that the
+    residual max |rhs| < tol and the step cap are checked after every step. ``rhs_of_sample(b)`` gives sample b's
+    right-hand side, a function of its packed state (N,). Returns (finals (B, N), steps, residuals)."""
     finals, steps, residuals = [], [], []
-    for b in range(x.shape[0]):
-        xb = x[b:b + 1].astype(np.float64)
-        tb = None if target is None else target[b:b + 1].astype(np.float64)
-
-        def rhs(_t, flat):
-            return np.concatenate(flow(net64, xb, np.split(flat[None, :], sizes, axis=1), settings.beta, tb),
-                                  axis=1)[0]
-
-        solver = RK45(rhs, 0.0, np.concatenate([st[b] for st in states]).astype(np.float64), np.inf,
-                      rtol=settings.rtol, atol=settings.atol, first_step=settings.dt)
-        residual, taken = np.max(np.abs(rhs(0.0, solver.y))), 0
+    for b in range(s.shape[0]):
+        rhs = rhs_of_sample(b)
+        solver = RK45(lambda _t, y: rhs(y), 0.0, s[b].astype(np.float64), np.inf, rtol=settings.rtol,
+                      atol=settings.atol, first_step=settings.dt)
+        residual, taken = np.max(np.abs(rhs(solver.y))), 0
         while np.isfinite(residual) and residual >= settings.tol and taken < settings.max_steps:
             message = solver.step()
             taken += 1
-            residual = np.max(np.abs(rhs(solver.t, np.clip(solver.y, 0.0, 1.0))))
+            residual = np.max(np.abs(rhs(np.clip(solver.y, 0.0, 1.0))))
             if message is not None:  # the solver failed (step size underflow)
                 break
-        finals.append(np.clip(solver.y, 0.0, 1.0).astype(network.dtype))
+        finals.append(np.clip(solver.y, 0.0, 1.0))
         steps.append(taken)
         residuals.append(residual)
-    return np.split(np.stack(finals), sizes, axis=1), np.array(steps), np.array(residuals), None
+    return np.stack(finals), np.array(steps), np.array(residuals)
+
+
+def _relax_rk45(network, x, settings, target, states, record):
+    sizes = np.cumsum(network.state_sizes)[:-1]
+    split = lambda flat: np.split(flat, sizes, axis=1)  # noqa: E731
+    f = lambda flat: np.concatenate(flow(network, x, split(flat), settings.beta, target), axis=1)  # noqa: E731
+    s, steps, residual, frames = rk45_packed(f, np.concatenate(states, axis=1), settings, record)
+    return split(s), steps, residual, None if frames is None else [split(frame) for frame in frames]
+
+
+def _relax_solve_ivp(network, x, settings, target, states, record):
+    """SciPy's RK45 on the projected flow in float64, one sample at a time (``solve_ivp_packed``); steps counts the
+    solver's steps."""
+    sizes = np.cumsum(network.state_sizes)[:-1]
+    net64 = network.astype(np.float64)
+
+    def rhs_of_sample(b):
+        xb = x[b:b + 1].astype(np.float64)
+        tb = None if target is None else target[b:b + 1].astype(np.float64)
+        return lambda flat: np.concatenate(flow(net64, xb, np.split(flat[None, :], sizes, axis=1), settings.beta,
+                                                tb), axis=1)[0]
+
+    finals, steps, residuals = solve_ivp_packed(rhs_of_sample, np.concatenate(states, axis=1), settings)
+    return np.split(finals.astype(network.dtype), sizes, axis=1), steps, residuals, None
 
 
 def relax_reference(network: Network, x, settings: RelaxSettings, target, initial, record: bool) -> RelaxResult:

@@ -267,3 +267,29 @@ def test_ep_after_k_nudged_steps_equals_bptt_through_k_steps(name):
             for key in g:
                 bptt = np.zeros_like(g[key]) if p[key].grad is None else p[key].grad.numpy()  # beyond K steps' reach
                 np.testing.assert_allclose(g[key], bptt, rtol=1e-4, atol=1e-8)
+
+
+# ------------------------------------------------------------------------------------------ every integrator
+@pytest.mark.parametrize("name", ["maxpool+avgpool", "stride2+readout"])
+def test_every_integrator_reaches_the_same_fixed_point_on_conv_networks(name):
+    """euler, fixed_point, alternating, rk45 and solve_ivp (scipy, per sample) agree on a contracting conv network."""
+    net, x, _, _ = case(name, seed=5, batch=2, gain=0.5)
+    reference = relax(net, x, "fixed_point", tol=1e-10, max_steps=5000)
+    assert reference.converged.all()
+    for method, tol in (("euler", 1e-8), ("alternating", 1e-10), ("rk45", 1e-8), ("solve_ivp", 1e-7)):
+        result = relax(net, x, method, tol=tol, max_steps=5000)
+        assert result.converged.all(), method
+        for got, want in zip(result.states, reference.states):
+            np.testing.assert_allclose(got, want, atol=1e-6, err_msg=method)
+
+
+def test_layered_rk45_is_the_dense_reference_rk45():
+    from ebm_sim.relax import relax as dense_relax
+
+    dense = Network.init((6, 5, 4, 3), seed=1, dtype=np.float64)
+    x = np.random.default_rng(2).uniform(size=(3, 6))
+    want = dense_relax(dense, x, method="rk45", tol=1e-7, max_steps=500, backend="numpy")
+    got = relax(LayeredNetwork.from_dense(dense), x, "rk45", tol=1e-7, max_steps=500)
+    np.testing.assert_array_equal(got.steps, want.steps)
+    for g, w in zip(got.states, want.states):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-13)

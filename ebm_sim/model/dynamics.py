@@ -3,6 +3,9 @@
     "euler"        s <- clip(s + dt (a h - s), 0, 1)                       residual max |s_{t+1} - s_t| / dt
     "fixed_point"  s <- clip(a h, 0, 1) (Euler with dt = 1), all layers from the same states (synchronous)
     "alternating"  the same update, layers s_1, s_3, ... first, then s_2, s_4, ... from the new odd layers
+    "rk45"         adaptive Dormand-Prince 5(4) on the projected flow P(a h - s) (numpy backend)
+    "solve_ivp"    SciPy's RK45 on the projected flow, float64, one sample at a time (numpy backend; slow reference)
+The adaptive methods are :mod:`ebm_sim.reference`'s (``rk45_packed``, ``solve_ivp_packed``) on the packed states.
 The rule is :mod:`ebm_sim.relax`'s: each sample stops when its residual is below tol (per_sample=True: it is frozen
 while the others go on) or at max_steps; tol = 0 runs exactly max_steps steps. Methods and default steps: the
 simulator's one table (``ebm_sim.relax.DEFAULT_DT``).
@@ -15,7 +18,8 @@ from ..relax import DEFAULT_DT
 from .energy import clamped_fields, local_fields, parameters
 from .interaction import array_ops
 
-LAYERED_METHODS = ("euler", "fixed_point", "alternating")
+LAYERED_METHODS = ("euler", "fixed_point", "alternating", "rk45", "solve_ivp")
+ADAPTIVE = ("rk45", "solve_ivp")
 
 
 @dataclass
@@ -54,6 +58,8 @@ def relax_clamped(network, x, method: str = "fixed_point", tol: float = 1e-4, ma
         raise ValueError(f"a layered network relaxes with {', '.join(LAYERED_METHODS)}, not {method!r}")
     if x.shape[1:] != network.input_shape:
         raise ValueError(f"inputs have shape {tuple(x.shape[1:])}, the network's input layer {network.input_shape}")
+    if method in ADAPTIVE:
+        return _relax_adaptive(network, x, method, tol, max_steps, dt, beta, target, initial, params)
     dt = DEFAULT_DT[method] if dt is None else dt
     if method != "euler" and dt != 1.0:
         raise ValueError(f"{method} is the dt = 1 update; use euler for dt = {dt}")
@@ -95,3 +101,44 @@ def relax_clamped(network, x, method: str = "fixed_point", tol: float = 1e-4, ma
         elif not ops.any(~(residual < tol)):
             break
     return LayeredRelaxResult(states, steps, residual, residual < tol, update)
+
+
+def _relax_adaptive(network, x, method, tol, max_steps, dt, beta, target, initial, params) -> LayeredRelaxResult:
+    """rk45 / solve_ivp on the packed states (numpy backend): the dense reference's solvers with the layered flow."""
+    import numpy as np
+
+    from ..energy import projected_velocity
+    from ..reference import rk45_packed, solve_ivp_packed
+    from ..relax import RelaxSettings
+    from .energy import velocity
+
+    if params is not None and params.backend != "numpy":
+        raise ValueError(f"{method} runs on the numpy backend, not {params.backend}")
+    settings = RelaxSettings(method=method, tol=tol, max_steps=max_steps, dt=dt, beta=beta, backend="numpy")
+    shapes = network.state_shapes
+    sizes = np.cumsum([int(np.prod(shape)) for shape in shapes])[:-1]
+
+    def unpack(flat, batch):
+        return [part.reshape((batch,) + shape) for part, shape in zip(np.split(flat, sizes, axis=1), shapes)]
+
+    def packed_flow(net, xb, tb, flat):
+        states = unpack(flat, flat.shape[0])
+        flows = projected_velocity(states, velocity(net, xb, states, beta, tb))
+        return np.concatenate([f.reshape(f.shape[0], -1) for f in flows], axis=1)
+
+    start = network.zero_states(x.shape[0]) if initial is None else initial
+    packed = np.concatenate([st.reshape(x.shape[0], -1) for st in start], axis=1)
+    if method == "rk45":
+        final, steps, residual, _ = rk45_packed(lambda flat: packed_flow(network, x, target, flat), packed, settings,
+                                                False)
+    else:
+        net64, x64 = network.astype(np.float64), x.astype(np.float64)
+
+        def rhs_of_sample(b):
+            tb = None if target is None else np.asarray(target[b:b + 1], dtype=np.float64)
+            return lambda flat: packed_flow(net64, x64[b:b + 1], tb, flat[None, :])[0]
+
+        final, steps, residual = solve_ivp_packed(rhs_of_sample, packed, settings)
+    states = [s.astype(network.dtype) for s in unpack(final, x.shape[0])]
+    residual = np.asarray(residual, dtype=np.float64)
+    return LayeredRelaxResult(states, steps, residual, residual < tol, None)
