@@ -87,6 +87,15 @@ def rows_times_w(blas, rows, a_ptr, lda, k, w_ptr, n, c_ptr, ldc, accumulate):
                     1.0 if accumulate else 0.0, c_ptr, ldc, scalars)
 
 
+@njit(cache=True)
+def rows_t_times(blas, m, n, k, a_ptr, lda, b_ptr, ldb, c_ptr, ldc, accumulate):
+    """Row-major C (m, n) [+]= A^T @ B for row-major A (k, m) and B (k, n) with row strides lda and ldb (elements):
+    column-major C^T = B^T A, i.e. ``gemm("N", "T")`` on the swapped operands."""
+    routine, scalars = blas
+    _gemm_col_major(routine, _NO_TRANSPOSE, _TRANSPOSE, n, m, k, b_ptr, ldb, a_ptr, lda,
+                    1.0 if accumulate else 0.0, c_ptr, ldc, scalars)
+
+
 class _SingleThreadedScope:
     """Context manager: SciPy's OpenBLAS runs single-threaded inside it (re-entrant across threads; the previous
     thread count comes back when the last scope exits). The kernels parallelise over samples themselves: each

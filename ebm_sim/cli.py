@@ -576,8 +576,8 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay (default 0)")
     p.add_argument("--schedule", choices=SCHEDULES, default="constant", help="constant or cosine annealing")
     p.add_argument("--backend", choices=TRAIN_BACKENDS, default=None,
-                   help="numba (dense networks; their default) or torch (any network, the default of --arch and "
-                        "--preset; --device cuda for a GPU)")
+                   help="numba (the default of --layers) or torch (the default of --arch and --preset, faster at "
+                        "training batches; --device cuda for a GPU)")
     p.add_argument("--device", default="cpu", help="torch device of the torch backend (default cpu)")
     p.add_argument("--augment", choices=AUGMENTATIONS, default="none",
                    help="none (default) or crop_flip: random crop with 4 pixels of padding and horizontal flip, "

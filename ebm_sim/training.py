@@ -229,14 +229,13 @@ def ep_gradient(network: Network, x, target, config: TrainConfig, sign: float = 
 
 
 def layered_params(network, config: TrainConfig):
-    """A LayeredNetwork's parameters for ``config.backend``: torch tensors sharing the numpy arrays' memory on the CPU
-    (the optimizer's in-place updates are seen without a copy), copies on another device; the numba backend has no
-    layered kernels yet."""
+    """A LayeredNetwork's parameters for ``config.backend``: numba (the network's own numpy arrays), or torch tensors
+    sharing the numpy arrays' memory on the CPU (the optimizer's in-place updates are seen without a copy), copies
+    on another device."""
     from .model.energy import Parameters, parameters as model_parameters
 
-    if config.backend != "torch":
-        raise ValueError("layered (e.g. convolutional) networks train with backend 'torch' for now (the Numba "
-                         "kernels cover dense networks); pass --backend torch")
+    if config.backend == "numba":
+        return model_parameters(network, "numba")
     if config.device == "cpu":
         import torch
         return Parameters([{k: torch.from_numpy(v) for k, v in i.params.items()} for i in network.interactions],
@@ -244,39 +243,51 @@ def layered_params(network, config: TrainConfig):
     return model_parameters(network, "torch", device=config.device)
 
 
+def _on_backend(array, config: TrainConfig):
+    """A numpy batch as the backend's array (a tensor on ``config.device`` for torch)."""
+    if config.backend == "numba":
+        return np.asarray(array)
+    import torch
+    return torch.as_tensor(array, device=config.device)
+
+
+def _numpy(array) -> np.ndarray:
+    return array.detach().cpu().numpy() if hasattr(array, "detach") else np.asarray(array)
+
+
+def _no_autograd(config: TrainConfig):
+    if config.backend == "numba":
+        from contextlib import nullcontext
+        return nullcontext()
+    import torch
+    return torch.no_grad()
+
+
 def layered_relax(network, x, config: TrainConfig, max_steps: int):
     """The free phase of a LayeredNetwork on numpy images x: numpy states, steps and residuals."""
-    import torch
-
     from .model.dynamics import relax as layered_relax_fn
 
-    with torch.no_grad():
-        result = layered_relax_fn(network, torch.as_tensor(x, device=config.device), config.method, config.tol,
-                                  max_steps, config.dt, params=layered_params(network, config))
-    return (_numpy_states(result.states), result.steps.cpu().numpy(), result.residual.cpu().numpy())
-
-
-def _numpy_states(states) -> list:
-    return [s.detach().cpu().numpy() for s in states]
+    with _no_autograd(config):
+        result = layered_relax_fn(network, _on_backend(x, config), config.method, config.tol, max_steps, config.dt,
+                                  params=layered_params(network, config))
+    return [_numpy(s) for s in result.states], _numpy(result.steps), _numpy(result.residual)
 
 
 def layered_ep_gradient(network, x, target, config: TrainConfig, sign: float = 1.0) -> EPStep:
-    """``ep_gradient`` for a LayeredNetwork: :func:`ebm_sim.model.ep.ep_gradient` on the torch backend, gradients
-    in the order of ``parameters(network)``."""
-    import torch
-
+    """``ep_gradient`` for a LayeredNetwork: :func:`ebm_sim.model.ep.ep_gradient` on ``config.backend`` (numba or
+    torch), gradients in the order of ``parameters(network)``."""
     from .model.ep import ep_gradient as model_ep_gradient
 
     params = layered_params(network, config)
-    with torch.no_grad():
-        step = model_ep_gradient(network, torch.as_tensor(x, device=config.device),
-                                 torch.as_tensor(target, device=config.device), config.beta, config.free_steps,
-                                 config.nudged_steps, "symmetric" if config.nudging == "symmetric" else "positive",
-                                 config.method, config.tol, config.dt, sign, params)
+    with _no_autograd(config):
+        step = model_ep_gradient(network, _on_backend(x, config), _on_backend(target, config), config.beta,
+                                 config.free_steps, config.nudged_steps,
+                                 "symmetric" if config.nudging == "symmetric" else "positive", config.method,
+                                 config.tol, config.dt, sign, params)
     gradient = [g[name] for g, i in zip(step.interactions, network.interactions) for name in i.param_names]
     gradient += [step.cost[name] for name in sorted(network.cost.params)]
-    return EPStep([g.cpu().numpy() for g in gradient], _numpy_states(step.free.states), step.free.steps.cpu().numpy(),
-                  step.free.residual.cpu().numpy(), step.nudged_steps)
+    return EPStep([_numpy(g) for g in gradient], [_numpy(s) for s in step.free.states], _numpy(step.free.steps),
+                  _numpy(step.free.residual), step.nudged_steps)
 
 
 # ------------------------------------------------------------------------------------------------ augmentation
@@ -533,8 +544,6 @@ def fit(network: Network, x_train, y_train, x_test, y_test, config: TrainConfig,
     if config.augment != "none" and np.asarray(x_train).ndim != 4:
         raise ValueError(f"augment {config.augment!r} crops and flips (N, C, H, W) images; the training inputs have "
                          f"shape {np.asarray(x_train).shape}")
-    if is_layered(network):
-        layered_params(network, config)  # the backend can train it
     check_cost(network, config.cost)
     if resume and checkpoint_path is None:
         raise ValueError("resume needs the checkpoint file (the network file written by a previous run)")

@@ -106,3 +106,18 @@ def test_dense_only_commands_refuse_a_layered_network_clearly(tmp_path, capsys):
     err = _error(capsys)
     assert "holds a layered network" in err and "ebm relax handles dense networks for now" in err
     assert not (tmp_path / "fp.h5").exists()
+
+
+def test_layered_ep_step_is_the_same_on_numba_and_torch():
+    from ebm_sim.training import layered_ep_gradient, one_hot
+
+    network = LayeredNetwork.init("1x8x8, conv 4 k3 p1 maxpool, conv 6 k3 s2 p1, readout 10", seed=1,
+                                  dtype=np.float64)
+    x = np.random.default_rng(0).random((6, 1, 8, 8))
+    target = one_hot(np.arange(6), 10, np.float64)
+    steps = [layered_ep_gradient(network, x, target, TrainConfig(backend=backend, free_steps=15, nudged_steps=5,
+                                                                 cost="cross_entropy"))
+             for backend in ("numba", "torch")]
+    for a, b in zip(steps[0].gradient, steps[1].gradient):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(steps[0].free_steps, steps[1].free_steps)

@@ -29,15 +29,15 @@ class Parameters:
 
 
 def parameters(network: LayeredNetwork, backend: str = "numpy", **to_backend) -> Parameters:
-    """The parameters as ``backend`` arrays: numpy (the network's own arrays) or torch (``device``, ``dtype``,
-    ``requires_grad`` passed to :func:`ebm_sim.model.torch_ops.tensors`)."""
-    if backend == "numpy":
-        return Parameters([i.params for i in network.interactions], network.cost.params, "numpy")
+    """The parameters as ``backend`` arrays: numpy or numba (the network's own arrays) or torch (``device``,
+    ``dtype``, ``requires_grad`` passed to :func:`ebm_sim.model.torch_ops.tensors`)."""
+    if backend in ("numpy", "numba"):
+        return Parameters([i.params for i in network.interactions], network.cost.params, backend)
     if backend == "torch":
         from .torch_ops import tensors
         return Parameters([tensors(i.params, **to_backend) for i in network.interactions],
                           tensors(network.cost.params, **to_backend), "torch")
-    raise ValueError(f"unknown backend {backend!r}; choose numpy or torch")
+    raise ValueError(f"unknown backend {backend!r}; choose numpy, numba or torch")
 
 
 def _params(network, params):

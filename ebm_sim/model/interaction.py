@@ -13,7 +13,8 @@ energy-based-learning sums ``DenseHopfield`` and ``ConvMaxPoolHopfield`` terms w
 The classes in this package say *what* an interaction is (kind, layers, hyperparameters, parameter shapes,
 initialization, synapse count). *How* it is computed lives in one implementation per backend, registered per kind
 and backend (lava-nc's ``@implements(proc=..., protocol=...)`` / ``@tag`` pattern): ``numpy_ops`` (the slow,
-obvious reference every other backend is tested against) and ``torch_ops`` (CPU and CUDA). Adding an interaction:
+obvious reference every other backend is tested against), ``torch_ops`` (CPU and CUDA) and ``numba_ops`` (CPU:
+im2col and one BLAS GEMM per convolution). Adding an interaction:
 its class here (``@register_interaction``) and one ``@implements(kind, backend)`` class per backend.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 
 INTERACTIONS: dict = {}      # kind -> Interaction subclass
 IMPLEMENTATIONS: dict = {}   # (kind, backend) -> implementation class
-BACKENDS = ("numpy", "torch")
+BACKENDS = ("numpy", "torch", "numba")
 
 
 def register_interaction(cls):
@@ -63,6 +64,8 @@ def implementation(kind: str, backend: str):
             from . import numpy_ops  # noqa: F401  (registers)
         elif backend == "torch":
             from . import torch_ops  # noqa: F401  (registers; needs torch)
+        elif backend == "numba":
+            from . import numba_ops  # noqa: F401  (registers)
         else:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     try:
@@ -136,6 +139,8 @@ def array_ops(backend: str):
         from .numpy_ops import ARRAYS
     elif backend == "torch":
         from .torch_ops import ARRAYS
+    elif backend == "numba":
+        from .numba_ops import ARRAYS
     else:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     return ARRAYS

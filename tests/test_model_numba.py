@@ -1,0 +1,163 @@
+"""The numba backend of the interactions (ebm_sim.model.numba_ops) against the numpy reference: fields, ``fields()``
+against the separate calls, parameter gradients, energies, relaxed states and per-sample steps, in float64 (to
+~1e-10) and float32 (to ~1e-5), on test_model's cases and on single convolutions of every geometry (stride 2 and 3,
+padding, odd sizes whose trailing row/column pooling drops, max-pool ties)."""
+import numpy as np
+import pytest
+from test_model import CASES, binary, case
+
+from ebm_sim.model import Conv2d, implementation
+from ebm_sim.model import energy as E
+from ebm_sim.model.dynamics import relax
+from ebm_sim.model.ep import ep_gradient
+
+TOLERANCE = {np.float64: 1e-10, np.float32: 1e-5}
+
+
+def as_dtype(dtype, net, *arrays):
+    """The network and arrays (or lists of arrays) in ``dtype``."""
+    cast = [[a.astype(dtype) for a in x] if isinstance(x, list) else x.astype(dtype) for x in arrays]
+    return (net.astype(dtype), *cast)
+
+
+def close(got, want, dtype):
+    assert got.dtype == want.dtype
+    np.testing.assert_allclose(got, want, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+def check_interaction(i, params, s_pre, s_post, dtype):
+    """post_field, pre_field, fields() and parameter_gradient of one binary interaction: numba = numpy, and
+    fields() = the two separate calls exactly."""
+    numba, numpy = implementation(i.kind, "numba"), implementation(i.kind, "numpy")
+    post, pre = numba.post_field(i, params, s_pre), numba.pre_field(i, params, s_pre, s_post)
+    close(post, numpy.post_field(i, params, s_pre), dtype)
+    close(pre, numpy.pre_field(i, params, s_pre, s_post), dtype)
+    if hasattr(numba, "fields"):
+        both = numba.fields(i, params, s_pre, s_post)
+        np.testing.assert_array_equal(both[0], post)
+        np.testing.assert_array_equal(both[1], pre)
+    want = numpy.parameter_gradient(i, params, s_pre, s_post)
+    for key, value in numba.parameter_gradient(i, params, s_pre, s_post).items():
+        close(value, want[key], dtype)
+
+
+# ------------------------------------------------------------------------------------------ test_model's networks
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_numba_matches_numpy_fields_energy_and_gradients(name, dtype):
+    net, x, states, target = as_dtype(dtype, *case(name))
+    params = E.parameters(net, "numba")
+    assert params.backend == "numba" and params.interactions[0] is net.interactions[0].params
+    every = [x] + states
+    for i in binary(net):
+        check_interaction(i, i.params, every[i.pre], every[i.post], dtype)
+    for beta in (0.0, 0.6):
+        for got, want in zip(E.local_fields(net, x, states, beta, target, params),
+                             E.local_fields(net, x, states, beta, target)):
+            close(got, want, dtype)
+        clamped = E.clamped_fields(net, x, params)
+        for got, want in zip(E.local_fields(net, x, states, beta, target, params, clamped=clamped),
+                             E.local_fields(net, x, states, beta, target)):
+            close(got, want, dtype)
+        np.testing.assert_allclose(E.energy(net, x, states, beta, target, params),
+                                   E.energy(net, x, states, beta, target), rtol=TOLERANCE[dtype])
+    for got, want in zip(E.parameter_gradient(net, x, states, params), E.parameter_gradient(net, x, states)):
+        for key in want:
+            close(got[key], want[key], dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("method", ["euler", "fixed_point", "alternating"])
+def test_numba_relaxation_matches_numpy_states_and_per_sample_steps(method, dtype):
+    tol = 1e-7 if dtype == np.float64 else 1e-4
+    for name in sorted(CASES):
+        net, x, _, _ = case(name, batch=5, gain=0.8)
+        net, x = as_dtype(dtype, net, x)
+        want = relax(net, x, method, tol=tol, max_steps=200)
+        got = relax(net, x, method, tol=tol, max_steps=200, params=E.parameters(net, "numba"))
+        assert want.converged.all() and want.steps.min() > 1, name
+        np.testing.assert_array_equal(got.steps, want.steps, err_msg=name)
+        for g, w in zip(got.states, want.states):
+            np.testing.assert_allclose(g, w, rtol=0, atol=TOLERANCE[dtype], err_msg=name)
+        np.testing.assert_array_equal(np.clip(got.output_update, 0, 1), got.states[-1])
+
+
+def test_numba_ep_gradient_matches_numpy():
+    net, x, _, target = case("maxpool+avgpool", seed=2, batch=4, gain=0.6)
+    want = ep_gradient(net, x, target, beta=0.1, free_steps=40, nudged_steps=10)
+    got = ep_gradient(net, x, target, beta=0.1, free_steps=40, nudged_steps=10, params=E.parameters(net, "numba"))
+    for g, w in zip(got.interactions + [got.cost], want.interactions + [want.cost]):
+        for key in w:
+            np.testing.assert_allclose(g[key], w[key], rtol=1e-9, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------ single convolutions
+GEOMETRIES = [  # kernel, stride, padding, pool, input (C, H, W)
+    (3, 2, 1, "max", (2, 11, 9)),   # conv 6x5: the odd column is dropped
+    (3, 2, 2, "avg", (3, 3, 2)),    # conv 3x2: the odd row is dropped; (W + 2P - k) mod S = 1 (a skipped column)
+    (2, 2, 0, None, (2, 9, 9)),     # stride 2 skips the last row and column
+    (3, 3, 1, "max", (1, 13, 10)),  # stride 3, conv 5x4
+    (4, 1, 2, "avg", (2, 7, 6)),    # even kernel, large padding
+    (1, 1, 0, "max", (3, 5, 7)),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"k{g[0]}s{g[1]}p{g[2]}{g[3]}{'x'.join(map(str, g[4]))}")
+def test_numba_conv_matches_numpy_for_every_geometry(geometry, dtype):
+    kernel, stride, padding, pool, shape = geometry
+    i = Conv2d(0, 1, kernel=kernel, stride=stride, padding=padding, pool=pool)
+    rng = np.random.default_rng(kernel * 100 + stride * 10 + padding)
+    post_shape = i.output_shape(shape, 4)
+    i.init_params(rng, shape, post_shape, dtype)
+    s_pre = rng.standard_normal((3,) + shape).astype(dtype)
+    s_post = rng.standard_normal((3,) + post_shape).astype(dtype)
+    check_interaction(i, i.params, s_pre, s_post, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_max_pool_ties_route_to_the_first_maximum(dtype):
+    """Ties (a constant input, integer weights and states: every sum is exact in any order) go to the first maximum in
+    row-major window order, as the numpy reference; an odd trailing row/column is dropped."""
+    i = Conv2d(0, 1, kernel=3, stride=1, padding=1, pool="max")
+    params = {"weight": np.random.default_rng(0).integers(-2, 3, size=(3, 2, 3, 3)).astype(dtype)}
+    s_pre = np.ones((2, 2, 7, 9), dtype=dtype)
+    s_post = np.random.default_rng(1).integers(0, 4, size=(2,) + i.output_shape((2, 7, 9), 3)).astype(dtype)
+    numba, numpy = implementation("conv2d", "numba"), implementation("conv2d", "numpy")
+    np.testing.assert_array_equal(numba.pre_field(i, params, s_pre, s_post),
+                                  numpy.pre_field(i, params, s_pre, s_post))
+    np.testing.assert_array_equal(numba.parameter_gradient(i, params, s_pre, s_post)["weight"],
+                                  numpy.parameter_gradient(i, params, s_pre, s_post)["weight"])
+
+    pooled = Conv2d(0, 1, kernel=1, pool="max")
+    ones = {"weight": np.ones((1, 1, 1, 1), dtype=dtype)}
+    u = np.array([[[[1.0, 3.0, 0.0], [3.0, 2.0, 5.0], [9.0, 9.0, 9.0]]]], dtype=dtype)
+    post, pre = numba.fields(pooled, ones, u, np.array([[[[7.0]]]], dtype=dtype))
+    np.testing.assert_array_equal(post, [[[[3.0]]]])
+    np.testing.assert_array_equal(pre, [[[[0.0, 7.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]]])
+
+
+def test_returned_fields_do_not_share_the_workspace():
+    """A later call of the same geometry (same workspace) leaves earlier results alone."""
+    i = Conv2d(0, 1, kernel=3, padding=1, pool="max")
+    rng = np.random.default_rng(0)
+    params = {"weight": rng.standard_normal((2, 2, 3, 3))}
+    s_pre, s_post = rng.standard_normal((2, 2, 6, 6)), rng.standard_normal((2, 2, 3, 3))
+    numba = implementation("conv2d", "numba")
+    first = numba.fields(i, params, s_pre, s_post)
+    saved = [a.copy() for a in first]
+    numba.fields(i, params, -s_pre, -s_post)
+    numba.parameter_gradient(i, params, 2 * s_pre, s_post)
+    for a, b in zip(first, saved):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_shapes_that_do_not_fit_are_refused():
+    """The kernels do not check bounds: a wrong s_pre or s_post shape is a ValueError, not a stray write."""
+    i = Conv2d(0, 1, kernel=3, padding=1, pool="max")
+    params = {"weight": np.zeros((2, 3, 3, 3))}
+    numba = implementation("conv2d", "numba")
+    with pytest.raises(ValueError, match="does not fit"):
+        numba.post_field(i, params, np.zeros((1, 2, 6, 6)))
+    with pytest.raises(ValueError, match="s_post has shape"):
+        numba.pre_field(i, params, np.zeros((1, 3, 6, 6)), np.zeros((1, 2, 6, 6)))
