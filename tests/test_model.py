@@ -261,7 +261,7 @@ def test_ep_after_k_nudged_steps_equals_bptt_through_k_steps(name):
         run = relax(net, torch.tensor(x), "fixed_point", tol=0.0, max_steps=K, params=tp,
                     initial=[torch.tensor(s) for s in free.states])
         E.cost_value(net, run.states, torch.tensor(target), tp).mean().backward()
-        step = ep_gradient(net, x, target, beta=1e-6, free_steps=20_000, nudged_steps=K, nudging="positive",
+        step = ep_gradient(net, x, target, beta=1e-6, free_steps=1000, nudged_steps=K, nudging="positive",
                            tol=0.0)
         for p, g in zip(tp.interactions, step.interactions):
             for key in g:
