@@ -2,22 +2,26 @@
 
     python benchmarks/conv.py [--quick] [--out benchmarks/results/conv.json] [--data-dir ../shared/data]
 
-Relaxation (group "relax"): the cifar10-cpu preset network and the Laborieux et al. 2021 CIFAR-10 network (both
-untrained, seeded) relax CIFAR-10 test images at batch 1 and batch 128 with the fixed-point iteration (tol 1e-4, at
-most 250 steps = the recipe's T1). Backends: torch on the CPU (eager, oneDNN convolutions, the way the reference codes
-run; the toolkit's torch backend hoists the clamped input's field and computes each conv once per step) and Numba
-(null until the Numba interactions exist: see the note). For the Laborieux network at batch 128 a step takes seconds
-on this machine: it is timed over a few steps and its time to equilibrium is the per-step time times the steps the
-batch-1 run needed (marked "estimated"). GFLOP/s = 2 x multiply-adds per step (post and pre fields of every
-interaction whose pre layer relaxes) / seconds per step, beside the float32 GEMM rate torch reaches in the same run.
+Relaxation (groups "relax_torch" and "relax_numba"): the cifar10-cpu preset network and the Laborieux et al. 2021
+CIFAR-10 network (both untrained, seeded) relax CIFAR-10 test images at batch 1 and batch 128 with the fixed-point
+iteration (tol 1e-4, at most 250 steps = the recipe's T1). Backends: torch on the CPU (eager, oneDNN convolutions, the
+way the reference codes run; the toolkit's torch backend hoists the clamped input's field and computes each conv once
+per step) and Numba (ebm_sim/model/numba_ops.py: im2col and one SciPy BLAS GEMM per convolution, pooling, unpooling
+and col2im in Numba loops, under the Python relaxation loop of ebm_sim/model/dynamics.py), each in its own process,
+two threads. For the Laborieux network at batch 128 a step takes seconds here: it is timed over a few steps and its
+time to equilibrium is the per-step time times the steps the batch-1 run needed (marked "estimated"). GFLOP/s = 2 x
+multiply-adds per step (post and pre fields of every interaction whose pre layer relaxes) / seconds per step, beside
+the float32 GEMM rate torch reaches in the same run.
 
 Training (groups "ep" and "bp"): the cifar10-cpu preset trained with EP on the 10,000 training images of the shared
 data (seeded crop+flip), tested on the 10,000 test images; the same architecture trained by backprop beside it (a
 feedforward net: the same convolutions and pools, activation clip(u/2, 0, 1), softmax readout, SGD with momentum, the
 same augmentation, 15 epochs).
 
-Keys (issue 14): numba_over_torch_batch1, numba_over_torch_batch128 (null: no Numba conv backend yet),
-cifar10_cpu_test_acc, cifar10_cpu_bp_test_acc, cifar10_cpu_epoch_s, gpu_epoch_s (null without a GPU).
+Keys (issue 14): numba_over_torch_batch1, numba_over_torch_batch128 (torch time / Numba time to equilibrium of the
+Laborieux network; > 1: Numba faster), cifar10_cpu_test_acc, cifar10_cpu_bp_test_acc, cifar10_cpu_epoch_s,
+gpu_epoch_s (null without a GPU). ``--groups relax_torch,relax_numba`` re-runs only those groups and keeps the
+others from the existing --out file.
 --quick (under a minute: small batches, a few steps, 500 training images) writes to benchmarks/results/quick/ unless
 --out says otherwise, and never over the recorded full results. The JSON is printed as the last line.
 """
@@ -45,8 +49,8 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data"
 LABORIEUX = "laborieux2021-cifar10"
 CPU = "cifar10-cpu"
 THREADS = 2
-NUMBA_NOTE = ("no Numba implementation of the conv interactions yet (ebm_sim/model has the numpy reference and "
-              "torch); the ratios are null until it exists")
+NUMBA_NOTE = ("per-interaction Numba kernels (im2col + SciPy BLAS GEMM) under the Python relaxation loop; no Numba "
+              "driver owning the whole relaxation yet")
 
 
 def cifar(data_dir, quick: bool):
@@ -86,27 +90,35 @@ def torch_gemm_gflops(repeats: int = 20) -> float:
     return 2 * 1152 * 1024 * 1024 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def relax_torch(net, images, max_steps: int, tol: float = 1e-4):
-    import torch
-
+def relax_once(net, images, max_steps: int, tol: float, backend: str):
+    """One relaxation from zero on ``backend`` ("torch" or "numba"): (seconds, steps of the slowest sample, fraction
+    converged)."""
     from ebm_sim.model.dynamics import relax
     from ebm_sim.model.energy import parameters
 
-    params = parameters(net, "torch")
-    x = torch.as_tensor(images)
-    with torch.no_grad():
-        start = time.perf_counter()
-        result = relax(net, x, "fixed_point", tol=tol, max_steps=max_steps, params=params)
-        seconds = time.perf_counter() - start
-    return seconds, int(result.steps.max()), float(result.converged.double().mean())
+    params = parameters(net, backend)
+    if backend == "torch":
+        import torch
+        x = torch.as_tensor(images)
+        with torch.no_grad():
+            start = time.perf_counter()
+            result = relax(net, x, "fixed_point", tol=tol, max_steps=max_steps, params=params)
+            seconds = time.perf_counter() - start
+        return seconds, int(result.steps.max()), float(result.converged.double().mean())
+    start = time.perf_counter()
+    result = relax(net, np.ascontiguousarray(images), "fixed_point", tol=tol, max_steps=max_steps, params=params)
+    return time.perf_counter() - start, int(result.steps.max()), float(result.converged.mean())
 
 
-def relax_group(quick: bool, data_dir) -> dict:
+def relax_group(quick: bool, data_dir, backend: str) -> dict:
+    """Time to equilibrium of both networks at batch 1 and 128 (8 with --quick) on one backend."""
     import torch
 
     torch.set_num_threads(THREADS)
     _, _, x_test, _ = cifar(data_dir, quick)
-    out = {"threads": THREADS, "torch_gemm_gflops": torch_gemm_gflops(), "networks": {}}
+    out = {"threads": THREADS, "backend": backend, "networks": {}}
+    if backend == "torch":
+        out["torch_gemm_gflops"] = torch_gemm_gflops()
     for name in (CPU, LABORIEUX):
         net, preset = network(name)
         macs = step_macs(net)
@@ -115,18 +127,18 @@ def relax_group(quick: bool, data_dir) -> dict:
             images = x_test[:batch]
             big = name == LABORIEUX and batch > 1
             steps_cap = 3 if (quick and name == LABORIEUX) else (4 if big else 250)
-            relax_torch(net, images, 2)  # warm up oneDNN's kernels
-            seconds, steps, converged = relax_torch(net, images, steps_cap, tol=0.0 if big else 1e-4)
+            relax_once(net, images, 2, 0.0, backend)  # warm up (oneDNN kernels, Numba compilation, workspaces)
+            seconds, steps, converged = relax_once(net, images, steps_cap, 0.0 if big else 1e-4, backend)
             per_step = seconds / max(steps, 1)
             row = {"batch": batch, "steps": steps, "converged_fraction": converged if not big else None,
                    "seconds_per_step": per_step, "gflops": 2 * macs * batch / per_step / 1e9,
                    "time_to_equilibrium_s": None if big else seconds}
             if big:
-                steps_batch1 = rows["batch1"]["torch"]["steps"]
+                steps_batch1 = rows["batch1"]["steps"]
                 row.update(time_to_equilibrium_s=per_step * steps_batch1, estimated=True,
                            note=f"timed over {steps} steps; time to equilibrium = seconds per step x the "
                                 f"{steps_batch1} steps of the batch-1 run")
-            rows[f"batch{batch}"] = {"torch": row, "numba": None}
+            rows[f"batch{batch}"] = row
         out["networks"][name] = {"arch": preset.arch, "macs_per_step_per_sample": macs, **rows}
     return out
 
@@ -206,7 +218,8 @@ def bp_group(quick: bool, data_dir) -> dict:
             "history": history}
 
 
-GROUPS = {"relax": relax_group, "ep": ep_group, "bp": bp_group}
+GROUPS = {"relax_torch": lambda quick, data: relax_group(quick, data, "torch"),
+          "relax_numba": lambda quick, data: relax_group(quick, data, "numba"), "ep": ep_group, "bp": bp_group}
 
 
 def gpu_figures() -> dict:
@@ -220,30 +233,35 @@ def gpu_figures() -> dict:
             "note": None if available else "no CUDA device on this machine"}
 
 
-def ratio(relax: dict, batch_key: str):
-    row = relax["networks"][LABORIEUX][batch_key]
-    if row["numba"] is None:
-        return None
-    return row["torch"]["time_to_equilibrium_s"] / row["numba"]["time_to_equilibrium_s"]
+def ratio(groups: dict, batch_key: str):
+    """torch time / Numba time to equilibrium of the Laborieux network (> 1: Numba faster)."""
+    torch_row = groups["relax_torch"]["networks"][LABORIEUX][batch_key]
+    numba_row = groups["relax_numba"]["networks"][LABORIEUX][batch_key]
+    return torch_row["time_to_equilibrium_s"] / numba_row["time_to_equilibrium_s"]
 
 
-def run(args) -> dict:
+def run(args, previous: dict | None) -> dict:
     arguments = ["--data-dir", str(args.data_dir)] + (["--quick"] if args.quick else [])
-    groups = run_groups(__file__, ["relax", "ep", "bp"], arguments)
-    relax, ep, bp = groups["relax"], groups["ep"], groups["bp"]
+    wanted = list(GROUPS) if args.groups is None else args.groups
+    groups = dict((previous or {}).get("groups", {}))
+    groups.update(run_groups(__file__, wanted, arguments))
+    missing = sorted(set(GROUPS) - set(groups))
+    if missing:
+        raise SystemExit(f"groups {missing} are neither run nor in the existing results: run them too")
     gpu = gpu_figures()
     big = "batch8" if args.quick else "batch128"
     return {
         "quick": args.quick,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": THREADS},
-        "numba_over_torch_batch1": ratio(relax, "batch1"),
-        "numba_over_torch_batch128": ratio(relax, big),
+        "numba_over_torch_batch1": ratio(groups, "batch1"),
+        "numba_over_torch_batch128": ratio(groups, big),
         "numba_note": NUMBA_NOTE,
-        "cifar10_cpu_test_acc": ep["test_acc"],
-        "cifar10_cpu_bp_test_acc": bp["test_acc"],
-        "cifar10_cpu_epoch_s": ep["epoch_s"],
+        "cifar10_cpu_test_acc": groups["ep"]["test_acc"],
+        "cifar10_cpu_bp_test_acc": groups["bp"]["test_acc"],
+        "cifar10_cpu_epoch_s": groups["ep"]["epoch_s"],
         "gpu_epoch_s": gpu["gpu_epoch_s"],
-        "relax": relax, "ep": ep, "bp": bp, "gpu": gpu,
+        "groups": groups, "gpu": gpu,
+        "rerun": {"groups": wanted, "at": time.strftime("%Y-%m-%d %H:%M:%S")},
     }
 
 
@@ -254,6 +272,8 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help=f"JSON result (default {FULL_OUT.relative_to(ROOT)})")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA,
                         help="folder holding cifar-10-batches-py (default ../shared/data)")
+    parser.add_argument("--groups", type=lambda text: text.split(","), default=None,
+                        help=f"run only these groups ({', '.join(GROUPS)}), keeping the others from --out")
     parser.add_argument("--group", choices=sorted(GROUPS), help=argparse.SUPPRESS)  # internal: one group
     args = parser.parse_args(argv)
     if args.group:
@@ -262,7 +282,15 @@ def main(argv=None):
     out = Path(args.out) if args.out else (QUICK_OUT if args.quick else FULL_OUT)
     if args.quick and out.resolve() == FULL_OUT.resolve():
         raise SystemExit(f"--quick never writes over the recorded full results ({FULL_OUT}); give another --out")
-    write_results(run(args), out)
+    unknown = sorted(set(args.groups or []) - set(GROUPS))
+    if unknown:
+        raise SystemExit(f"unknown groups {unknown}; choose from {', '.join(GROUPS)}")
+    previous = None
+    if args.groups is not None and out.exists():
+        previous = json.loads(out.read_text())
+        if previous.get("quick") != args.quick:
+            raise SystemExit(f"{out} holds {'quick' if previous.get('quick') else 'full'} results: re-run every group")
+    write_results(run(args, previous), out)
 
 
 if __name__ == "__main__":
