@@ -65,7 +65,8 @@ def test_architectures_that_do_not_fit(text, message):
 
 def test_toml_file(tmp_path):
     path = tmp_path / "net.toml"
-    path.write_text('input = "3x8x8"\nblocks = ["conv 4 k3 p1 maxpool", "readout 10"]\nactivation = "hard_sigmoid_half"\n')
+    path.write_text('input = "3x8x8"\nblocks = ["conv 4 k3 p1 maxpool", "readout 10"]\n'
+                    'activation = "hard_sigmoid_half"\n')
     net = LayeredNetwork.init(str(path), seed=1)
     assert net.activation == "hard_sigmoid_half" and net.layer_shapes == ((3, 8, 8), (4, 4, 4))
     bad = tmp_path / "bad.toml"
@@ -83,7 +84,7 @@ def test_network_validation_names_the_problem():
     net = LayeredNetwork.init("2x6x6, conv 3 k3 p1 maxpool, 4", seed=0)
     conv = net.interactions[0]
     conv.params["weight"] = np.zeros((3, 2, 5, 5), dtype=np.float32)
-    with pytest.raises(ValueError, match=r"parameter 'weight' has shape \(3, 2, 5, 5\), the layers need \(3, 2, 3, 3\)"):
+    with pytest.raises(ValueError, match=r"'weight' has shape \(3, 2, 5, 5\), the layers need \(3, 2, 3, 3\)"):
         LayeredNetwork(net.layer_shapes, net.interactions, net.cost)
     conv.params["weight"] = np.full((3, 2, 3, 3), np.nan, dtype=np.float32)
     with pytest.raises(ValueError, match="NaN or inf"):

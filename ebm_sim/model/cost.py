@@ -2,7 +2,8 @@
 
     SquaredError:    C = 1/2 ||flat(s_L) - y||^2                     dC/ds_L = flat(s_L) - y
     SoftmaxReadout:  logits = W flat(s_L) + b  (W: (classes, n_L)), C = -sum y log softmax(logits)
-                     dC/ds_L = W^T (softmax(logits) - y);  dC/dW = mean_b (softmax - y) flat(s_L)^T, dC/db = mean_b (softmax - y)
+                     dC/ds_L = W^T (softmax(logits) - y);  dC/dW = mean_b (softmax - y) flat(s_L)^T,
+                     dC/db = mean_b (softmax - y)
 The readout is not part of the relaxation at beta = 0; nudging adds -beta C to Phi, so its parameters' EP gradient is
 the plain dC/dtheta at the states (averaged over the two nudged phases of symmetric EP).
 """

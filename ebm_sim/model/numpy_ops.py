@@ -68,7 +68,8 @@ def conv_transpose(i, weight, grad, pre_shape):
 
 
 def windows_2x2(u):
-    """(B, C, Ho, Wo) -> (B, C, Ho // 2, Wo // 2, 4), each window in row-major order (odd trailing row/column dropped)."""
+    """(B, C, Ho, Wo) -> (B, C, Ho // 2, Wo // 2, 4), each window in row-major order (an odd trailing row or column
+    is dropped)."""
     batch, channels, height, width = u.shape
     h, w = height // 2, width // 2
     cropped = u[:, :, :2 * h, :2 * w].reshape(batch, channels, h, 2, w, 2)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 POOL_WORDS = {"maxpool": "max", "avgpool": "avg"}
+SIZE_WORDS = {"conv": "channels", "dense": "units", "readout": "classes"}
 
 
 class SpecError(ValueError):
@@ -104,15 +105,17 @@ def _parse_block(text, tokens, last: bool) -> Block:
     (start, word), rest = tokens[0], tokens[1:]
     if word.isdigit():
         if rest:
-            _fail(text, rest[0][0], rest[-1][0] + len(rest[-1][1]), "a bare number is a dense layer and takes no options")
+            _fail(text, rest[0][0], rest[-1][0] + len(rest[-1][1]),
+                  "a bare number is a dense layer and takes no options")
         return Block("dense", _checked_int(text, start, word, "a layer size", 1))
     kind = word.lower()
     if kind not in ("dense", "conv", "readout"):
-        _fail(text, start, start + len(word), f"unknown layer {word!r}: expected a number, 'dense', 'conv' or 'readout'")
+        _fail(text, start, start + len(word),
+              f"unknown layer {word!r}: expected a number, 'dense', 'conv' or 'readout'")
     if not rest or not rest[0][1].isdigit():
         where = rest[0] if rest else (start, word)
         _fail(text, where[0], where[0] + len(where[1]),
-              f"'{kind}' needs its size next ({'channels' if kind == 'conv' else 'units' if kind == 'dense' else 'classes'})")
+              f"'{kind}' needs its size next ({SIZE_WORDS[kind]})")
     size = _checked_int(text, rest[0][0], rest[0][1], f"the {kind} size", 1)
     options = rest[1:]
     if kind == "readout" and not last:
