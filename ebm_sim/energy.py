@@ -17,7 +17,7 @@ Energy (per sample; Scellier & Bengio 2017 with rho(s) = s inside the box):
 Continuous-time dynamics (a positive rescaling of -dE/ds, so E decreases along it):
     ds_k/dt = -a dE/ds_k = a h_k - s_k,      projected onto [0, 1] after every step
 Its fixed points satisfy s = clip(a h, 0, 1) = rho(dPhi/ds): the discrete-time form.
-For a = 1 these are exactly the equations of DESIGN.md.
+For a = 1 these are exactly the equations of README.md ("The model in brief").
 
 Every function here is slow and obvious on purpose: the fast kernels are tested against it.
 """

@@ -5,7 +5,7 @@ fixed either):
 
 1. ``lava/magma/compiler/var_model.py``: the dataclass ``ByteEncoder`` is the default value of other dataclasses'
    fields, and Python 3.11 refuses unhashable (mutable) dataclass defaults, so the compiler fails to import.
-   ``@dataclass(frozen=True)`` on ``ByteEncoder`` makes it hashable (the fix DESIGN.md describes).
+   ``@dataclass(frozen=True)`` on ``ByteEncoder`` makes it hashable.
 2. ``lava/magma/runtime/message_infrastructure/multiprocessing.py`` calls ``mp.set_start_method('fork')`` when it is
    imported, which raises "context has already been set" in any process that touched multiprocessing first (tqdm's
    progress-bar lock does): Lava could then not run after a progress bar. The patched line sets 'fork' (which Lava
@@ -44,7 +44,7 @@ START_METHOD = Patch(Path("magma") / "runtime" / "message_infrastructure" / "mul
                      "the multiprocessing start-method call")
 PATCHES = (BYTE_ENCODER, START_METHOD)
 
-# the first fix, under the names the tests and DESIGN.md use
+# the first fix, under the names the tests use
 BROKEN, FIXED, RELATIVE_PATH = BYTE_ENCODER.broken, BYTE_ENCODER.fixed, BYTE_ENCODER.relative_path
 
 

@@ -1,5 +1,5 @@
-"""The audit for gradient masking and unsound evaluations, run with every evaluation (DESIGN.md, "Robustness
-protocol"; Carlini et al. 2019, "On Evaluating Adversarial Robustness"; Athalye et al. 2018).
+"""The audit for gradient masking and unsound evaluations, run with every evaluation (README.md, "Robustness
+evaluation"; Carlini et al. 2019, "On Evaluating Adversarial Robustness"; Athalye et al. 2018).
 
 Each check reads the assembled result of one model (``distill.robustness.report.assemble``) and returns
 {"name", "passed", "detail"}; a failed check marks the model's adversarial results as unreliable, and the report

@@ -5,7 +5,7 @@ Every model under test offers
   is the toolkit's simulator (Numba kernels) with the deployed integrator, tolerance and step cap, argmax of s_L (or
   of its readout): an adversarial example counts only if it fools *this*.
 - ``sources``: {name: nn.Module} whose logits and input gradients white-box attacks use. A feedforward model has
-  one, ``"backprop"`` (itself). An EBM has up to three (DESIGN.md, "Robustness protocol"):
+  one, ``"backprop"`` (itself). An EBM has up to three (README.md, "Robustness evaluation"):
     ``"bptt"``      backpropagation through every step of the deployed relaxation (``EBMClassifier``),
     ``"implicit"``  implicit differentiation at the fixed point (``ImplicitEBM``),
     ``"transfer"``  its distilled student: adversarial examples crafted on it, judged on the EBM;
