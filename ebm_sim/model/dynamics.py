@@ -69,8 +69,7 @@ def relax_clamped(network, x, method: str = "fixed_point", tol: float = 1e-4, ma
     ops = array_ops(params.backend)
     a = network.slope
     if initial is None:
-        states = [x.new_zeros((x.shape[0],) + shape) if hasattr(x, "new_zeros") else
-                  network.zero_states(x.shape[0])[k].astype(x.dtype) for k, shape in enumerate(network.state_shapes)]
+        states = [ops.zeros((x.shape[0],) + shape, x) for shape in network.state_shapes]
     else:
         states = [ops.copy(s) for s in initial]
     batch = x.shape[0]

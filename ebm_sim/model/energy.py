@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 
-from .interaction import implementation
+from .interaction import array_ops, implementation
 from .network import LayeredNetwork
 
 
@@ -70,9 +69,7 @@ def clamped_fields(network: LayeredNetwork, x, params=None) -> list:
     for i, p in zip(network.interactions, params.interactions):
         impl = implementation(i.kind, params.backend)
         if i.unary:
-            value = impl.field(i, p, x.new_zeros((x.shape[0],) + network.layer_shapes[i.post])
-                               if hasattr(x, "new_zeros") else np.zeros((x.shape[0],) + network.layer_shapes[i.post],
-                                                                        dtype=x.dtype))
+            value = impl.field(i, p, array_ops(params.backend).zeros((x.shape[0],) + network.layer_shapes[i.post], x))
         elif i.pre == 0:
             value = impl.post_field(i, p, x)
         else:

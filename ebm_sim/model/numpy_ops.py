@@ -224,5 +224,10 @@ class NumpyArrays:
     def copy(a):
         return a.copy()
 
+    @staticmethod
+    def zeros(shape, like):
+        """Zeros of ``shape`` in ``like``'s dtype."""
+        return np.zeros(shape, dtype=like.dtype)
+
 
 ARRAYS = NumpyArrays

@@ -194,5 +194,10 @@ class TorchArrays:
     def copy(a):
         return a.clone()
 
+    @staticmethod
+    def zeros(shape, like):
+        """Zeros of ``shape`` in ``like``'s dtype, on its device."""
+        return like.new_zeros(shape)
+
 
 ARRAYS = TorchArrays
