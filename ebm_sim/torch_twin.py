@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .ep import EPStep, ep_estimate, estimator_nudging
 from .network import Network
 
 TWIN_METHODS = ("euler", "fixed_point", "alternating")
@@ -222,36 +223,30 @@ class EBMClassifier(torch.nn.Module):
 
 
 def ep_gradient(network: Network, x, target, config, sign: float = 1.0, device="cpu"):
-    """The EP step of :func:`ebm_sim.training.ep_gradient` computed with the Torch twin on ``device``: same phases,
-    same stopping rule, same estimate; returns a ``training.EPStep`` of numpy arrays."""
-    from .training import EPStep
-
+    """The EP step of :func:`ebm_sim.training.ep_gradient` computed with the Torch twin on ``device``: the same
+    estimator (:func:`ebm_sim.ep.ep_estimate`), phases and stopping rule; returns an ``ebm_sim.ep.EPStep`` of numpy
+    arrays."""
     net = TorchNetwork.from_network(network, device)
-    common = dict(method=config.method, tol=config.tol, dt=config.dt)
     xt = torch.as_tensor(np.asarray(x), dtype=net.dtype, device=device)
     yt = torch.as_tensor(np.asarray(target), dtype=net.dtype, device=device)
-    free = relax(net, xt, max_steps=config.free_steps, **common)
 
-    def nudged(beta):
-        return relax(net, xt, max_steps=config.nudged_steps, beta=beta, target=yt, initial=free.states, **common)
+    def relax_phase(beta, initial):
+        steps = config.free_steps if initial is None else config.nudged_steps
+        return relax(net, xt, method=config.method, tol=config.tol, dt=config.dt, max_steps=steps, beta=beta,
+                     target=yt if beta else None, initial=initial)
 
-    if config.nudging == "symmetric":
-        plus, minus = nudged(config.beta), nudged(-config.beta)
-        high, low, scale = plus.states, minus.states, 2 * config.beta
-        nudged_steps = 0.5 * float((plus.steps.double().mean() + minus.steps.double().mean()))
-    else:
-        beta = sign * config.beta
-        one = nudged(beta)
-        high, low, scale = one.states, free.states, beta
-        nudged_steps = float(one.steps.double().mean())
-    batch = xt.shape[0]
-    gradient = []
-    for hi_above, hi_below, lo_above, lo_below in zip(high, [xt] + high[:-1], low, [xt] + low[:-1]):
-        gradient.append(-(hi_above.t() @ hi_below - lo_above.t() @ lo_below) / (batch * scale))
-        gradient.append(-(hi_above - lo_above).mean(dim=0) / scale)
-    if net.readout is not None:
-        error = torch.softmax(free.logits, dim=1) - yt
-        gradient += [error.t() @ free.states[-1] / batch, error.mean(dim=0)]
-    as_numpy = [g.detach().cpu().numpy() for g in gradient]
-    return EPStep(as_numpy, [s.cpu().numpy() for s in free.states], free.steps.cpu().numpy(),
-                  free.residual.double().cpu().numpy(), nudged_steps)
+    def energy_gradient(states):
+        """dE/dtheta, batch mean: [-s_1^T x, -s_1, -s_2^T s_1, ...] (the order of Network.parameters)."""
+        grads = []
+        for above, below in zip(states, [xt] + list(states[:-1])):
+            grads += [-(above.t() @ below) / xt.shape[0], -above.mean(dim=0)]
+        return grads
+
+    def readout_gradient(free):
+        from .model.cost import readout_parameter_gradient
+        return readout_parameter_gradient(*net.readout, free.states[-1], yt, backend="torch")
+
+    step = ep_estimate(relax_phase, energy_gradient, config.beta, estimator_nudging(config.nudging), sign,
+                       readout_gradient if net.readout is not None else None)
+    return EPStep([g.detach().cpu().numpy() for g in step.gradient], [s.cpu().numpy() for s in step.free_states],
+                  step.free_steps.cpu().numpy(), step.free_residual.double().cpu().numpy(), step.nudged_steps)

@@ -30,6 +30,7 @@ import numpy as np
 
 from . import energy
 from .network import Network
+from .ep import EPStep, ep_estimate, estimator_nudging
 from .relax import METHODS, relax
 
 NUDGINGS = ("symmetric", "positive", "random")
@@ -184,48 +185,27 @@ def energy_parameter_gradient(x, states) -> list:
     return grads
 
 
-@dataclass
-class EPStep:
-    """What one EP step measured: gradient estimate (same order as ``parameters``), free states and statistics."""
-
-    gradient: list
-    free_states: list
-    free_steps: np.ndarray
-    free_residual: np.ndarray
-    nudged_steps: float
-
-
 def ep_gradient(network: Network, x, target, config: TrainConfig, sign: float = 1.0) -> EPStep:
-    """The EP estimate of dL/dtheta on a minibatch (see the module docstring). ``sign`` (+1 or -1) is the sign of
-    beta for one-sided nudging ("positive" uses +1; "random" draws it). With ``config.backend == "torch"`` the
+    """The EP estimate of dL/dtheta on a minibatch (:func:`ebm_sim.ep.ep_estimate`). ``sign`` (+1 or -1) is the sign
+    of beta for one-sided nudging ("positive" uses +1; "random" draws it). With ``config.backend == "torch"`` the
     same step runs on the Torch twin (``config.device``)."""
     if is_layered(network):
         return layered_ep_gradient(network, x, target, config, sign)
     if config.backend == "torch":
         from .torch_twin import ep_gradient as torch_ep_gradient
         return torch_ep_gradient(network, x, target, config, sign, config.device)
-    common = dict(method=config.method, tol=config.tol, dt=config.dt)
-    free = relax(network, x, max_steps=config.free_steps, **common)
 
-    def nudged(beta):
-        return relax(network, x, max_steps=config.nudged_steps, beta=beta, target=target, initial=free.states,
-                     **common)
+    def relax_phase(beta, initial):
+        steps = config.free_steps if initial is None else config.nudged_steps
+        return relax(network, x, method=config.method, tol=config.tol, dt=config.dt, max_steps=steps, beta=beta,
+                     target=target if beta else None, initial=initial)
 
-    if config.nudging == "symmetric":
-        plus, minus = nudged(config.beta), nudged(-config.beta)
-        high, low, scale = plus.states, minus.states, 2 * config.beta
-        nudged_steps = 0.5 * (plus.steps.mean() + minus.steps.mean())
-    else:
-        beta = sign * config.beta
-        one = nudged(beta)
-        high, low, scale = (one.states, free.states, beta)
-        nudged_steps = float(one.steps.mean())
-    gradient = [(h - l) / scale for h, l in zip(energy_parameter_gradient(x, high),
-                                                energy_parameter_gradient(x, low))]
-    if network.readout:  # the readout is outside the energy: its loss gradient is direct, at the free state
-        error = energy.softmax(network.logits(free.states)) - target
-        gradient += [error.T @ free.states[-1] / x.shape[0], error.mean(axis=0)]
-    return EPStep(gradient, free.states, free.steps, free.residual, float(nudged_steps))
+    def readout_gradient(free):  # the readout is outside the energy: its loss gradient is direct, at the free state
+        from .model.cost import readout_parameter_gradient
+        return readout_parameter_gradient(*network.readout_layer(), free.states[-1], target)
+
+    return ep_estimate(relax_phase, lambda states: energy_parameter_gradient(x, states), config.beta,
+                       estimator_nudging(config.nudging), sign, readout_gradient if network.readout else None)
 
 
 def layered_params(network, config: TrainConfig):
@@ -276,16 +256,14 @@ def layered_relax(network, x, config: TrainConfig, max_steps: int):
 def layered_ep_gradient(network, x, target, config: TrainConfig, sign: float = 1.0) -> EPStep:
     """``ep_gradient`` for a LayeredNetwork: :func:`ebm_sim.model.ep.ep_gradient` on ``config.backend`` (numba or
     torch), gradients in the order of ``parameters(network)``."""
-    from .model.ep import ep_gradient as model_ep_gradient
+    from .model.ep import ep_gradient as model_ep_gradient, parameter_order
 
     params = layered_params(network, config)
     with _no_autograd(config):
         step = model_ep_gradient(network, _on_backend(x, config), _on_backend(target, config), config.beta,
-                                 config.free_steps, config.nudged_steps,
-                                 "symmetric" if config.nudging == "symmetric" else "positive", config.method,
+                                 config.free_steps, config.nudged_steps, estimator_nudging(config.nudging), config.method,
                                  config.tol, config.dt, sign, params)
-    gradient = [g[name] for g, i in zip(step.interactions, network.interactions) for name in i.param_names]
-    gradient += [step.cost[name] for name in sorted(network.cost.params)]
+    gradient = [step.cost[name] if k == "cost" else step.interactions[k][name] for k, name in parameter_order(network)]
     return EPStep([_numpy(g) for g in gradient], [_numpy(s) for s in step.free.states], _numpy(step.free.steps),
                   _numpy(step.free.residual), step.nudged_steps)
 

@@ -62,3 +62,14 @@ class SoftmaxReadout:
 
     def synapses(self, last_shape) -> int:
         return int(np.prod(last_shape)) * int(self.num_classes)
+
+
+def readout_parameter_gradient(weight, bias, s_last, target, backend: str = "numpy") -> list:
+    """[dC/dW_r, dC/db_r] of the softmax readout's cross-entropy at the states s_last (B, ...), batch mean:
+    ((softmax(W_r s + b_r) - y)^T s / B, mean(softmax(W_r s + b_r) - y)). The one implementation per backend that
+    layered networks use, for the readout of a dense Network (numpy) and of the Torch twin (torch) too."""
+    from .interaction import implementation
+
+    grads = implementation(SoftmaxReadout.kind, backend).parameter_gradient(
+        None, {"weight": weight, "bias": bias}, s_last, target)
+    return [grads["weight"], grads["bias"]]

@@ -1,21 +1,18 @@
-"""Equilibrium propagation, written once over interactions and backends.
+"""Equilibrium propagation on a layered network: :func:`ebm_sim.ep.ep_estimate` (the phases and the combination,
+written once) with the layered relaxation and the interactions' parameter gradients, on any backend.
 
-    free phase:    s* = relax(x)                               (beta = 0, free_steps)
-    nudged phases: s^{+beta}, s^{-beta} = relax(x, +-beta, y) from s*   (nudged_steps; "positive": only +beta, sign
-                   flips per batch when asked, low = s*)
-    interactions:  g_theta = -(dPhi/dtheta(s^high) - dPhi/dtheta(s^low)) / scale,  scale = 2 beta (symmetric) or beta
-    cost (readout): g_theta = dC/dtheta(s*)   (exact: the readout is not inside the relaxation)
-Symmetric nudging (Laborieux et al. 2021) estimates the loss gradient dC(s*(theta))/dtheta with error O(beta^2), the
-one-sided estimate with O(beta). ``g`` is a descent direction: theta <- theta - lr g.
+    energy:   E = -Phi, so dE/dtheta = -dPhi/dtheta for every interaction's parameters
+    readout:  dC/dtheta(s*) for the cost's own parameters (exact: the readout is not inside the relaxation)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..ep import NUDGINGS, ep_estimate
 from .dynamics import relax_clamped
 from .energy import cost_parameter_gradient, parameter_gradient, parameters
 
-NUDGINGS = ("symmetric", "positive")
+__all__ = ["NUDGINGS", "LayeredEPStep", "ep_gradient", "parameter_order"]
 
 
 @dataclass
@@ -29,32 +26,39 @@ class LayeredEPStep:
     nudged_steps: float
 
 
+def parameter_order(network) -> list:
+    """(interaction index or "cost", parameter name) in the order of the flat gradient: each interaction's
+    ``param_names``, then the cost's parameters sorted by name."""
+    return ([(k, name) for k, i in enumerate(network.interactions) for name in i.param_names]
+            + [("cost", name) for name in sorted(network.cost.params)])
+
+
 def ep_gradient(network, x, target, beta: float = 0.5, free_steps: int = 30, nudged_steps: int = 10,
                 nudging: str = "symmetric", method: str = "fixed_point", tol: float = 0.0, dt=None,
                 sign: float = 1.0, params=None) -> LayeredEPStep:
-    """One EP estimate of the loss gradient on the batch (images x, one-hot target) (see the module docstring)."""
-    if nudging not in NUDGINGS:
-        raise ValueError(f"nudging must be one of {', '.join(NUDGINGS)}, got {nudging!r}")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+    """One EP estimate of the loss gradient on the batch (images x, one-hot target) (see ebm_sim.ep)."""
     params = parameters(network) if params is None else params
-    common = dict(method=method, tol=tol, dt=dt, params=params)
     x = network.normalize(x)  # the clamped layer s_0
-    free = relax_clamped(network, x, max_steps=free_steps, **common)
+    free_result = []
 
-    def nudged(b):
-        return relax_clamped(network, x, max_steps=nudged_steps, beta=b, target=target, initial=free.states, **common)
+    def relax_phase(b, initial):
+        result = relax_clamped(network, x, method, tol, nudged_steps if initial is not None else free_steps, dt,
+                               b, target if b else None, initial, params)
+        if initial is None:
+            free_result.append(result)
+        return result
 
-    if nudging == "symmetric":
-        plus, minus = nudged(beta), nudged(-beta)
-        high, low, scale = plus.states, minus.states, 2 * beta
-        mean_steps = 0.5 * (float(plus.steps.sum()) + float(minus.steps.sum())) / x.shape[0]
-    else:
-        one = nudged(sign * beta)
-        high, low, scale = one.states, free.states, sign * beta
-        mean_steps = float(one.steps.sum()) / x.shape[0]
-    grad_high = parameter_gradient(network, x, high, params)
-    grad_low = parameter_gradient(network, x, low, params)
-    interactions = [{name: -(gh[name] - gl[name]) / scale for name in gh} for gh, gl in zip(grad_high, grad_low)]
-    cost = cost_parameter_gradient(network, free.states, target, params)
-    return LayeredEPStep(interactions, cost, free, mean_steps)
+    def energy_gradient(states):
+        grads = parameter_gradient(network, x, states, params)
+        return [-grads[k][name] for k, name in parameter_order(network) if k != "cost"]
+
+    def readout_gradient(free):
+        grads = cost_parameter_gradient(network, free.states, target, params)
+        return [grads[name] for k, name in parameter_order(network) if k == "cost"]
+
+    step = ep_estimate(relax_phase, energy_gradient, beta, nudging, sign, readout_gradient)
+    interactions = [{} for _ in network.interactions]
+    cost = {}
+    for (k, name), g in zip(parameter_order(network), step.gradient):
+        (cost if k == "cost" else interactions[k])[name] = g
+    return LayeredEPStep(interactions, cost, free_result[0], step.nudged_steps)
