@@ -46,7 +46,7 @@ def make_student(network: Path, dataset: str, folder: Path, epochs: int) -> Path
     """Relax the training split at the deployed settings and distill a student, with the ebm command line (its own
     processes, so torch's threads never overlap the timings)."""
     fixed_points, student = folder / "fp_train.h5", folder / "student.h5"
-    ebm = [sys.executable, "-m", "ebm_sim.cli"]
+    ebm = [sys.executable, "-m", "ebm_cli"]
     for command in ([*ebm, "relax", str(network), "--dataset", dataset, "--split", "train", "--method", "fixed_point",
                      "--tol", str(DEPLOYED["tol"]), "--max-steps", str(DEPLOYED["max_steps"]), "--no-progress",
                      "-o", str(fixed_points)],

@@ -1,4 +1,6 @@
-"""The work behind ``ebm distill`` and ``ebm baseline`` (the CLI only parses, calls these and prints).
+"""``ebm distill``, ``baseline``, ``export-onnx`` and ``robustness``: the work behind them (run_*, format_*),
+their handlers (parse, call these, print) and ``add_parsers(sub)``, which registers them on the ``ebm``
+subparsers (the ``ebm`` front end, ebm_cli, gathers it with the other packages' commands).
 
     run_distill(NET.h5, FIXED_POINTS.h5, OUT.h5, ...)  -> summary dict;  format_distill_summary(summary) -> str
     run_baseline(kind, dataset, layers, OUT.h5, ...)  -> summary dict;  format_baseline_summary(summary) -> str
@@ -13,7 +15,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ebm_sim.outputs import check_output, exclusive
+from ebm_sim.commands import ACTIVATION_HELP, parse_layers, parse_names, parse_rates
+from ebm_sim.outputs import add_output_argument, check_output, exclusive
 
 
 @contextmanager
@@ -210,3 +213,217 @@ def run_robustness(model_arguments, dataset: str, out_dir, *, data_dir=None, stu
                        progress=progress, log=log, overwrite=overwrite)
     return {"results": results, "paths": {k: str(v) for k, v in report_files(out_dir).items()},
             "seconds": time.time() - start}
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def _fit_options(args) -> dict:
+    return {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+            "patience": args.patience or None, "val_fraction": args.val_fraction, "schedule": args.schedule}
+
+
+def cmd_distill(args) -> int:
+    summary = run_distill(args.network, args.fixed_points, args.output, test_fixed_points=args.test_fixed_points,
+                          resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                          log=lambda msg: print(msg, flush=True), layer_weight=args.layer_weight,
+                          output_weight=args.output_weight, output_target=args.output_target,
+                          init_from_ebm=args.init_from_ebm, **_fit_options(args))
+    print(format_distill_summary(summary))
+    return 0
+
+
+def cmd_export_onnx(args) -> int:
+    summary = run_export_onnx(args.model, args.output, quantize=args.quantize)
+    quantized = "" if args.quantize is None else f" ({args.quantize}-quantized)"
+    sizes = "-".join(map(str, summary["layer_sizes"]))
+    print(f"wrote {summary['path']}: {summary['kind']} model{quantized} {sizes} from "
+          f"{summary['source']}; onnxruntime vs torch on {summary['samples']} random inputs: max |difference| "
+          f"{summary['max_abs_difference']:.2e}, same prediction on {100 * summary['prediction_agreement']:.1f}%")
+    return 0
+
+
+def cmd_baseline(args) -> int:
+    summary = run_baseline(args.kind, args.dataset, args.layers, args.output, data_dir=args.data_dir,
+                           limit_train=args.limit_train, limit_test=args.limit_test, activation=args.activation,
+                           resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                           log=lambda msg: print(msg, flush=True), eps=args.eps, pgd_steps=args.pgd_steps,
+                           pgd_step_size=args.pgd_step_size, **_fit_options(args))
+    print(format_baseline_summary(summary))
+    return 0
+
+
+def cmd_robustness(args) -> int:
+    from .robustness.report import markdown_table
+
+    options = {name: getattr(args, name) for name in (
+        "eps_linf", "eps_l2", "sweep_linf", "sweep_l2", "pgd_steps", "pgd_restarts", "audit_steps", "audit_restarts",
+        "audit_samples", "samples", "square_samples", "square_queries", "autoattack_iterations", "corruption_samples",
+        "corruptions", "seed", "batch_size", "min_norm_steps")}
+    if args.no_autoattack:
+        options["autoattack"] = False
+    if args.no_min_norm:
+        options["min_norm"] = False
+    if args.no_square:
+        options["square"] = False
+    if args.no_corruptions:
+        options["corruption_samples"] = 0
+    summary = run_robustness(args.models, args.dataset, args.out_dir, data_dir=args.data_dir, student=args.student,
+                             ebm_gradients=args.ebm_gradients, progress=not args.no_progress, overwrite=args.overwrite,
+                             log=lambda msg: print(msg, flush=True), **options)
+    table = markdown_table(summary["results"])
+    print(table.split("\n## Budgets")[0].rstrip())
+    for name, result in summary["results"]["models"].items():
+        print(f"{name}: audit {'passed' if result['audit']['passed'] else result['audit']['verdict']}")
+    print(f"wrote {', '.join(summary['paths'].values())} in {summary['seconds'] / 60:.1f} min")
+    return 0
+
+
+def _add_robustness_command(sub) -> None:
+    """``ebm robustness`` (the work is in distill.commands.run_robustness)."""
+    from ebm_sim.datasets import DATASET_NAMES
+
+    from .robustness.config import DATASET_BUDGETS, EBM_GRADIENTS, RobustnessConfig
+
+    d = RobustnessConfig()
+
+    def floats(text):
+        try:
+            return tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+    p = sub.add_parser("robustness", help="attack and corrupt models; audit the evaluation for gradient masking",
+                       description="Evaluate EBMs, distilled students and baselines on a dataset's test split: FGSM, "
+                                   "PGD Linf/L2 with eps sweeps, AutoAttack (standard), Square (black box), the 15 "
+                                   "CIFAR-10-C corruptions at 5 severities, and an audit for gradient masking. An "
+                                   "EBM is attacked through BPTT over its deployed relaxation, implicit "
+                                   "differentiation and (with --student) transfer from its student; per example the "
+                                   "worst case counts. Writes results.json, table.md, sweeps.png, corruptions.png; "
+                                   "resumable (re-run the same command).",
+                       epilog="Default budgets per dataset (pixel units): " + "; ".join(
+                           f"{k}: Linf {v['eps_linf']:.3g}, L2 {v['eps_l2']:g}" for k, v in DATASET_BUDGETS.items()))
+    p.add_argument("models", nargs="+", metavar="[NAME=]MODEL.h5",
+                   help="ebm-network or ebm-feedforward files, optionally named (e.g. EBM=net.h5)")
+    p.add_argument("--dataset", required=True, metavar="NAME", help=f"one of {', '.join(DATASET_NAMES)}")
+    p.add_argument("--data-dir", metavar="DIR", default=None, help="folder with the dataset files")
+    p.add_argument("--student", metavar="STUDENT.h5", default=None,
+                   help="the EBMs' distilled student: adds the transfer attack to their gradient sources")
+    p.add_argument("--ebm-gradients", type=parse_names, default=None, metavar="G[,G...]",
+                   help=f"EBM gradient sources among {', '.join(EBM_GRADIENTS)} (default: bptt,implicit and "
+                        f"transfer with --student)")
+    p.add_argument("--out-dir", required=True, metavar="DIR", help="where the report and its resumable parts go")
+    p.add_argument("--eps-linf", type=float, default=None, help="Linf budget (default: the dataset's)")
+    p.add_argument("--eps-l2", type=float, default=None, help="L2 budget (default: the dataset's)")
+    p.add_argument("--sweep-linf", type=floats, default=None, metavar="E,E,...", help="Linf eps sweep")
+    p.add_argument("--sweep-l2", type=floats, default=None, metavar="E,E,...", help="L2 eps sweep")
+    p.add_argument("--samples", type=int, default=None, help=f"test images attacked (default {d.samples})")
+    p.add_argument("--square-samples", type=int, default=None, help=f"default {d.square_samples}")
+    p.add_argument("--audit-samples", type=int, default=None, help=f"default {d.audit_samples}")
+    p.add_argument("--corruption-samples", type=int, default=None, help="test images corrupted (default: all)")
+    p.add_argument("--corruptions", type=parse_names, default=None, metavar="NAME[,NAME...]",
+                   help="corruptions to run (default: all 15)")
+    p.add_argument("--pgd-steps", type=int, default=None, help=f"default {d.pgd_steps}")
+    p.add_argument("--pgd-restarts", type=int, default=None, help=f"default {d.pgd_restarts}")
+    p.add_argument("--audit-steps", type=int, default=None, help=f"the audit's stronger PGD (default {d.audit_steps})")
+    p.add_argument("--audit-restarts", type=int, default=None, help=f"default {d.audit_restarts}")
+    p.add_argument("--square-queries", type=int, default=None, help=f"default {d.square_queries}")
+    p.add_argument("--autoattack-iterations", type=int, default=None,
+                   help=f"AutoAttack's APGD/FAB iterations (default {d.autoattack_iterations}; fewer is reported as "
+                        f"a reduced AutoAttack)")
+    p.add_argument("--min-norm-steps", type=int, default=None,
+                   help=f"iterations of the minimum-norm attack FMN, Linf and L2 (default {d.min_norm_steps})")
+    p.add_argument("--no-min-norm", action="store_true", help="skip the minimum-norm attack (FMN)")
+    p.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack, Linf and L2")
+    p.add_argument("--no-square", action="store_true", help="skip the Square black-box attack")
+    p.add_argument("--no-corruptions", action="store_true", help="skip the 15 corruptions x 5 severities")
+    p.add_argument("--seed", type=int, default=None, help="draw of the examples and the attacks' randomness")
+    p.add_argument("--batch-size", type=int, default=None, help=f"examples per chunk (default {d.batch_size})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the report of another evaluation in --out-dir (processes running the same "
+                        "evaluation may share a folder without it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_robustness)
+
+
+def _add_distill_commands(sub) -> None:
+    """``ebm distill`` and ``ebm baseline`` (the work is in distill.commands; torch is imported only when they run)."""
+    from ebm_sim.datasets import DATASET_NAMES
+    from ebm_sim.network import ACTIVATIONS
+
+    from .config import BASELINE_KINDS, OUTPUT_TARGETS, SCHEDULES, BaselineConfig, DistillConfig
+
+    def fit_arguments(p, d):
+        p.add_argument("--epochs", type=int, default=d.epochs, help=f"maximum epochs (default {d.epochs})")
+        p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
+        p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr:g})")
+        p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help=f"default {d.schedule}")
+        p.add_argument("--patience", type=int, default=d.patience or 0,
+                       help=f"stop after this many epochs without a lower held-out loss; 0: never (default "
+                            f"{d.patience or 0})")
+        p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                       help=f"share held out for early stopping (default {d.val_fraction:g})")
+        p.add_argument("--seed", type=int, default=d.seed, help="seed of the init, split, batches (and PGD starts)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    d = DistillConfig()
+    p = sub.add_parser("distill", help="train a feedforward student on a network's fixed points",
+                       description="Distill an EBM into a feedforward network with its layer sizes: per-layer MSE "
+                                   "to the fixed-point states plus a cross-entropy output term, Adam, early stopping "
+                                   "on a held-out split; the student file (ebm-feedforward) is rewritten after every "
+                                   "epoch and records the network's and the fixed points' hashes.")
+    p.add_argument("network", metavar="NET.h5", help="the EBM's network file")
+    p.add_argument("fixed_points", metavar="FIXED_POINTS.h5",
+                   help="its fixed points (ebm relax NET.h5 --split train); refused if made by another network")
+    p.add_argument("--test-fixed-points", metavar="TEST.h5", default=None,
+                   help="fixed points of held-out data (ebm relax --split test) to report accuracy and agreement")
+    p.add_argument("--layer-weight", type=parse_rates, default=d.layer_weight, metavar="W[,W...]",
+                   help=f"weight of each layer's state MSE, one value or one per state layer (default "
+                        f"{d.layer_weight:g})")
+    p.add_argument("--output-weight", type=float, default=d.output_weight,
+                   help=f"weight of the cross-entropy output term (default {d.output_weight:g})")
+    p.add_argument("--output-target", choices=OUTPUT_TARGETS, default=d.output_target,
+                   help=f"class the output term aims at: the EBM's prediction or the label (default "
+                        f"{d.output_target})")
+    p.add_argument("--init-from-ebm", action="store_true", help="start from the EBM's forward weights W_k, b_k")
+    fit_arguments(p, d)
+    add_output_argument(p, "-o", "--output", policy="resume", required=True, metavar="STUDENT.h5",
+                        help="student file to write (rewritten every epoch; --resume continues it)")
+    p.set_defaults(func=cmd_distill)
+
+    b = BaselineConfig()
+    p = sub.add_parser("baseline", help="train a standard or PGD-adversarially trained feedforward baseline",
+                       description="Train a feedforward network (hard-sigmoid hidden layers) by standard backprop or "
+                                   "PGD adversarial training (Madry et al. 2018, Linf, random start) and report its "
+                                   "test accuracy, clean and under that PGD.")
+    p.add_argument("--kind", choices=BASELINE_KINDS, required=True,
+                   help="standard: backprop on clean images; pgd-at: PGD adversarial training (Madry et al. 2018)")
+    p.add_argument("--dataset", required=True, metavar="NAME", help=f"one of {', '.join(DATASET_NAMES)}")
+    p.add_argument("--data-dir", metavar="DIR", default=None, help="folder with the dataset files")
+    p.add_argument("--limit-train", type=int, default=None, metavar="N", help="seeded subsample of N training samples")
+    p.add_argument("--limit-test", type=int, default=None, metavar="N", help="seeded subsample of N test samples")
+    p.add_argument("--layers", type=parse_layers, required=True, metavar="N0,...,NL",
+                   help="layer sizes, input first and classes last (e.g. the EBM's: 784,512,512,10)")
+    p.add_argument("--activation", choices=sorted(ACTIVATIONS), default="hard_sigmoid", help=ACTIVATION_HELP)
+    p.add_argument("--eps", type=float, default=b.eps, help=f"PGD Linf budget in pixels (default {b.eps:g})")
+    p.add_argument("--pgd-steps", type=int, default=b.pgd_steps, help=f"default {b.pgd_steps}")
+    p.add_argument("--pgd-step-size", type=float, default=b.pgd_step_size,
+                   help=f"default {b.pgd_step_size:g}")
+    fit_arguments(p, b)
+    add_output_argument(p, "-o", "--output", policy="resume", required=True, metavar="MODEL.h5",
+                        help="model file to write (rewritten every epoch; --resume continues it)")
+    p.set_defaults(func=cmd_baseline)
+
+
+def add_parsers(sub) -> None:
+    """Register ``ebm export-onnx``, ``distill``, ``baseline`` and ``robustness`` on the ``ebm`` subparsers ``sub``
+    (torch is imported only when they run)."""
+    p = sub.add_parser("export-onnx", help="export a feedforward model (distilled or baseline) to ONNX",
+                       description="Export a distilled or baseline model to ONNX (provenance in its metadata), run "
+                                   "it with onnxruntime on random inputs and report the difference to torch.")
+    p.add_argument("model", metavar="MODEL.h5", help="an ebm-feedforward file (ebm distill, ebm baseline)")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="write onnxruntime's dynamically quantized int8 model (int8 weights, uint8 activations "
+                        "quantized at run time) instead of the float32 one")
+    add_output_argument(p, "-o", "--output", required=True, metavar="MODEL.onnx", help="ONNX file to write")
+    p.set_defaults(func=cmd_export_onnx)
+    _add_distill_commands(sub)
+    _add_robustness_command(sub)

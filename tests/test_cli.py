@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import ebm_sim.relax as relax_module
-from ebm_sim import cli, demo, storage
+from ebm_cli.main import main
+from ebm_sim import demo, storage
 from ebm_sim.batch_relax import partial_path
-from ebm_sim.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +36,12 @@ def _error(capsys) -> str:
 
 def test_help_via_subprocess():
     script = Path(sys.executable).parent / "ebm"
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "ebm_sim.cli"]
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "ebm_cli"]
     proc = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     for command in ("init", "relax", "info", "demo"):
         assert command in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "ebm_sim.cli", "relax", "--help"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "ebm_cli", "relax", "--help"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0 and "--method" in proc.stdout and "partial" in proc.stdout
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ebm_cli.main import build_parser, main, preset_train_defaults
 from ebm_sim import storage
-from ebm_sim.cli import build_parser, main, preset_train_defaults
 from ebm_sim.model import LayeredNetwork
 from ebm_sim.training import TrainConfig, augment, crop_flip, fit
 

@@ -17,8 +17,8 @@ from distill.baselines import pgd_attack, robust_accuracy, train_baseline  # noq
 from distill.config import BaselineConfig, DistillConfig  # noqa: E402
 from distill.models import FeedForward  # noqa: E402
 from distill.train import compare_with_ebm, distill, ebm_predictions, evaluate  # noqa: E402
+from ebm_cli.main import main  # noqa: E402
 from ebm_sim import datasets, storage  # noqa: E402
-from ebm_sim.cli import main  # noqa: E402
 from ebm_sim.network import Network  # noqa: E402
 from ebm_sim.relax import relax  # noqa: E402
 

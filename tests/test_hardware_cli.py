@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ebm_cli.main import main
 from ebm_sim import storage
-from ebm_sim.cli import main
 from ebm_sim.network import Network
 
 ROOT = Path(__file__).resolve().parents[1]

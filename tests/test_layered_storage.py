@@ -7,8 +7,8 @@ import h5py
 import numpy as np
 import pytest
 
+from ebm_cli.main import main
 from ebm_sim import storage
-from ebm_sim.cli import main
 from ebm_sim.model import dynamics
 from ebm_sim.model.network import LayeredNetwork
 from ebm_sim.network import Network

@@ -14,8 +14,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("torchattacks")
 
+from ebm_cli.main import main  # noqa: E402
 from ebm_pipeline import STAGES, PipelineConfig, run_pipeline  # noqa: E402
-from ebm_sim.cli import main  # noqa: E402
 
 TINY_TOML = """
 dataset = "digits"

@@ -29,12 +29,12 @@ import h5py
 import numpy as np
 import pytest
 
+from ebm_cli.main import build_parser, main
 from ebm_sim import outputs, storage
-from ebm_sim.cli import build_parser, main
 from ebm_sim.network import Network
 
 EBM = Path(sys.executable).parent / "ebm"
-EBM_COMMAND = [str(EBM)] if EBM.exists() else [sys.executable, "-m", "ebm_sim.cli"]
+EBM_COMMAND = [str(EBM)] if EBM.exists() else [sys.executable, "-m", "ebm_cli"]
 GOOD = {"error": "clear error", "works": "works"}
 SMALL_TRAIN = ("--dataset", "digits", "--layers", "64,32,10", "--limit-train", "200", "--limit-test", "50",
                "--no-progress")
@@ -126,7 +126,7 @@ _MEASURED = ("import atexit, sys\n"
              "        if line.startswith('VmHWM:'):\n"
              "            print('peak-rss-kb', line.split()[1], file=sys.stderr)\n"
              "atexit.register(peak)\n"
-             "from ebm_sim.cli import main\n"
+             "from ebm_cli.main import main\n"
              "sys.exit(main(sys.argv[1:]))\n")
 
 
@@ -235,7 +235,7 @@ def test_full_disk_on_a_later_epoch_keeps_the_earlier_ones(tmp_path, reliability
                       phrases=("no space left to write", str(net)), intact=before)
         # the disk fills between the check and the write: simulated by skipping the check in that process
         script = ("import sys, ebm_sim.outputs as o; o.require_space = lambda *a, **k: None; "
-                  "from ebm_sim.cli import main; sys.exit(main(sys.argv[1:]))")
+                  "from ebm_cli.main import main; sys.exit(main(sys.argv[1:]))")
         proc = subprocess.run([sys.executable, "-c", script, *map(str, args), "--epochs", "2", "--resume"],
                               capture_output=True, text=True, timeout=300)
         judge_process(reliability_tally, "full disk: the disk fills while ebm train writes a checkpoint", proc,

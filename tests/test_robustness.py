@@ -22,8 +22,8 @@ from distill.robustness import (AttackSpec, Deployment, ImplicitEBM, ModuleUnder
 from distill.robustness import evaluation  # noqa: E402
 from distill.robustness.stats import accuracy, wilson_interval  # noqa: E402
 from distill.train import distill  # noqa: E402
+from ebm_cli.main import main  # noqa: E402
 from ebm_sim import datasets, storage, torch_twin  # noqa: E402
-from ebm_sim.cli import main  # noqa: E402
 from ebm_sim.network import Network  # noqa: E402
 from ebm_sim.relax import relax  # noqa: E402
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ebm_cli.main import main
 from ebm_sim import storage
-from ebm_sim.cli import main
 from ebm_sim.datasets import load_digits
 from ebm_sim.network import Network
 from ebm_sim.training import (HISTORY_KEYS, TrainConfig, ep_gradient, fit, parameters, schedule_scale)
