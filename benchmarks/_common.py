@@ -25,10 +25,12 @@ def run_groups(script: str, groups, arguments: list) -> dict:
     to 1.9x slower right after torch calls)."""
     results = {}
     for group in groups:
-        done = subprocess.run([sys.executable, script, "--group", group, *arguments], capture_output=True,
+        # stdout carries the group's JSON; its stderr (progress, logs, a traceback) goes straight to ours, so a long
+        # group shows how far it is
+        done = subprocess.run([sys.executable, script, "--group", group, *arguments], stdout=subprocess.PIPE,
                               text=True, check=False)
         if done.returncode != 0:
-            raise SystemExit(f"benchmark group {group!r} failed:\n{done.stderr[-3000:]}")
+            raise SystemExit(f"benchmark group {group!r} failed (exit status {done.returncode}; its error is above)")
         results[group] = json.loads(done.stdout.strip().splitlines()[-1])
     return results
 

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import run_groups, wall_times, write_results  # noqa: E402
+from ebm_sim import integrators  # noqa: E402
 from ebm_sim.network import Network  # noqa: E402
 from ebm_sim.relax import relax  # noqa: E402
 
@@ -101,12 +102,12 @@ def load_inputs(batch: int) -> tuple:
 def numba_group(network, inputs, args, repeats) -> dict:
     """The Numba kernels, every method, batch 1 and 256; also the matmul FLOP rate of fixed_point."""
     compile_start = time.perf_counter()
-    for method in ("fixed_point", "euler", "alternating", "rk45"):
+    for method in integrators.DEPLOYABLE:
         relax(network, inputs[:2], method=method, tol=args.tol)
     out_rows = {"numba_compile_or_cache_load_s": time.perf_counter() - compile_start}
     for batch in (1, 256):
         x, row = inputs[:batch], {}
-        for method in ("fixed_point", "euler", "alternating", "rk45"):
+        for method in integrators.DEPLOYABLE:
             out = relax(network, x, method=method, tol=args.tol, max_steps=5000)
             count = repeats[batch] if method != "rk45" else max(1, repeats[batch] // 5)  # rk45: ~50x slower
             times = wall_times(lambda: relax(network, x, method=method, tol=args.tol, max_steps=5000), count)

@@ -66,14 +66,14 @@ def train_student(network_path: Path, network, data, path: Path, epochs: int, pr
     """Relax the training set at the deployed settings, distill (resuming an interrupted run)."""
     from distill.config import DistillConfig
     from distill.io import stored_content_hash
-    from distill.robustness import Deployment
+    from ebm_sim.deployment import Deployment
     from distill.train import distill
 
     d = Deployment.of_network_file(network_path)
     with tempfile.TemporaryDirectory() as tmp:
         fp_path = Path(tmp) / "train_fixed_points.h5"
-        relax_to_file(network, data.x_train, data.y_train, fp_path, method=d.method, tol=d.tol,
-                      max_steps=d.max_steps, dt=d.dt, batch_size=2048, progress=progress, log=log)
+        relax_to_file(network, data.x_train, data.y_train, fp_path, batch_size=2048, progress=progress, log=log,
+                      **d.relax_options())
         distill(network, storage.load_fixed_points(fp_path, network), DistillConfig(epochs=epochs),
                 checkpoint_path=path, resume=path.exists(), fixed_points_hash=stored_content_hash(fp_path),
                 dataset=data.name, progress=progress, log=log)

@@ -179,9 +179,10 @@ class PipelineConfig:
         except ValueError as error:
             raise ValueError(f"[train] lr does not fit [network] layers {self.sections['network']['layers']}: "
                              f"{error}") from None
-        if self.sections["train"].get("method", "fixed_point") not in ("fixed_point", "euler"):
-            raise ValueError("the pipeline maps the EBM onto Lava, whose dynamics are synchronous Euler: train.method "
-                             "must be fixed_point (dt = 1) or euler")
+        from hardware.mapping import LAVA_METHODS
+        if self.sections["train"].get("method", "fixed_point") not in LAVA_METHODS:
+            raise ValueError(f"the pipeline maps the EBM onto Lava, whose dynamics are synchronous Euler: train.method "
+                             f"must be one of {', '.join(LAVA_METHODS)}")
 
     def section(self, name: str):
         """The section as the library's config object (TrainConfig, DistillConfig, BaselineConfig,
@@ -208,10 +209,10 @@ class PipelineConfig:
         return values
 
     @property
-    def deployment(self) -> dict:
-        """The EBM's deployed relaxation: its training free phase (method, tol, max_steps, dt)."""
-        train = self.section("train")
-        return {"method": train.method, "tol": train.tol, "max_steps": train.free_steps, "dt": train.dt}
+    def deployment(self):
+        """The EBM's deployed relaxation (an ``ebm_sim.deployment.Deployment``): its training free phase."""
+        from ebm_sim.deployment import Deployment
+        return Deployment.of_train_config(self.section("train"))
 
     def as_dict(self) -> dict:
         """The full configuration (every default filled in), as the report records it."""

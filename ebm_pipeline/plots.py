@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ebm_sim import integrators
 from ebm_sim.storage import save_figure
 
-DYNAMICS_METHODS = ("fixed_point", "euler", "alternating", "rk45")
+DYNAMICS_METHODS = integrators.DEPLOYABLE
 
 
 def _figure(width: float, height: float, columns: int):

@@ -130,12 +130,11 @@ class Pipeline:
                 out = self.path(f"fixed_points_{split}.h5")
                 limit = self.config.limit_train if split == "train" else self.config.limit_test
                 s = run_relax(self.path("network.h5"), self.config.dataset, out, data_dir=self.config.data_dir,
-                              split=split, limit=limit, method=d["method"], tol=d["tol"], max_steps=d["max_steps"],
-                              dt=d["dt"], progress=self.progress, log=self.log)
+                              split=split, limit=limit, progress=self.progress, log=self.log, **d.relax_options())
                 outputs.append(out)
                 summary[split] = {k: s[k] for k in ("samples", "accuracy", "converged") if k in s}
             return outputs, summary
-        return self.stage("relax", [d, self.config.limit_train, self.config.limit_test, self.hash_of("network.h5")],
+        return self.stage("relax", [d.as_dict(), self.config.limit_train, self.config.limit_test, self.hash_of("network.h5")],
                           work)
 
     def distill(self) -> dict:
@@ -178,13 +177,12 @@ class Pipeline:
 
     def robustness(self) -> dict:
         from distill.robustness import evaluate, load_model_under_test
-        from distill.robustness.models import Deployment
 
         folder = self.path("robustness")
         shape = self.data.channels_first_shape
 
         def work():
-            deployment = Deployment(**self.config.deployment)
+            deployment = self.config.deployment
             models = [load_model_under_test(self.path("network.h5"), "EBM", shape, student=self.path("student.h5"),
                                             deployment=deployment)]
             models += [load_model_under_test(self.path(f"{file}.h5"), name, shape)
@@ -196,13 +194,13 @@ class Pipeline:
                        if (folder / n).exists()]
             return outputs, {"table": results["table"],
                              "audit": {n: m["audit"]["verdict"] for n, m in results["models"].items()}}
-        return self.stage("robustness", [self.config.digest("robustness"), self.config.deployment,
+        return self.stage("robustness", [self.config.digest("robustness"), self.config.deployment.as_dict(),
                                          self.hash_of("network.h5", "student.h5", "standard.h5", "pgd_at.h5")], work)
 
     def relaxation_options(self) -> dict:
-        d = self.config.deployment
-        dt = 1.0 if d["method"] == "fixed_point" else (d["dt"] or 0.5)
-        return {"dt": dt, "steps": d["max_steps"], "tol": d["tol"]}
+        """The Lava graph's dt, steps and tol: the EBM's deployment."""
+        from hardware.mapping import relaxation_of
+        return relaxation_of(self.config.deployment)
 
     def lava(self) -> dict:
         from ebm_sim import storage
@@ -258,15 +256,15 @@ class Pipeline:
 
         def work():
             network = storage.load_dense_network(self.path("network.h5"), "ebm pipeline")
-            traces = relaxation_traces(network, self.data.x_test[:samples], d["tol"], max_steps=200)
+            traces = relaxation_traces(network, self.data.x_test[:samples], d.tol, max_steps=200)
             plot_relaxation(traces, self.path("dynamics.png"),
                             f"{'-'.join(map(str, network.layer_sizes))} EBM, {samples} {self.data.name} test images")
-            summary = {"samples": samples, "tol": d["tol"],
+            summary = {"samples": samples, "tol": d.tol,
                        "integrators": {m: {k: t[k] for k in ("steps_mean", "converged", "seconds")}
                                        for m, t in traces.items()}}
             write_json(self.path("dynamics.json"), {**summary, "traces": traces})
             return [self.path("dynamics.json"), self.path("dynamics.png")], summary
-        return self.stage("dynamics", [samples, d["tol"], self.hash_of("network.h5")], work)
+        return self.stage("dynamics", [samples, d.tol, self.hash_of("network.h5")], work)
 
     def report(self, started: float) -> dict:
         from ebm_sim import storage
@@ -296,7 +294,7 @@ class Pipeline:
 
     def results(self, robustness: dict, hardware: dict, started: float) -> dict:
         from ebm_sim.storage import artifact_info
-        return {"config": self.config.as_dict(), "deployment": self.config.deployment,
+        return {"config": self.config.as_dict(), "deployment": self.config.deployment.as_dict(),
                 "budget_note": BUDGET_NOTES.get(self.config.dataset, "Budgets: see the configuration below."),
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                 "toolkit_version": artifact_info(self.path("network.h5"))["toolkit_version"],

@@ -24,12 +24,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import integrators
 from .batch_relax import format_relax_summary, run_relax
 from .outputs import add_output_argument
 
 PROG = "ebm"
 ACTIVATION_HELP = "rho(u) = clip(u, 0, 1) (hard_sigmoid, default) or clip(u/2, 0, 1) (hard_sigmoid_half)"
-RELAX_METHODS = ("fixed_point", "euler", "alternating", "rk45")
+RELAX_METHODS = integrators.DEPLOYABLE  # the integrator registry's methods, the slow reference aside
 
 
 # ---------------------------------------------------------------------------------------------- argument types

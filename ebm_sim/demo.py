@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-DEMO_METHODS = ("fixed_point", "euler", "alternating", "rk45")
+from . import integrators
+
+DEMO_METHODS = integrators.DEPLOYABLE  # every integrator; solve_ivp, the slow reference, beside them
 
 
 def coupling_hessian_min_eig(network) -> float:

@@ -24,6 +24,7 @@ from numba import njit, types
 from numba.extending import overload
 
 from .blas import rows_times_w, rows_times_wt
+from .integrators import DORMAND_PRINCE
 
 
 def _bits(a):
@@ -352,18 +353,7 @@ def relax_fixed_point(blas, x, weights, biases, col, slope, dt, alternating, bet
                 out_states, out_steps, out_residual, out_converged, out_diverged)
 
 
-# Dormand-Prince 5(4) tableau (Dormand & Prince 1980), the method of scipy's RK45.
-_DP_A = np.array([
-    [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-    [1 / 5, 0.0, 0.0, 0.0, 0.0, 0.0],
-    [3 / 40, 9 / 40, 0.0, 0.0, 0.0, 0.0],
-    [44 / 45, -56 / 15, 32 / 9, 0.0, 0.0, 0.0],
-    [19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729, 0.0, 0.0],
-    [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656, 0.0],
-    [35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84],
-])
-# fifth-order weights minus the embedded fourth-order ones (the error estimate), for k_1..k_7
-_DP_E = np.array([71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40])
+_DP_A, _DP_E = DORMAND_PRINCE.a, DORMAND_PRINCE.e  # ebm_sim.integrators' tableau (Numba reads globals)
 
 
 @njit(cache=True)

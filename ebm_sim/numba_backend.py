@@ -9,7 +9,7 @@ import numpy as np
 from . import kernels
 from .blas import make_handle, single_threaded
 from .network import Network
-from .relax import RelaxResult, RelaxSettings
+from .relax_types import RelaxResult, RelaxSettings
 
 
 def column_offsets(network: Network) -> np.ndarray:

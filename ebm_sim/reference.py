@@ -11,14 +11,10 @@ from scipy.integrate import RK45
 
 from . import energy as E
 from .network import Network
-from .relax import RelaxResult, RelaxSettings
+from .integrators import DORMAND_PRINCE
+from .relax_types import RelaxResult, RelaxSettings
 
-# Dormand-Prince 5(4) (Dormand & Prince 1980): stage coefficients, fifth-order weights, error weights.
-DP_A = [[], [1 / 5], [3 / 40, 9 / 40], [44 / 45, -56 / 15, 32 / 9],
-        [19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729],
-        [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656],
-        [35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84]]
-DP_E = [71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40]
+DP_A, DP_E = DORMAND_PRINCE.a.tolist(), DORMAND_PRINCE.e.tolist()  # ebm_sim.integrators' tableau, Python floats
 
 
 def euler_step(network, x, states, dt, beta, target, alternating=False):

@@ -3,122 +3,22 @@
     result = relax(network, x, method="fixed_point", tol=1e-4, max_steps=1000, beta=0.0, target=None,
                    record=False, backend="numba")
 
-Methods (the dynamics are in :mod:`ebm_sim.energy`):
-  "euler"        explicit Euler, s <- clip(s + dt (a h - s)), residual max |s_{t+1} - s_t| / dt
-  "fixed_point"  synchronous fixed-point iteration s <- clip(a h) (Euler with dt = 1), residual max |s_{t+1} - s_t|
-  "alternating"  fixed-point iteration of layers s_1, s_3, ... then s_2, s_4, ... (block Gauss-Seidel)
-  "rk45"         adaptive Dormand-Prince 5(4) with error control (rtol, atol) on the projected flow
-  "solve_ivp"    SciPy's RK45 (the solver behind solve_ivp) on the projected flow, float64, one sample at a time,
-                 stepped by hand so that tol and max_steps are checked after every step (slow reference)
+Methods: "euler", "fixed_point", "alternating", "rk45", "solve_ivp", with their updates, residuals and step rules in
+the one table of :mod:`ebm_sim.integrators` (the dynamics are in :mod:`ebm_sim.energy`).
 Backends: "numba" (fast kernels), "numpy" (the plain reference of :mod:`ebm_sim.reference`).
 """
 from __future__ import annotations
 
-import math
-import numbers
-from dataclasses import dataclass, field
-
 import numpy as np
 
+from . import integrators
+from .deployment import resolve as resolve_deployment
 from .network import Network
+from .relax_types import BACKENDS, DEFAULT_DT, MAX_TRAJECTORY_BYTES, METHODS, DivergenceError, RelaxResult, \
+    RelaxSettings
 
-METHODS = ("euler", "fixed_point", "alternating", "rk45", "solve_ivp")
-BACKENDS = ("numba", "numpy")
-DEFAULT_DT = {"euler": 0.5, "fixed_point": 1.0, "alternating": 1.0, "rk45": 0.1, "solve_ivp": None}
-MAX_TRAJECTORY_BYTES = 4 * 2 ** 30
-
-
-class DivergenceError(RuntimeError):
-    """The dynamics produced NaN or inf for some samples."""
-
-
-@dataclass
-class RelaxSettings:
-    """Everything that determines a relaxation besides the network and the data."""
-
-    method: str = "fixed_point"
-    tol: float = 1e-4
-    max_steps: int = 1000
-    dt: float | None = None
-    beta: float = 0.0
-    rtol: float | None = None
-    atol: float | None = None
-    dt_max: float = 10.0
-    backend: str = "numba"
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
-        if self.dt is None:
-            self.dt = DEFAULT_DT[self.method]
-        # Local error tolerances of the adaptive methods default to the convergence tolerance: looser ones let
-        # the step size chatter at the stability limit and the residual stalls near rtol instead of reaching tol.
-        # SciPy's RK45 measures the error in the RMS norm, which lets a few components chatter: it needs local
-        # tolerances ~1000x below tol to reach tol (measured on 784-512-512-10 and 64-256-10 networks).
-        if not (isinstance(self.tol, numbers.Real) and math.isfinite(self.tol) and self.tol >= 0):
-            raise ValueError(f"tol must be a finite number >= 0, got {self.tol!r}")
-        local = (self.tol or 1e-4) * (1e-3 if self.method == "solve_ivp" else 1.0)  # tol 0: unused by the family
-        if self.rtol is None:
-            self.rtol = local
-        if self.atol is None:
-            self.atol = local / 10
-        # tol = 0 turns the convergence test off (the fixed-point family then runs exactly max_steps steps);
-        # the adaptive methods derive their local tolerances from it, so they need tol > 0
-        if self.tol == 0 and self.method in ("euler", "fixed_point", "alternating"):
-            positive = {}
-        else:
-            positive = {"tol": self.tol}
-        positive.update(rtol=self.rtol, atol=self.atol, dt_max=self.dt_max)
-        if self.dt is not None:
-            positive["dt"] = self.dt
-        for name, value in positive.items():
-            if not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-        if self.method in ("euler", "fixed_point", "alternating") and self.dt > 1.0:
-            raise ValueError(f"dt = {self.dt} > 1 overshoots the fixed point (the update is s + dt (a h - s))")
-        if self.method in ("fixed_point", "alternating") and self.dt != 1.0:
-            raise ValueError(f"method {self.method!r} is the fixed-point iteration (dt = 1); "
-                             f"use method='euler' for dt = {self.dt}")
-        if not (isinstance(self.max_steps, (int, np.integer)) and self.max_steps >= 1):
-            raise ValueError(f"max_steps must be an integer >= 1, got {self.max_steps!r}")
-        if not (isinstance(self.beta, numbers.Real) and math.isfinite(self.beta)):
-            raise ValueError(f"beta must be finite, got {self.beta!r}")
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass
-class RelaxResult:
-    """The outcome of a relaxation of B samples.
-
-    states: list of arrays (B, n_k), the final states of the layers that relax (1..L, or 1..L-1 with a readout)
-    steps: (B,) int, steps taken by each sample (attempted steps for rk45; solver steps for solve_ivp)
-    residual: (B,) the final residual (see the method's definition); converged: residual < tol
-    diverged: (B,) bool, NaN or inf appeared
-    trajectory: with record=True, list of L arrays (T+1, B, n_k): the state after every step (a sample that
-        stopped early keeps its final state); energy: (T+1, B) E(s) + beta C along it
-    """
-
-    states: list
-    steps: np.ndarray
-    residual: np.ndarray
-    converged: np.ndarray
-    diverged: np.ndarray
-    settings: RelaxSettings
-    trajectory: list | None = None
-    energy: np.ndarray | None = None
-    extras: dict = field(default_factory=dict)
-
-    @property
-    def output(self) -> np.ndarray:
-        return self.states[-1]
-
-    def predictions(self) -> np.ndarray:
-        """argmax of the output states, or of the readout's logits (set by ``relax`` for readout networks)."""
-        return np.argmax(self.extras.get("logits", self.states[-1]), axis=1)
+__all__ = ["BACKENDS", "DEFAULT_DT", "METHODS", "DivergenceError", "RelaxResult", "RelaxSettings", "check_inputs",
+           "divergence_remedy", "relax"]
 
 
 def check_inputs(network: Network, x, beta: float, target, initial):
@@ -171,14 +71,18 @@ def relax(network: Network, x, method: str = "fixed_point", tol: float = 1e-4, m
           beta: float = 0.0, target=None, record: bool = False, *, dt: float | None = None,
           initial=None, backend: str = "numba", rtol: float | None = None, atol: float | None = None,
           dt_max: float = 10.0,
-          on_divergence: str = "raise", threads: int | None = None) -> RelaxResult:
+          on_divergence: str = "raise", threads: int | None = None, deployment=None) -> RelaxResult:
     """Relax x (B, n_0) in [0, 1] to equilibrium of E + beta C; see the module docstring for the methods.
+
+    deployment: an ``ebm_sim.deployment.Deployment`` (e.g. ``Deployment.of_network_file(path)``) that supplies
+    method, tol, max_steps and dt (then leave those at their defaults).
 
     initial: optional list of (B, n_k) starting states (default zeros). target: (B, n_L), needed when beta != 0.
     on_divergence: "raise" (DivergenceError naming the samples) or "flag" (only result.diverged is set).
     threads: worker threads of the Numba backend (default: one per available core; samples are split between them).
     Computation runs in the network's dtype (float32 or float64).
     """
+    method, tol, max_steps, dt = resolve_deployment(deployment, relax, method, tol, max_steps, dt)
     if on_divergence not in ("raise", "flag"):
         raise ValueError(f"on_divergence must be 'raise' or 'flag', got {on_divergence!r}")
     settings = RelaxSettings(method=method, tol=tol, max_steps=max_steps, dt=dt, beta=float(beta), rtol=rtol,
@@ -210,9 +114,5 @@ def relax(network: Network, x, method: str = "fixed_point", tol: float = 1e-4, m
 
 
 def divergence_remedy(method: str) -> str:
-    """What to try when ``method`` diverged: a smaller step where the method has one (euler, rk45), else the
-    weights (fixed_point and alternating take a step of 1 by definition)."""
-    if method in ("fixed_point", "alternating"):
-        return (f"{method} has no step size to lower: check the weights' scale (a smaller --gain), or use an "
-                f"integrator with a step (--method euler --dt 0.1)")
-    return "lower --dt or check the weights' scale"
+    """What to try when ``method`` diverged (``Integrator.divergence_remedy``)."""
+    return integrators.get(method).divergence_remedy()

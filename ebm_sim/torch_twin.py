@@ -17,10 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import integrators
+from .deployment import Deployment
+from .deployment import resolve as resolve_deployment
 from .ep import EPStep, ep_estimate, estimator_nudging
 from .network import Network
 
-TWIN_METHODS = ("euler", "fixed_point", "alternating")
+TWIN_METHODS = integrators.methods("dense", "torch")  # the fixed-step family
 
 
 @dataclass
@@ -120,18 +123,20 @@ class TorchRelaxResult:
 
 def relax(network, x, method: str = "fixed_point", tol: float = 1e-4, max_steps: int = 1000,
           dt: float | None = None, beta: float = 0.0, target=None, initial=None, device="cpu",
-          hoist_input: bool = False, per_sample: bool = True, differentiable: bool = False) -> TorchRelaxResult:
+          hoist_input: bool = False, per_sample: bool = True, differentiable: bool = False,
+          deployment=None) -> TorchRelaxResult:
     """Relax x (B, n_0) with the Torch twin: the update and residual of :func:`ebm_sim.relax.relax` for
     "euler" (dt, default 0.5), "fixed_point" and "alternating" (dt = 1); residual max |s_{t+1} - s_t| / dt.
 
     network: a Network or a TorchNetwork (whose tensors may require grad). tol = 0 runs exactly max_steps steps.
     per_sample: freeze each sample when it meets tol (the Numba kernels' rule, same steps and states) or step the
     whole batch until every sample does (the reference codes' rule). differentiable: keep the autograd graph of
-    every step (x and the parameters may require grad); otherwise run under no_grad.
+    every step (x and the parameters may require grad); otherwise run under no_grad. deployment: an
+    ``ebm_sim.deployment.Deployment`` that supplies method, tol, max_steps and dt (leave those at their defaults).
     """
-    if method not in TWIN_METHODS:
-        raise ValueError(f"the Torch twin relaxes with {', '.join(TWIN_METHODS)}, not {method!r}")
-    dt = (0.5 if method == "euler" else 1.0) if dt is None else dt
+    method, tol, max_steps, dt = resolve_deployment(deployment, relax, method, tol, max_steps, dt)
+    integrator = integrators.get(method, "dense", "torch", "the Torch twin")
+    dt = integrator.resolve_dt(dt)
     net = network if isinstance(network, TorchNetwork) else TorchNetwork.from_network(network, device)
     dtype, device = net.dtype, net.device
 
@@ -146,8 +151,7 @@ def relax(network, x, method: str = "fixed_point", tol: float = 1e-4, max_steps:
         states = [torch.zeros(x.shape[0], w.shape[0], dtype=dtype, device=device) for w in net.weights]
     else:
         states = [tensor(s) for s in initial]
-    groups = ([list(range(0, len(net.weights), 2)), list(range(1, len(net.weights), 2))] if method == "alternating"
-              else [list(range(len(net.weights)))])
+    groups = integrator.update_groups(len(net.weights))
     batch = x.shape[0]
     active = torch.ones(batch, dtype=torch.bool, device=device)
     steps = torch.zeros(batch, dtype=torch.int64, device=device)
@@ -189,14 +193,18 @@ class EBMClassifier(torch.nn.Module):
     output states s_L (``logits="state"``), the output field a h_L of the final states before the clip
     (``logits="field"``, see ``TorchNetwork.output_field``: a saturated output unit keeps its gradient, which attacks
     need), or the output layer's last update before the clip (``logits="update"``: it keeps that gradient too, and
-    is the value whose clip *is* the deployed s_L, where "field" is one step ahead of an unconverged relaxation)."""
+    is the value whose clip *is* the deployed s_L, where "field" is one step ahead of an unconverged relaxation).
+    The relaxation: ``deployment`` (an ``ebm_sim.deployment.Deployment``), or method, max_steps, tol and dt."""
 
     def __init__(self, network: Network, method: str = "fixed_point", max_steps: int = 30, tol: float = 1e-4,
-                 dt: float | None = None, device="cpu", logits: str = "state"):
+                 dt: float | None = None, device="cpu", logits: str = "state", deployment: Deployment | None = None):
         super().__init__()
         if logits not in LOGITS:
             raise ValueError(f"logits must be one of {', '.join(LOGITS)}, got {logits!r}")
-        self.method, self.max_steps, self.tol, self.dt, self.logits = method, max_steps, tol, dt, logits
+        method, tol, max_steps, dt = resolve_deployment(deployment, EBMClassifier.__init__, method, tol, max_steps, dt)
+        integrators.get(method, "dense", "torch", "the Torch twin")
+        self.deployment = Deployment(method=method, dt=dt, tol=tol, max_steps=int(max_steps))
+        self.logits = logits
         self.layer_sizes = network.layer_sizes
         net = TorchNetwork.from_network(network, device)
         self._weights = torch.nn.ParameterList([torch.nn.Parameter(w) for w in net.weights])
@@ -211,7 +219,7 @@ class EBMClassifier(torch.nn.Module):
 
     def relax(self, x) -> TorchRelaxResult:
         x = x.reshape(x.shape[0], -1)
-        return relax(self.twin(), x, self.method, self.tol, self.max_steps, self.dt, differentiable=True)
+        return relax(self.twin(), x, differentiable=True, deployment=self.deployment)
 
     def forward(self, x):
         result = self.relax(x)

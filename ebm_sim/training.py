@@ -29,9 +29,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import energy
+from .deployment import Deployment
 from .network import Network
 from .ep import EPStep, ep_estimate, estimator_nudging
-from .relax import METHODS, relax
+from . import integrators
+from .relax import relax
 
 NUDGINGS = ("symmetric", "positive", "random")
 COSTS = ("mse", "cross_entropy")
@@ -88,20 +90,20 @@ class TrainConfig:
                               ("schedule", SCHEDULES), ("augment", AUGMENTATIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
-        if self.method not in METHODS or self.method == "solve_ivp":
-            raise ValueError(f"method must be one of euler, fixed_point, alternating, rk45, got {self.method!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        trainable = integrators.methods(backend=self.backend, deployable=True)
+        if self.method not in trainable:
+            raise ValueError(f"the {self.backend} backend trains with method {', '.join(trainable)}, not "
+                             f"{self.method!r}")
         if self.backend == "torch":
-            if self.method == "rk45":
-                raise ValueError("the torch backend relaxes with euler, fixed_point or alternating, not rk45")
             import torch
             try:
                 torch.device(self.device)
             except RuntimeError as error:
                 raise ValueError(f"unknown torch device {self.device!r}: {error}") from None
         real("beta", 0.0, low_inclusive=False)  # every nudging mode needs beta > 0 (the sign is the mode's job)
-        real("tol", 0.0, low_inclusive=self.method != "rk45")  # 0: fixed step counts, no early stopping
+        real("tol", 0.0, low_inclusive=not integrators.INTEGRATORS[self.method].adaptive)  # 0: fixed step counts, no early stopping
         real("momentum", 0.0, high=1.0)
         real("weight_decay", 0.0)
         lrs = self.lr if isinstance(self.lr, (list, tuple)) else [self.lr]
@@ -506,8 +508,8 @@ def fit(network: Network, x_train, y_train, x_test, y_test, config: TrainConfig,
 
     checkpoint_path: the network's HDF5 file, rewritten atomically after every epoch with the weights, the history
     and a checkpoint (next epoch, optimizer state, configuration, data fingerprint); its ``extra`` attributes hold
-    ``extra_attrs`` and the training configuration (``config``), which also tells how the network is deployed (the
-    free phase: method, tol, free_steps). resume=True continues from that
+    ``extra_attrs``, the training configuration (``config``) and how the network is deployed (``deployment``: the
+    free phase's method, dt, tol and step cap, an ``ebm_sim.deployment.Deployment``). resume=True continues from that
     file (same configuration and data required) and ends with exactly the weights of an uninterrupted run.
     num_classes: the dataset's (default: the network's output size); the output layer must have that many units and
     every label must lie in [0, num_classes).
@@ -523,6 +525,8 @@ def fit(network: Network, x_train, y_train, x_test, y_test, config: TrainConfig,
         raise ValueError(f"augment {config.augment!r} crops and flips (N, C, H, W) images; the training inputs have "
                          f"shape {np.asarray(x_train).shape}")
     check_cost(network, config.cost)
+    integrators.get(config.method, "layered" if is_layered(network) else "dense", config.backend,
+                    f"a {'layered' if is_layered(network) else 'dense'} network trained on the {config.backend} backend")
     if resume and checkpoint_path is None:
         raise ValueError("resume needs the checkpoint file (the network file written by a previous run)")
     if checkpoint_path is None:
@@ -620,7 +624,8 @@ def _fit_epochs(network, optimizer, x_train, y_train, x_test, y_test, config, st
             checkpoint = {"epoch": np.int64(epoch + 1), "settings": _json(settings),
                           "optimizer": optimizer.state()}
             # the training configuration travels with the network: it defines the deployed relaxation (free phase)
-            extra = {"config": config.as_dict(), **(extra_attrs or {})}
+            extra = {"config": config.as_dict(), "deployment": Deployment.of_train_config(config).as_dict(),
+                     **(extra_attrs or {})}
             with interrupts_deferred():  # Ctrl-C after the checkpoint is written and counted
                 storage.save_network(checkpoint_path, network, extra_attrs=extra, checkpoint=checkpoint)
                 state.saved = epoch + 1

@@ -22,6 +22,7 @@ def _relaxation_options(args) -> dict:
 
 def cmd_export(args) -> int:
     from ebm_sim import storage
+    from ebm_sim.deployment import Deployment
 
     from .lava_file import save_program
     from .mapping import to_program
@@ -33,7 +34,7 @@ def cmd_export(args) -> int:
         options = {k: v for k, v in options.items() if v is not None}
     elif any(v is not None for v in (args.frac_bits, args.max_weight_error, args.max_zeroed)):
         raise ValueError("--frac-bits, --max-weight-error and --max-zeroed apply to --kind fixed only")
-    program = to_program(network, args.kind, **options)
+    program = to_program(network, args.kind, Deployment.of_network_file(args.network), **options)
     digest = save_program(args.output, program)
     sizes = "-".join(map(str, program.layer_sizes))
     print(f"wrote {args.output}: {program.kind} Lava program of {sizes} ({program.num_units} neurons, "
@@ -152,9 +153,12 @@ def _data_arguments(p) -> None:
 
 
 def _relaxation_arguments(p) -> None:
-    p.add_argument("--dt", type=float, default=None, help="Euler step (default 1: the fixed_point iteration)")
-    p.add_argument("--steps", type=int, default=None, help="steps per sample (default 30)")
-    p.add_argument("--tol", type=float, default=None, help="equilibrium tolerance (default 1e-4)")
+    p.add_argument("--dt", type=float, default=None,
+                   help="Euler step (default: the network's stored deployment, else 1: the fixed_point iteration)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps per sample (default: the deployment's step cap, else 30)")
+    p.add_argument("--tol", type=float, default=None,
+                   help="equilibrium tolerance (default: the deployment's, else 1e-4)")
 
 
 def add_parsers(sub) -> None:

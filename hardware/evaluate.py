@@ -16,9 +16,10 @@ from .program import LavaProgram, simulate
 
 def program_from_file(path, kind: str | None = None, **options):
     """(program, network or None): a Lava export as stored, or a network file mapped with
-    ``mapping.to_program(network, kind or "fixed", **options)`` (options: dt, steps, tol, frac_bits, ...; None
-    values are left at their defaults). An export refuses options and another kind: they were fixed at export."""
+    ``mapping.to_program(network, kind or "fixed", deployment, **options)`` (options: dt, steps, tol, frac_bits,
+    ...; None values are left to the network's stored ``Deployment``). An export refuses options and another kind: they were fixed at export."""
     from ebm_sim import storage
+    from ebm_sim.deployment import Deployment
 
     from . import lava_file
     from .mapping import to_program
@@ -32,7 +33,7 @@ def program_from_file(path, kind: str | None = None, **options):
                              f"{', '.join(given)} cannot be changed; export the network again instead")
         return program, None
     network = storage.load_dense_network(path, "the Lava mapping")
-    return to_program(network, kind or "fixed", **options), network
+    return to_program(network, kind or "fixed", Deployment.of_network_file(path), **options), network
 
 
 def _format_of(path) -> str | None:

@@ -22,11 +22,26 @@ import math
 
 import numpy as np
 
+from ebm_sim.deployment import Deployment
 from ebm_sim.network import Network
 
 from .program import (ACCUMULATOR_BITS, DT_BITS, PAYLOAD_BITS, WEIGHT_EXP_RANGE, WEIGHT_MANTISSA_RANGE, LavaProgram)
 
-DEPLOYED = {"dt": 1.0, "steps": 30, "tol": 1e-4}  # the fixed_point relaxation the trained networks use (README)
+#: the integrators the Lava graph runs: it updates every layer at once from the previous states (synchronous Euler)
+LAVA_METHODS = ("fixed_point", "euler")
+
+
+def relaxation_of(deployment: Deployment) -> dict:
+    """The Lava graph's {"dt", "steps", "tol"} for a network's ``Deployment``; ValueError for a method the graph does
+    not run (alternating, rk45)."""
+    if deployment.method not in LAVA_METHODS:
+        raise ValueError(f"the network is deployed with {deployment.method!r}, but the Lava graph updates every layer "
+                         f"at once (synchronous Euler: {', '.join(LAVA_METHODS)}); give dt, steps and tol "
+                         f"(--dt 1 --steps N --tol T) to map it with the fixed-point iteration")
+    return {"dt": deployment.step, "steps": int(deployment.max_steps), "tol": float(deployment.tol)}
+
+
+DEPLOYED = relaxation_of(Deployment())  # the default deployment (fixed_point, 30 steps, tol 1e-4)
 MAX_UNITS = 1_048_576          # neurons per Loihi 2 chip (Intel Loihi 2 brief, 2021: "up to 1 million")
 MAX_SYNAPSES = 120_000_000     # synapses per Loihi 2 chip (same brief: "up to 120 million")
 MAX_FRAC_BITS = 16             # state resolution 2^-16: far finer than the 8-bit weights, and tol 1e-4 is 6.6 units
@@ -201,9 +216,14 @@ def fixed_program(network: Network, dt: float = DEPLOYED["dt"], steps: int = DEP
                        field_bits=tuple(q + e for e in extra), network_hash=network.content_hash(), notes=notes)
 
 
-def to_program(network: Network, kind: str = "float", **options) -> LavaProgram:
+def to_program(network: Network, kind: str = "float", deployment: Deployment | None = None,
+               **options) -> LavaProgram:
     """``float_program`` or ``fixed_program`` by ``kind`` ("float" | "fixed"); options: dt, steps, tol (and for
-    fixed point frac_bits, max_weight_error, max_zeroed)."""
+    fixed point frac_bits, max_weight_error, max_zeroed). deployment: the network's ``Deployment``, whose dt, steps
+    and tol (``relaxation_of``) apply where options do not give them."""
+    if deployment is not None:
+        given = {k for k in ("dt", "steps", "tol") if k in options}
+        options = {**({} if given == {"dt", "steps", "tol"} else relaxation_of(deployment)), **options}
     if kind == "float":
         return float_program(network, **options)
     if kind == "fixed":

@@ -38,7 +38,8 @@ STUDENT_TARGETS = tuple(t for t in TARGETS if t.startswith("student_"))
 @dataclass
 class CompareSpec:
     """What ``compare`` measures: the network file, the data (``limit`` seeded, class-stratified test samples, or
-    the whole test split), an optional student file, the relaxation (dt, steps, tol; dt = 1 is fixed_point),
+    the whole test split), an optional student file, the relaxation (dt, steps, tol; dt = 1 is fixed_point; None:
+    the network's stored ``Deployment``),
     the throughput batch, the number of single-sample latency calls, the repeats of the batch timing, an optional
     cap on the samples Lava runs (its simulation is slow), and an optional cost-table JSON (default: Loihi)."""
 
@@ -51,9 +52,9 @@ class CompareSpec:
     latency_samples: int = 100
     repeats: int = 5
     lava_limit: int | None = None
-    dt: float = 1.0
-    steps: int = 30
-    tol: float = 1e-4
+    dt: float | None = None
+    steps: int | None = None
+    tol: float | None = None
     cost_table: str | None = None
 
     def __post_init__(self):
@@ -69,6 +70,14 @@ class CompareSpec:
             value = getattr(self, name)
             if value is not None and not Path(value).is_file():
                 raise FileNotFoundError(f"{name}: no such file {value}")
+        if None in (self.dt, self.steps, self.tol):  # the relaxation the network is deployed with fills the gaps
+            from ebm_sim.deployment import Deployment
+
+            from .mapping import relaxation_of
+            deployed = relaxation_of(Deployment.of_network_file(self.network))
+            for name in ("dt", "steps", "tol"):
+                if getattr(self, name) is None:
+                    setattr(self, name, deployed[name])
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("torchattacks")
 
+from ebm_sim.deployment import Deployment  # noqa: E402
 from ebm_cli.main import main  # noqa: E402
 from ebm_pipeline import STAGES, PipelineConfig, run_pipeline  # noqa: E402
 
@@ -88,7 +89,7 @@ def study(tmp_path_factory):
 def test_defaults_files_and_refusals(tmp_path):
     digits = PipelineConfig()
     assert digits.dataset == "digits" and digits.sections["network"]["layers"] == [64, 256, 10]
-    assert digits.deployment == {"method": "fixed_point", "tol": 1e-4, "max_steps": 30, "dt": None}
+    assert digits.deployment == Deployment(method="fixed_point", tol=1e-4, max_steps=30, dt=None)
     assert digits.section("robustness").samples == 200 and digits.torch_threads == 1
     assert PipelineConfig(dataset="fashion-mnist").section("robustness").eps_linf == 0.1
     toml = tmp_path / "c.toml"

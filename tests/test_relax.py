@@ -8,13 +8,13 @@ import pytest
 from scipy.integrate import solve_ivp
 
 from ebm_sim import energy as E
-from ebm_sim import reference
+from ebm_sim import integrators, reference
 from ebm_sim.network import ACTIVATIONS, Network
 from ebm_sim.relax import DivergenceError, relax
 
 SIZES = (6, 5, 4, 3)
-KERNEL_METHODS = ["euler", "fixed_point", "alternating", "rk45"]
-FIXED_POINT_FAMILY = ["euler", "fixed_point", "alternating"]
+KERNEL_METHODS = list(integrators.methods("dense", "numba", deployable=True))
+FIXED_POINT_FAMILY = [m for m in KERNEL_METHODS if not integrators.INTEGRATORS[m].adaptive]
 ACTIVATION_NAMES = sorted(ACTIVATIONS)
 STATE_TOL = {np.float64: 1e-12, np.float32: 1e-5}
 

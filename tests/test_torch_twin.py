@@ -97,7 +97,7 @@ def test_twin_refuses_unknown_method_and_device(problem):
         torch_twin.relax(network, x, method="rk45")
     with pytest.raises(ValueError, match="unknown torch device"):
         TrainConfig(backend="torch", device="abacus")
-    with pytest.raises(ValueError, match="not rk45"):
+    with pytest.raises(ValueError, match="not 'rk45'"):
         TrainConfig(backend="torch", method="rk45")
 
 

@@ -142,7 +142,7 @@ def test_resume_refuses_other_settings_or_data(digits, tmp_path):
     (dict(weight_decay=-1.0), "weight_decay must be >= 0"),
     (dict(nudging="sideways"), "unknown nudging 'sideways'"),
     (dict(optimizer="lbfgs"), "unknown optimizer 'lbfgs'"),
-    (dict(method="solve_ivp"), "method must be one of"),
+    (dict(method="solve_ivp"), "trains with method fixed_point, euler, alternating, rk45, not 'solve_ivp'"),
     (dict(tol=-1e-4), "tol must be >= 0"),
     (dict(tol=0.0, method="rk45"), "tol must be > 0"),
     (dict(free_steps=0), "free_steps must be a positive integer"),

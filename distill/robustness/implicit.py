@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from ebm_sim import torch_twin
+from ebm_sim import integrators, torch_twin
+from ebm_sim.deployment import Deployment
+from ebm_sim.deployment import resolve as resolve_deployment
 from ebm_sim.network import Network
 
 
@@ -36,12 +38,13 @@ class ImplicitEBM(torch.nn.Module):
     """
 
     def __init__(self, network: Network, method: str = "fixed_point", max_steps: int = 30, tol: float = 1e-4,
-                 dt: float | None = None, adjoint_tol: float = 1e-4, adjoint_max_steps: int = 100, device="cpu"):
+                 dt: float | None = None, adjoint_tol: float = 1e-4, adjoint_max_steps: int = 100, device="cpu",
+                 deployment: Deployment | None = None):
         super().__init__()
-        if method not in torch_twin.TWIN_METHODS:
-            raise ValueError(f"implicit differentiation solves the fixed point with the Torch twin, which relaxes "
-                             f"with {', '.join(torch_twin.TWIN_METHODS)}, not {method!r}")
-        self.method, self.max_steps, self.tol, self.dt = method, int(max_steps), float(tol), dt
+        method, tol, max_steps, dt = resolve_deployment(deployment, ImplicitEBM.__init__, method, tol, max_steps, dt)
+        integrators.get(method, "dense", "torch", "implicit differentiation (it solves the fixed point with the "
+                                                 "Torch twin)")
+        self.deployment = Deployment(method=method, dt=dt, tol=float(tol), max_steps=int(max_steps))
         self.adjoint_tol, self.adjoint_max_steps = float(adjoint_tol), int(adjoint_max_steps)
         net = torch_twin.TorchNetwork.from_network(network, device)
         # parameters (not trained here) so that attack libraries find the device and dtype, and .to() moves them
@@ -67,7 +70,7 @@ class ImplicitEBM(torch.nn.Module):
         net = self.twin()
         x = x.reshape(x.shape[0], -1).to(net.dtype)
         with torch.no_grad():
-            relaxed = torch_twin.relax(net, x.detach(), self.method, self.tol, self.max_steps, self.dt)
+            relaxed = torch_twin.relax(net, x.detach(), deployment=self.deployment)
         fixed = relaxed.states
         deployed = relaxed.logits if net.readout is not None else relaxed.output_update
         if not torch.is_grad_enabled() or not x.requires_grad:

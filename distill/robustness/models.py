@@ -24,52 +24,15 @@ toolkit's students and baselines, ``EBMUnderTest`` an EBM network file.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ebm_sim import storage
+from ebm_sim.deployment import Deployment
 
 from .config import EBM_GRADIENTS
-
-
-@dataclass(frozen=True)
-class Deployment:
-    """How an EBM predicts: its free phase's integrator, tolerance and step cap (zero initial state, input clamped).
-
-    ``Deployment.of_network_file(path)`` reads them from the training configuration stored with a trained network
-    (method, tol, free_steps, dt); an untrained network gets the defaults below."""
-
-    method: str = "fixed_point"
-    tol: float = 1e-4
-    max_steps: int = 30
-    dt: float | None = None
-
-    def __post_init__(self):
-        from ebm_sim import torch_twin
-        if self.method not in torch_twin.TWIN_METHODS:
-            raise ValueError(f"an EBM is attacked through its Torch twin, which relaxes with "
-                             f"{', '.join(torch_twin.TWIN_METHODS)}; the deployment method {self.method!r} is not one")
-        if not (isinstance(self.tol, (int, float)) and math.isfinite(self.tol) and self.tol >= 0):
-            raise ValueError(f"deployment tol must be a finite number >= 0, got {self.tol!r}")
-        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1:
-            raise ValueError(f"deployment max_steps must be an integer >= 1, got {self.max_steps!r}")
-
-    @classmethod
-    def of_network_file(cls, path, info: dict | None = None) -> "Deployment":
-        """info: the file's ``storage.artifact_info`` when the caller has read it already."""
-        info = info or storage.artifact_info(path)
-        config = info["summary"].get("extra", {}).get("config") or {}
-        if not config:
-            return cls()
-        return cls(method=config.get("method", "fixed_point"), tol=float(config.get("tol", 1e-4)),
-                   max_steps=int(config.get("free_steps", 30)), dt=config.get("dt"))
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _batches(n: int, size: int):
@@ -182,10 +145,9 @@ class EBMUnderTest(ModelUnderTest):
         d = self.deployment
         raw = {}
         if "bptt" in gradients:
-            raw["bptt"] = torch_twin.EBMClassifier(self.network, d.method, d.max_steps, d.tol, d.dt,
-                                                   logits="update").eval()
+            raw["bptt"] = torch_twin.EBMClassifier(self.network, logits="update", deployment=d).eval()
         if "implicit" in gradients:
-            raw["implicit"] = ImplicitEBM(self.network, d.method, d.max_steps, d.tol, d.dt).eval()
+            raw["implicit"] = ImplicitEBM(self.network, deployment=d).eval()
         self.raw_sources = dict(raw)
         self.sources = {name: AgreeWithDeployed(module, self) for name, module in raw.items()}
         self.student_path = None
@@ -209,8 +171,8 @@ class EBMUnderTest(ModelUnderTest):
         from ebm_sim.relax import relax
         d = self.deployment
         x = np.asarray(x, dtype=self.network.dtype).reshape(len(x), -1)
-        return [relax(self.network, x[a:b], method=d.method, tol=d.tol, max_steps=d.max_steps, dt=d.dt,
-                      on_divergence="flag") for a, b in _batches(len(x), self.batch_size)]
+        return [relax(self.network, x[a:b], on_divergence="flag", deployment=d)
+                for a, b in _batches(len(x), self.batch_size)]
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         results = self._relax(x)

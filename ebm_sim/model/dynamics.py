@@ -1,25 +1,19 @@
-"""Relaxation of a layered network, written once over backends (numpy reference, torch on CPU/CUDA).
+"""Relaxation of a layered network, written once over backends (numpy reference, numba, torch on CPU/CUDA).
 
-    "euler"        s <- clip(s + dt (a h - s), 0, 1)                       residual max |s_{t+1} - s_t| / dt
-    "fixed_point"  s <- clip(a h, 0, 1) (Euler with dt = 1), all layers from the same states (synchronous)
-    "alternating"  the same update, layers s_1, s_3, ... first, then s_2, s_4, ... from the new odd layers
-    "rk45"         adaptive Dormand-Prince 5(4) on the projected flow P(a h - s) (numpy backend)
-    "solve_ivp"    SciPy's RK45 on the projected flow, float64, one sample at a time (numpy backend; slow reference)
-The adaptive methods are :mod:`ebm_sim.reference`'s (``rk45_packed``, ``solve_ivp_packed``) on the packed states.
-The rule is :mod:`ebm_sim.relax`'s: each sample stops when its residual is below tol (per_sample=True: it is frozen
-while the others go on) or at max_steps; tol = 0 runs exactly max_steps steps. Methods and default steps: the
-simulator's one table (``ebm_sim.relax.DEFAULT_DT``).
+The methods, their updates, residuals and step rules are the one table of :mod:`ebm_sim.integrators`: the fixed-step
+family (euler, fixed_point, alternating) on every interaction backend; rk45 and solve_ivp are
+:mod:`ebm_sim.reference`'s solvers (``rk45_packed``, ``solve_ivp_packed``) on the packed states (numpy backend). Each
+sample stops when its residual is below tol (per_sample=True: it is frozen while the others go on) or at max_steps;
+tol = 0 runs exactly max_steps steps.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..relax import DEFAULT_DT
+from .. import integrators
 from .energy import clamped_fields, local_fields, parameters
 from .interaction import array_ops
 
-LAYERED_METHODS = ("euler", "fixed_point", "alternating", "rk45", "solve_ivp")
-ADAPTIVE = ("rk45", "solve_ivp")
 
 
 @dataclass
@@ -32,13 +26,6 @@ class LayeredRelaxResult:
     residual: object
     converged: object
     output_update: object = None
-
-
-def update_groups(method: str, num_layers: int) -> list:
-    """0-based state indices updated together: all at once, or the odd layers s_1, s_3, ... then the even ones."""
-    if method == "alternating":
-        return [list(range(0, num_layers, 2)), list(range(1, num_layers, 2))]
-    return [list(range(num_layers))]
 
 
 def relax(network, x, method: str = "fixed_point", tol: float = 1e-4, max_steps: int = 1000, dt=None,
@@ -54,17 +41,13 @@ def relax_clamped(network, x, method: str = "fixed_point", tol: float = 1e-4, ma
                   beta: float = 0.0, target=None, initial=None, params=None,
                   per_sample: bool = True) -> LayeredRelaxResult:
     """``relax`` with x already the clamped layer s_0 (normalized)."""
-    if method not in LAYERED_METHODS:
-        raise ValueError(f"a layered network relaxes with {', '.join(LAYERED_METHODS)}, not {method!r}")
+    backend = "numpy" if params is None else params.backend
+    integrator = integrators.get(method, "layered", backend, f"a layered network on the {backend} backend")
     if x.shape[1:] != network.input_shape:
         raise ValueError(f"inputs have shape {tuple(x.shape[1:])}, the network's input layer {network.input_shape}")
-    if method in ADAPTIVE:
+    if integrator.adaptive:
         return _relax_adaptive(network, x, method, tol, max_steps, dt, beta, target, initial, params)
-    dt = DEFAULT_DT[method] if dt is None else dt
-    if method != "euler" and dt != 1.0:
-        raise ValueError(f"{method} is the dt = 1 update; use euler for dt = {dt}")
-    if not 0 < dt <= 1:
-        raise ValueError(f"dt must be in (0, 1], got {dt}")
+    dt = integrator.resolve_dt(dt)
     params = parameters(network) if params is None else params
     ops = array_ops(params.backend)
     a = network.slope
@@ -81,7 +64,7 @@ def relax_clamped(network, x, method: str = "fixed_point", tol: float = 1e-4, ma
     clamped = clamped_fields(network, x, params)
     for _ in range(max_steps):
         change = ops.full(batch, 0.0, x)
-        for group in update_groups(method, network.num_layers):
+        for group in integrator.update_groups(network.num_layers):
             fields = local_fields(network, x, states, beta, target, params, layers=group, clamped=clamped)
             for k in group:
                 raw = a * fields[k] if dt == 1.0 else states[k] + dt * (a * fields[k] - states[k])
@@ -108,11 +91,9 @@ def _relax_adaptive(network, x, method, tol, max_steps, dt, beta, target, initia
 
     from ..energy import projected_velocity
     from ..reference import rk45_packed, solve_ivp_packed
-    from ..relax import RelaxSettings
+    from ..relax_types import RelaxSettings
     from .energy import velocity
 
-    if params is not None and params.backend != "numpy":
-        raise ValueError(f"{method} runs on the numpy backend, not {params.backend}")
     settings = RelaxSettings(method=method, tol=tol, max_steps=max_steps, dt=dt, beta=beta, backend="numpy")
     shapes = network.state_shapes
     sizes = np.cumsum([int(np.prod(shape)) for shape in shapes])[:-1]
