@@ -35,6 +35,20 @@ def run_groups(script: str, groups, arguments: list) -> dict:
     return results
 
 
+RESULTS = _HERE / "results"
+
+
+def output_path(name: str, quick: bool, out=None) -> Path:
+    """Where a benchmark writes its JSON: ``out``, else benchmarks/results/NAME.json (a full run) or
+    benchmarks/results/quick/NAME.json (--quick). A quick run never writes over the recorded full results:
+    SystemExit naming them, before any work."""
+    full = RESULTS / f"{name}.json"
+    path = Path(out) if out else (RESULTS / "quick" / f"{name}.json" if quick else full)
+    if quick and path.resolve() == full.resolve():
+        raise SystemExit(f"--quick never writes over the recorded full results ({full}); give another --out")
+    return path
+
+
 def write_results(results: dict, out) -> None:
     """Write the JSON atomically to ``out`` and print it as the last line."""
     from ebm_sim.storage import write_json

@@ -41,10 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import run_groups, write_results  # noqa: E402
+from _common import output_path, run_groups, write_results  # noqa: E402
 
-FULL_OUT = ROOT / "benchmarks" / "results" / "conv.json"
-QUICK_OUT = ROOT / "benchmarks" / "results" / "quick" / "conv.json"
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 LABORIEUX = "laborieux2021-cifar10"
 CPU = "cifar10-cpu"
@@ -269,7 +267,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small settings (under a minute), written to "
                                                                  "benchmarks/results/quick/conv.json by default")
-    parser.add_argument("--out", default=None, help=f"JSON result (default {FULL_OUT.relative_to(ROOT)})")
+    parser.add_argument("--out", default=None, help="JSON result (default benchmarks/results/conv.json; with --quick "
+                        "benchmarks/results/quick/conv.json: never the full results)")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA,
                         help="folder holding cifar-10-batches-py (default ../shared/data)")
     parser.add_argument("--groups", type=lambda text: text.split(","), default=None,
@@ -279,9 +278,7 @@ def main(argv=None):
     if args.group:
         print(json.dumps(GROUPS[args.group](args.quick, args.data_dir)))
         return
-    out = Path(args.out) if args.out else (QUICK_OUT if args.quick else FULL_OUT)
-    if args.quick and out.resolve() == FULL_OUT.resolve():
-        raise SystemExit(f"--quick never writes over the recorded full results ({FULL_OUT}); give another --out")
+    out = output_path("conv", args.quick, args.out)
     unknown = sorted(set(args.groups or []) - set(GROUPS))
     if unknown:
         raise SystemExit(f"unknown groups {unknown}; choose from {', '.join(GROUPS)}")

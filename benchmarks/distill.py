@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 
-from _common import run_groups, wall_times, write_results  # noqa: E402
+from _common import output_path, run_groups, wall_times, write_results  # noqa: E402
 from ebm_sim import storage  # noqa: E402
 from ebm_sim.batch_relax import relax_to_file  # noqa: E402
 from ebm_sim.datasets import load_dataset  # noqa: E402
@@ -245,14 +245,16 @@ def run(args) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the digits network, small settings (under a minute)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distill.json"))
+    parser.add_argument("--out", default=None, help="JSON result (default benchmarks/results/distill.json; with "
+                        "--quick benchmarks/results/quick/distill.json: never the full results)")
     parser.add_argument("--group", choices=sorted(GROUPS), help=argparse.SUPPRESS)  # internal: one group
     parser.add_argument("--case", default="deep", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.group:
         print(json.dumps(GROUPS[args.group](args.case, args.quick)))
         return
-    write_results(run(args), args.out)
+    out = output_path("distill", args.quick, args.out)
+    write_results(run(args), out)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 
-from _common import write_results  # noqa: E402
+from _common import output_path, write_results  # noqa: E402
 from hardware.targets import CompareSpec, compare, format_table  # noqa: E402
 
 NETWORKS = ROOT / "benchmarks" / "results" / "networks"
@@ -97,8 +97,10 @@ def _target_entry(row: dict) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="digits only, small settings (under two minutes)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "hardware.json"))
+    parser.add_argument("--out", default=None, help="JSON result (default benchmarks/results/hardware.json; with "
+                        "--quick benchmarks/results/quick/hardware.json: never the full results)")
     args = parser.parse_args(argv)
+    out = output_path("hardware", args.quick, args.out)
     cases = QUICK if args.quick else FULL
     started = time.perf_counter()
     results = {"quick": args.quick, "deployed_relaxation": {"method": "fixed_point", **DEPLOYED},
@@ -115,7 +117,7 @@ def main(argv=None):
     results["targets"] = headline["targets"]
     results["machine"]["load_average_at_end"] = os.getloadavg()
     results["total_s"] = time.perf_counter() - started
-    write_results(results, args.out)
+    write_results(results, out)
 
 
 if __name__ == "__main__":

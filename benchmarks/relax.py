@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import run_groups, wall_times, write_results  # noqa: E402
+from _common import output_path, run_groups, wall_times, write_results  # noqa: E402
 from ebm_sim import integrators  # noqa: E402
 from ebm_sim.network import Network  # noqa: E402
 from ebm_sim.relax import relax  # noqa: E402
@@ -223,13 +223,15 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (under a minute)")
     parser.add_argument("--network", help="an HDF5 network with 784 inputs (default: a seeded random one)")
     parser.add_argument("--tol", type=float, default=1e-4)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "relax.json"))
+    parser.add_argument("--out", default=None, help="JSON result (default benchmarks/results/relax.json; with "
+                        "--quick benchmarks/results/quick/relax.json: never the full results)")
     parser.add_argument("--group", choices=sorted(GROUPS), help=argparse.SUPPRESS)  # internal: one group
     args = parser.parse_args(argv)
     if args.group:
         print(json.dumps(run_group(args)))
         return
-    write_results(run(args), args.out)
+    out = output_path("relax", args.quick, args.out)
+    write_results(run(args), out)
 
 
 if __name__ == "__main__":

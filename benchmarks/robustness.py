@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 
-from _common import write_results  # noqa: E402
+from _common import output_path, write_results  # noqa: E402
 from ebm_sim import storage  # noqa: E402
 from ebm_sim.datasets import load_dataset  # noqa: E402
 from ebm_sim.batch_relax import relax_to_file  # noqa: E402
@@ -168,7 +168,7 @@ def main(argv=None):
     base = Path(scratch.name) if scratch else RESULTS
     models_dir = Path(args.models_dir) if args.models_dir else (base / "models" if scratch else NETWORKS)
     eval_dir = Path(args.eval_dir) if args.eval_dir else base / "robustness"
-    out_path = Path(args.out) if args.out else RESULTS / ("quick" if args.quick else "") / "robustness.json"
+    out_path = output_path("robustness", args.quick, args.out)
     start = time.perf_counter()
     paths, training_seconds = prepare_models(settings, models_dir, not args.no_progress)
     data = load_dataset(settings["dataset"])

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import run_groups, write_results  # noqa: E402
+from _common import output_path, run_groups, write_results  # noqa: E402
 from ebm_sim import storage  # noqa: E402
 from ebm_sim.datasets import load_dataset  # noqa: E402
 from ebm_sim.network import Network  # noqa: E402
@@ -153,7 +153,8 @@ def run(args) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small settings (under a minute)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train.json"))
+    parser.add_argument("--out", default=None, help="JSON result (default benchmarks/results/train.json; with "
+                        "--quick benchmarks/results/quick/train.json: never the full results)")
     parser.add_argument("--networks-dir", type=Path, default=NETWORK_DIR,
                         help="where the trained networks are written (default benchmarks/results/networks)")
     parser.add_argument("--group", choices=sorted(GROUPS), help=argparse.SUPPRESS)  # internal: one group
@@ -161,7 +162,8 @@ def main(argv=None):
     if args.group:
         print(json.dumps(GROUPS[args.group](args.quick, args.networks_dir)))
         return
-    write_results(run(args), args.out)
+    out = output_path("train", args.quick, args.out)
+    write_results(run(args), out)
 
 
 if __name__ == "__main__":

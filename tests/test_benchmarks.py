@@ -97,3 +97,24 @@ def test_robustness_benchmark_quick(tmp_path):
         assert isinstance(model["audit_passed"], bool) and model["pgd_linf"] <= model["clean"]
     assert set(printed["models"]["EBM"]["per_source"]["pgd_linf"]) == {"bptt", "implicit", "transfer"}
     assert printed["models"]["EBM"]["clean"] > 0.9 and printed["cost_minutes"]["total_this_run"] > 0
+
+
+def test_a_quick_run_never_writes_over_the_recorded_results(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from _common import RESULTS, output_path
+    finally:
+        sys.path.pop(0)
+    import pytest
+    assert output_path("relax", quick=False) == RESULTS / "relax.json"
+    assert output_path("relax", quick=True) == RESULTS / "quick" / "relax.json"
+    assert output_path("relax", quick=True, out=tmp_path / "r.json") == tmp_path / "r.json"
+    with pytest.raises(SystemExit, match="never writes over the recorded full results"):
+        output_path("relax", quick=True, out=RESULTS / "relax.json")
+    for script in ("relax", "train", "distill", "hardware", "robustness", "conv"):
+        recorded = RESULTS / f"{script}.json"
+        before = recorded.read_bytes() if recorded.exists() else None
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", "--out",
+                               str(recorded)], capture_output=True, text=True, timeout=300)
+        assert done.returncode != 0 and "never writes over the recorded full results" in done.stderr, script
+        assert (recorded.read_bytes() if recorded.exists() else None) == before, script
