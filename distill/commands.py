@@ -18,6 +18,8 @@ from pathlib import Path
 from ebm_sim.commands import ACTIVATION_HELP, parse_layers, parse_names, parse_rates
 from ebm_sim.outputs import add_output_argument, check_output, exclusive
 
+from . import formats  # noqa: F401  (registers ebm-feedforward, which `ebm info` reads)
+
 
 @contextmanager
 def _interruption_note(out: Path, log):

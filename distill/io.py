@@ -29,9 +29,9 @@ import torch
 from ebm_sim import storage
 from ebm_sim.storage import ArtifactError
 
+from .formats import FORMAT
 from .models import FeedForward
 
-FORMAT = "ebm-feedforward"
 KINDS = ("distilled", "standard", "pgd-at")
 _TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

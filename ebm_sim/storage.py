@@ -3,8 +3,8 @@
 One self-describing HDF5 file per artifact (full schemas: docs/formats.md). Every file carries the root
 attributes
 
-    format           "ebm-network" | "ebm-fixed-points" | "ebm-trajectory" | "ebm-feedforward" (distill.io) |
-                     "ebm-lava-program" (hardware.lava_file)
+    format           "ebm-network" | "ebm-fixed-points" | "ebm-trajectory", or a format another package registers
+                     (``register_format``) and writes through ``write_artifact``
     version          int, the version of the format the writer wrote (VERSIONS: the ones each format has; a network
                      is version 1 for a dense ``Network``, 2 for a ``LayeredNetwork`` of layers and interactions)
     created          ISO 8601 time (UTC) of writing
@@ -41,15 +41,23 @@ from .outputs import RecordingFile, atomic_path, interrupts_deferred  # atomic_p
 
 FORMAT_VERSION = 1  # the version every format started at (a dense Network is still written as version 1)
 LAYERED_NETWORK_VERSION = 2  # an ebm-network file of a LayeredNetwork (layers, interactions, cost)
-FORMATS = {
-    "ebm-network": "a network",
-    "ebm-fixed-points": "a fixed-point dataset",
-    "ebm-trajectory": "a trajectory",
-    "ebm-feedforward": "a feedforward model",  # written by distill.io (torch side), through write_artifact
-    "ebm-lava-program": "a Lava program",  # written by hardware.lava_file through write_artifact
-}
-VERSIONS = {**{fmt: (FORMAT_VERSION,) for fmt in FORMATS},  # format -> the versions this toolkit reads
-            "ebm-network": (FORMAT_VERSION, LAYERED_NETWORK_VERSION)}
+FORMATS = {}    # format -> what a file of it holds, for messages ("a network")
+VERSIONS = {}   # format -> the versions this toolkit reads
+SUMMARIES = {}  # format -> attrs -> the summary ``artifact_info`` shows (formats registered by other packages)
+
+
+def register_format(name: str, noun: str, versions: tuple = (FORMAT_VERSION,), summary=None) -> None:
+    """Make a format known to the readers and writers here: its name, what a file of it holds ("a feedforward
+    model"), the versions this toolkit reads, and optionally ``summary(attrs) -> dict`` for ``artifact_info``.
+    A package that writes its own format through ``write_artifact`` registers it when imported."""
+    FORMATS[name], VERSIONS[name] = noun, tuple(versions)
+    if summary is not None:
+        SUMMARIES[name] = summary
+
+
+register_format("ebm-network", "a network", (FORMAT_VERSION, LAYERED_NETWORK_VERSION))
+register_format("ebm-fixed-points", "a fixed-point dataset")
+register_format("ebm-trajectory", "a trajectory")
 HEADER_ATTRS = ("format", "version", "created", "toolkit_version", "content_hash")
 _UNHASHED_ATTRS = ("created", "toolkit_version", "content_hash")
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -182,7 +190,7 @@ def _write_artifact(path, fmt: str, datasets: dict, config: dict, version: int =
 
 
 def write_artifact(path, fmt: str, datasets: dict, config: dict, version: int = FORMAT_VERSION) -> str:
-    """Public hook for a format written outside this module (``"ebm-feedforward"``: ``distill.io``): atomically
+    """Public hook for a format written outside this module (registered with ``register_format``): atomically
     write ``datasets`` (name -> array, stored as given) and the common header plus ``config`` (str, int, float,
     bool or int-list attributes; JSON strings for objects); return the content hash. ``fmt`` must be in FORMATS,
     ``version`` one of ``VERSIONS[fmt]``."""
@@ -272,7 +280,8 @@ def _check_header(path: Path, attrs: dict, expected: str | None) -> None:
     if fmt is None:
         raise ArtifactError(f"{path} is an HDF5 file but not an ebm-toolkit artifact (no 'format' attribute)")
     if fmt not in FORMATS:
-        raise ArtifactError(f"{path} has unknown format {fmt!r}; known formats: {', '.join(FORMATS)}")
+        raise ArtifactError(f"{path} has unknown format {fmt!r}; known formats: {', '.join(FORMATS)} (a package's "
+                            f"own format is known once that package is imported)")
     if expected is not None and fmt != expected:
         raise ArtifactError(f"{path} holds {FORMATS[fmt]} (format {fmt!r}), but {FORMATS[expected]} "
                             f"(format {expected!r}) was expected")
@@ -718,14 +727,9 @@ def artifact_info(path) -> dict:
     summary = {}
     if fmt == "ebm-network":
         summary = _network_summary(path, datasets, attrs)
-    elif fmt == "ebm-feedforward":
-        summary = {key: attrs.get(key) for key in ("kind", "layer_sizes", "activation", "readout", "dataset",
-                                                   "network_hash", "fixed_points_hash", "model_hash")}
-        summary["config"] = json.loads(attrs.get("config", "{}"))
-    elif fmt == "ebm-lava-program":
-        summary = {key: attrs.get(key) for key in ("kind", "layer_sizes", "dt", "steps", "tol", "frac_bits",
-                                                   "weight_bits", "forward_exps", "backward_exps", "network_hash")}
-    else:
+    elif fmt in SUMMARIES:
+        summary = SUMMARIES[fmt](attrs)
+    elif fmt in ("ebm-fixed-points", "ebm-trajectory"):
         summary = {"network_hash": attrs.get("network_hash"), "settings": json.loads(attrs.get("settings", "{}"))}
         keys = ("num_samples", "layer_sizes") if fmt == "ebm-fixed-points" else ("num_steps", "batch_size",
                                                                                   "state_sizes")

@@ -15,6 +15,8 @@ from __future__ import annotations
 from ebm_sim.outputs import add_output_argument
 from ebm_sim.storage import write_json, write_text
 
+from . import formats  # noqa: F401  (registers ebm-lava-program, which `ebm info` reads)
+
 
 def _relaxation_options(args) -> dict:
     return {"dt": args.dt, "steps": args.steps, "tol": args.tol}

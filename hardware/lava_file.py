@@ -79,6 +79,8 @@ def save_program(path, program: LavaProgram) -> str:
              "program_hash": program.content_hash(), "topology": json.dumps(described["topology"], sort_keys=True),
              "notes": json.dumps(program.notes, sort_keys=True)}
     from ebm_sim import storage  # the toolkit's writer (atomic, common header); reading needs none of ebm_sim
+
+    from . import formats  # noqa: F401  (registers the format with it)
     return storage.write_artifact(path, FORMAT, datasets, attrs)
 
 

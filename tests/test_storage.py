@@ -437,3 +437,25 @@ def test_plain_files_are_written_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.png", "r.json"]
     with pytest.raises(OutputError, match="does not exist"):
         storage.write_text(tmp_path / "missing" / "t.txt", "x")
+
+
+def test_other_packages_register_their_formats(tmp_path):
+    """storage names only its own formats; another package registers its own (noun, versions, summary) and writes
+    it through write_artifact; an unregistered format is refused by name."""
+    source = Path(storage.__file__).read_text()
+    assert "ebm-feedforward" not in source and "ebm-lava-program" not in source
+    path = tmp_path / "thing.h5"
+    with pytest.raises(ValueError, match="unknown format 'ebm-test-thing'"):
+        storage.write_artifact(path, "ebm-test-thing", {"a": np.arange(3)}, {"colour": "blue"})
+    storage.register_format("ebm-test-thing", "a test thing", (1,), lambda attrs: {"colour": attrs.get("colour")})
+    try:
+        storage.write_artifact(path, "ebm-test-thing", {"a": np.arange(3)}, {"colour": "blue"})
+        info = storage.artifact_info(path)
+        assert info["format"] == "ebm-test-thing" and info["summary"] == {"colour": "blue"}
+        with pytest.raises(storage.ArtifactError, match="holds a test thing"):
+            storage.load_network(path)
+    finally:
+        for registry in (storage.FORMATS, storage.VERSIONS, storage.SUMMARIES):
+            registry.pop("ebm-test-thing", None)
+    with pytest.raises(storage.ArtifactError, match="unknown format 'ebm-test-thing'.*once that package is imported"):
+        storage.artifact_info(path)
