@@ -47,8 +47,9 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data"
 LABORIEUX = "laborieux2021-cifar10"
 CPU = "cifar10-cpu"
 THREADS = 2
-NUMBA_NOTE = ("per-interaction Numba kernels (im2col + SciPy BLAS GEMM) under the Python relaxation loop; no Numba "
-              "driver owning the whole relaxation yet")
+NUMBA_NOTE = ("per-interaction Numba kernels under a Python relaxation loop that retires stopped samples: im2col + "
+              "SciPy BLAS GEMM, and Winograd F(2x2, 3x3) for 3x3 stride-1 convolutions of >= 128 input channels and "
+              ">= 256 tiles (the Laborieux net at batch 128); no Numba driver owning the whole relaxation yet")
 
 
 def cifar(data_dir, quick: bool):

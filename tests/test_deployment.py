@@ -108,3 +108,17 @@ def test_the_lava_mapper_reads_the_deployment(problem, tmp_path):
     storage.save_network(path, network, extra_attrs={"deployment": d.as_dict()})
     program, _ = program_from_file(path, "float")
     assert (program.dt, program.steps, program.tol) == (0.5, 12, 1e-3)
+
+
+def test_layered_networks_take_the_deployment():
+    from ebm_sim.model import LayeredNetwork
+    from ebm_sim.model.dynamics import relax as relax_layered
+    net = LayeredNetwork.init("2x6x6, conv 3 k3 p1 maxpool, 5", seed=0, dtype=np.float64)
+    x = np.random.default_rng(0).random((4, 2, 6, 6))
+    d = Deployment(method="euler", dt=0.5, tol=1e-6, max_steps=40)
+    a, b = relax_layered(net, x, deployment=d), relax_layered(net, x, "euler", 1e-6, 40, 0.5)
+    np.testing.assert_array_equal(a.steps, b.steps)
+    for s, t in zip(a.states, b.states):
+        np.testing.assert_array_equal(s, t)
+    with pytest.raises(ValueError, match="pass either a deployment or max_steps"):
+        relax_layered(net, x, max_steps=3, deployment=d)

@@ -161,3 +161,77 @@ def test_shapes_that_do_not_fit_are_refused():
         numba.post_field(i, params, np.zeros((1, 2, 6, 6)))
     with pytest.raises(ValueError, match="s_post has shape"):
         numba.pre_field(i, params, np.zeros((1, 3, 6, 6)), np.zeros((1, 2, 6, 6)))
+
+
+# ------------------------------------------------------------------------------------------ Winograd F(2x2, 3x3)
+@pytest.fixture
+def winograd_everywhere(monkeypatch):
+    """Every 3x3 stride-1 convolution runs by Winograd, however few its channels and tiles."""
+    from ebm_sim.model import winograd
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "MIN_TILES", 1)
+
+
+WINOGRAD_GEOMETRIES = [  # padding, pool, input (C, H, W)
+    (1, "max", (3, 9, 11)),   # odd conv map: the pooling drops a row and a column, the last tiles are cut
+    (0, "avg", (2, 8, 7)),
+    (2, None, (4, 5, 6)),     # the transpose's padding is 0
+    (1, None, (2, 1, 1)),     # one pixel
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("geometry", WINOGRAD_GEOMETRIES, ids=lambda g: f"p{g[0]}{g[1]}{'x'.join(map(str, g[2]))}")
+def test_winograd_convolutions_match_numpy(geometry, dtype, winograd_everywhere):
+    padding, pool, shape = geometry
+    i = Conv2d(1, 2, kernel=3, padding=padding, pool=pool)
+    rng = np.random.default_rng(padding)
+    post_shape = i.output_shape(shape, 5)
+    i.init_params(rng, shape, post_shape, dtype)
+    prepared = implementation("conv2d", "numba").prepare(i, i.params, 3, shape)
+    assert {"winograd_post", "winograd_pre"} <= set(prepared) and prepared["weight"] is i.params["weight"]
+    s_pre = rng.standard_normal((3,) + shape).astype(dtype)
+    s_post = rng.standard_normal((3,) + post_shape).astype(dtype)
+    check_interaction(i, prepared, s_pre, s_post, dtype)
+
+
+@pytest.mark.parametrize("method", ["fixed_point", "alternating"])
+def test_winograd_relaxation_matches_numpy(method, winograd_everywhere):
+    net, x, _, _ = case("maxpool+avgpool", batch=5, gain=0.8)
+    prepared = E.prepare(net, E.parameters(net, "numba"), 5)
+    assert any("winograd_pre" in p for p in prepared.interactions)
+    want = relax(net, x, method, tol=1e-7, max_steps=200)
+    got = relax(net, x, method, tol=1e-7, max_steps=200, params=E.parameters(net, "numba"))
+    np.testing.assert_array_equal(got.steps, want.steps)
+    for g, w in zip(got.states, want.states):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-10)
+
+
+def test_winograd_only_where_it_pays():
+    from ebm_sim.model import winograd
+    assert winograd.worthwhile(3, 1, 1, 128, 4, 16, 16)
+    assert not winograd.worthwhile(3, 2, 1, 128, 4, 16, 16)    # strided
+    assert not winograd.worthwhile(5, 1, 2, 128, 4, 16, 16)    # 5x5
+    assert not winograd.worthwhile(3, 1, 3, 128, 4, 16, 16)    # padding past the transpose's
+    assert not winograd.worthwhile(3, 1, 1, 64, 128, 32, 32)   # 64 input channels: im2col
+    assert not winograd.worthwhile(3, 1, 1, 512, 1, 16, 16)    # 64 tiles at batch 1
+    net, _, _, _ = case("maxpool+avgpool")                      # 2-4 channels: nothing to prepare
+    params = E.parameters(net, "numba")
+    assert E.prepare(net, params, 3) is params
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_stopped_samples_leave_the_batch_and_each_ends_as_alone(backend):
+    """Samples converge at different steps; the relaxation steps only those still running (gathered), and each
+    sample's states, steps and output update equal those of a relaxation of that sample alone."""
+    net, x, _, _ = case("maxpool+avgpool", batch=6, gain=0.8)
+    x[:3] *= 0.05  # nearly blank images settle sooner
+    params = E.parameters(net, backend)
+    together = relax(net, x, "fixed_point", tol=1e-6, max_steps=200, params=params)
+    assert together.steps.min() < together.steps.max()
+    for b in range(len(x)):
+        alone = relax(net, x[b:b + 1], "fixed_point", tol=1e-6, max_steps=200, params=params)
+        assert alone.steps[0] == together.steps[b]
+        for s_alone, s_together in zip(alone.states, together.states):
+            np.testing.assert_allclose(s_together[b:b + 1], s_alone, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(together.output_update[b:b + 1], alone.output_update, rtol=0, atol=1e-12)

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import integrators
-from .energy import clamped_fields, local_fields, parameters
+from ..deployment import resolve as resolve_deployment
+from .energy import clamped_fields, local_fields, parameters, prepare
 from .interaction import array_ops
 
 
@@ -29,10 +30,13 @@ class LayeredRelaxResult:
 
 
 def relax(network, x, method: str = "fixed_point", tol: float = 1e-4, max_steps: int = 1000, dt=None,
-          beta: float = 0.0, target=None, initial=None, params=None, per_sample: bool = True) -> LayeredRelaxResult:
+          beta: float = 0.0, target=None, initial=None, params=None, per_sample: bool = True,
+          deployment=None) -> LayeredRelaxResult:
     """Relax images x (B, *input_shape) to a fixed point of a LayeredNetwork with ``params`` (numpy by default;
     torch tensors from ``energy.parameters(network, "torch", ...)`` relax on their device, differentiably if they or
-    x require grad and grad mode is on). The clamped layer is s_0 = network.normalize(x)."""
+    x require grad and grad mode is on). The clamped layer is s_0 = network.normalize(x). deployment: an
+    ``ebm_sim.deployment.Deployment`` that supplies method, tol, max_steps and dt (leave those at their defaults)."""
+    method, tol, max_steps, dt = resolve_deployment(deployment, relax, method, tol, max_steps, dt)
     return relax_clamped(network, network.normalize(x), method, tol, max_steps, dt, beta, target, initial, params,
                          per_sample)
 
@@ -48,7 +52,7 @@ def relax_clamped(network, x, method: str = "fixed_point", tol: float = 1e-4, ma
     if integrator.adaptive:
         return _relax_adaptive(network, x, method, tol, max_steps, dt, beta, target, initial, params)
     dt = integrator.resolve_dt(dt)
-    params = parameters(network) if params is None else params
+    params = prepare(network, parameters(network) if params is None else params, x.shape[0])
     ops = array_ops(params.backend)
     a = network.slope
     if initial is None:
@@ -59,22 +63,26 @@ def relax_clamped(network, x, method: str = "fixed_point", tol: float = 1e-4, ma
     active = ops.ones_bool(batch, x)
     steps = ops.zeros_int(batch, x)
     residual = ops.full(batch, float("inf"), x)
-    last = network.num_layers - 1
-    update = states[last]
+    update = ops.copy(states[-1])
     clamped = clamped_fields(network, x, params)
+    groups = integrator.update_groups(network.num_layers)
+    retire = per_sample and ops.retires
     for _ in range(max_steps):
-        change = ops.full(batch, 0.0, x)
-        for group in integrator.update_groups(network.num_layers):
-            fields = local_fields(network, x, states, beta, target, params, layers=group, clamped=clamped)
-            for k in group:
-                raw = a * fields[k] if dt == 1.0 else states[k] + dt * (a * fields[k] - states[k])
-                new = ops.clip(raw, 0.0, 1.0)
-                change = ops.maximum(change, ops.max_abs(new - states[k]))
-                states[k] = ops.where(active, new, states[k]) if per_sample else new
-                if k == last:
-                    update = ops.where(active, raw, update) if per_sample else raw
-        change = change / dt
-        residual = ops.where(active, change, residual) if per_sample else change
+        if retire and not ops.all(active):  # step only the samples still running, then write them back
+            rows = ops.nonzero(active)
+            new, raw, change = _step(network, groups, x[rows], [s[rows] for s in states], beta,
+                                     None if target is None else target[rows], params,
+                                     [None if c is None else c[rows] for c in clamped], a, dt, ops)
+            for s, n in zip(states, new):  # the relaxation's own arrays (zeros, copies, or results of where)
+                s[rows] = n
+            update[rows], residual[rows] = raw, change
+        else:
+            new, raw, change = _step(network, groups, x, states, beta, target, params, clamped, a, dt, ops)
+            if per_sample:
+                states = [ops.where(active, n, s) for n, s in zip(new, states)]
+                update, residual = ops.where(active, raw, update), ops.where(active, change, residual)
+            else:
+                states, update, residual = new, raw, change
         steps = steps + active
         if per_sample:
             active = active & ~(residual < tol) & ops.isfinite(residual)
@@ -83,6 +91,25 @@ def relax_clamped(network, x, method: str = "fixed_point", tol: float = 1e-4, ma
         elif not ops.any(~(residual < tol)):
             break
     return LayeredRelaxResult(states, steps, residual, residual < tol, update)
+
+
+def _step(network, groups, x, states, beta, target, params, clamped, a, dt, ops) -> tuple:
+    """One step of the fixed-step family on these samples: (new states, the last layer's update before the clip,
+    max |s_{t+1} - s_t| / dt per sample); ``groups``: the layers updated together, in order."""
+    states = list(states)
+    change = ops.full(x.shape[0], 0.0, x)
+    last = network.num_layers - 1
+    update = None
+    for group in groups:
+        fields = local_fields(network, x, states, beta, target, params, layers=group, clamped=clamped)
+        for k in group:
+            raw = a * fields[k] if dt == 1.0 else states[k] + dt * (a * fields[k] - states[k])
+            new = ops.clip(raw, 0.0, 1.0)
+            change = ops.maximum(change, ops.max_abs(new - states[k]))
+            states[k] = new
+            if k == last:
+                update = raw
+    return states, update, change / dt
 
 
 def _relax_adaptive(network, x, method, tol, max_steps, dt, beta, target, initial, params) -> LayeredRelaxResult:

@@ -39,6 +39,19 @@ def parameters(network: LayeredNetwork, backend: str = "numpy", **to_backend) ->
     raise ValueError(f"unknown backend {backend!r}; choose numpy, numba or torch")
 
 
+def prepare(network: LayeredNetwork, params: Parameters, batch: int) -> Parameters:
+    """``params`` with what each implementation precomputes for a relaxation of ``batch`` samples during which the
+    parameters do not change (an implementation's optional ``prepare(i, params, batch, pre_shape)``: e.g. the Numba
+    convolutions' Winograd-transformed weights); the same object when no implementation has anything to add."""
+    prepared, changed = [], False
+    for i, p in zip(network.interactions, params.interactions):
+        hook = None if i.unary else getattr(implementation(i.kind, params.backend), "prepare", None)
+        q = p if hook is None else hook(i, p, batch, network.layer_shapes[i.pre])
+        prepared.append(q)
+        changed = changed or q is not p
+    return Parameters(prepared, params.cost, params.backend) if changed else params
+
+
 def _params(network, params):
     return parameters(network) if params is None else params
 

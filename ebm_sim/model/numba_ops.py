@@ -12,8 +12,11 @@ reference is :mod:`ebm_sim.model.numpy_ops`):
     dPhi/dW = g cols^T / B        (C_out, C_in k k)                                      (one GEMM: weight gradient)
 
 The GEMMs are SciPy's BLAS called from Numba (:mod:`ebm_sim.blas`), writing into a per-thread workspace of the
-call's geometry (cols, u -- reused for g --, a pooled scratch and the argmax indices) that is allocated once and kept
-for the ``WORKSPACES`` most recent geometries; each call allocates only the arrays it returns. Dense layers, biases
+call's geometry (cols, u -- reused for g --, a pooled scratch and the argmax indices) that is allocated once, sized
+for the largest batch seen (a relaxation whose stopped samples leave the batch reuses it), and kept for the
+``WORKSPACES`` most recent geometries; each call allocates only the arrays it returns. A 3x3 stride-1 convolution
+with enough channels and tiles runs by Winograd F(2x2, 3x3) instead (:mod:`ebm_sim.model.winograd`), from weights
+transformed once per relaxation (``Conv2dNumba.prepare``). Dense layers, biases
 and the costs are numpy's (already one BLAS product each) registered under this backend.
 """
 from __future__ import annotations
@@ -25,12 +28,12 @@ import numpy as np
 from numba import njit
 
 from ..blas import make_handle, rows_t_times, rows_times_w, rows_times_wt
-from . import numpy_ops
+from . import numpy_ops, winograd
 from .interaction import implements
 
 NO_POOL, MAX_POOL, AVG_POOL = 0, 1, 2
 POOL_MODES = {None: NO_POOL, "max": MAX_POOL, "avg": AVG_POOL}
-WORKSPACES = 8  # geometries (batch, shapes, dtype) whose scratch each thread keeps
+WORKSPACES = 8  # geometries (shapes, dtype) whose scratch each thread keeps, sized for the largest batch seen
 
 
 # ---------------------------------------------------------------- kernels
@@ -160,30 +163,55 @@ def _weight_gradient(blas, g, cols, out):
 
 # ---------------------------------------------------------------- workspaces
 class Workspace:
-    """Scratch of one geometry: cols (C_in k k, B Ho Wo), u (C_out, B, Ho, Wo) (conv(s_pre), then the routed s_post),
-    pooled (B, C_out, H', W') (a post field nobody asked for), argmax (its window indices), and the BLAS handle."""
+    """Scratch of one geometry for up to ``capacity`` samples, as flat buffers of which ``views(batch)`` gives the
+    first ``batch`` samples' part: cols (C_in k k, B Ho Wo), u (C_out, B, Ho, Wo) (conv(s_pre), then the routed
+    s_post), pooled (B, C_out, H', W') (a post field nobody asked for), argmax (its window indices); plus the BLAS
+    handle and, made on first use, the Winograd scratch. A relaxation whose batch shrinks as samples stop reuses it."""
 
-    def __init__(self, batch, conv_shape, post_shape, fan_in, dtype):
-        channels = post_shape[0]
-        self.cols = np.empty((fan_in, batch * conv_shape[0] * conv_shape[1]), dtype=dtype)
-        self.u = np.empty((channels, batch) + tuple(conv_shape), dtype=dtype)
-        self.pooled = np.empty((batch,) + tuple(post_shape), dtype=dtype)
-        self.argmax = np.zeros((batch,) + tuple(post_shape), dtype=np.uint8)
+    def __init__(self, capacity, conv_shape, post_shape, fan_in, dtype):
+        self.capacity, self.fan_in, self.dtype = capacity, fan_in, dtype
+        self.conv_shape, self.post_shape = tuple(conv_shape), tuple(post_shape)
+        pixels, outputs = int(np.prod(conv_shape)), int(np.prod(post_shape))
+        self._cols = np.empty(fan_in * capacity * pixels, dtype=dtype)
+        self._u = np.empty(post_shape[0] * capacity * pixels, dtype=dtype)
+        self._pooled = np.empty(capacity * outputs, dtype=dtype)
+        self._argmax = np.zeros(capacity * outputs, dtype=np.uint8)
         self.blas = make_handle(dtype)
+        self._winograd = {}  # "post" / "pre": flat (V, M) scratch of that direction
+
+    def views(self, batch) -> tuple:
+        """(cols, u, pooled, argmax) for ``batch`` <= capacity samples, contiguous."""
+        pixels = int(np.prod(self.conv_shape))
+        return (self._cols[:self.fan_in * batch * pixels].reshape(self.fan_in, batch * pixels),
+                self._u[:self.post_shape[0] * batch * pixels].reshape((self.post_shape[0], batch) + self.conv_shape),
+                self._pooled[:batch * int(np.prod(self.post_shape))].reshape((batch,) + self.post_shape),
+                self._argmax[:batch * int(np.prod(self.post_shape))].reshape((batch,) + self.post_shape))
+
+    def winograd_scratch(self, direction, channels_in, channels_out, tiles_per_sample, batch) -> tuple:
+        """(V (16, channels_in, T), M (16, channels_out, T)) with T = batch x tiles_per_sample."""
+        if direction not in self._winograd:
+            count = self.capacity * tiles_per_sample
+            self._winograd[direction] = (np.empty(16 * channels_in * count, dtype=self.dtype),
+                                         np.empty(16 * channels_out * count, dtype=self.dtype))
+        v, m = self._winograd[direction]
+        count = batch * tiles_per_sample
+        return (v[:16 * channels_in * count].reshape(16, channels_in, count),
+                m[:16 * channels_out * count].reshape(16, channels_out, count))
 
 
 _LOCAL = threading.local()
 
 
-def workspace(key, make) -> Workspace:
-    """This thread's workspace for ``key`` (made by ``make()`` on first use; the least recently used beyond
-    WORKSPACES is dropped)."""
+def workspace(key, batch, make) -> Workspace:
+    """This thread's workspace for ``key`` holding at least ``batch`` samples (made by ``make()`` on first use or when
+    a larger batch comes; the least recently used beyond WORKSPACES is dropped)."""
     cache = getattr(_LOCAL, "workspaces", None)
     if cache is None:
         cache = _LOCAL.workspaces = OrderedDict()
-    if key in cache:
+    if key in cache and cache[key].capacity >= batch:
         cache.move_to_end(key)
     else:
+        cache.pop(key, None)
         cache[key] = make()
         if len(cache) > WORKSPACES:
             cache.popitem(last=False)
@@ -214,40 +242,62 @@ class ConvCall:
         pre_shape = self.s_pre.shape[1:]
         conv_shape = i.conv_shape(pre_shape)
         self.post_shape = i.output_shape(pre_shape, self.shape[0])
-        key = (self.dtype.str, self.s_pre.shape, self.shape, i.stride, i.padding, i.pool)
-        self.ws = workspace(key, lambda: Workspace(len(self.s_pre), conv_shape, self.post_shape,
-                                                   self.weight.shape[1], self.dtype))
+        key = (self.dtype.str, self.s_pre.shape[1:], self.shape, i.stride, i.padding, i.pool)
+        batch = len(self.s_pre)
+        self.ws = workspace(key, batch, lambda: Workspace(batch, conv_shape, self.post_shape, self.weight.shape[1],
+                                                          self.dtype))
+        self.cols, self.u, self.pooled, self.argmax = self.ws.views(batch)
+        self.conv_shape = conv_shape
+        # Winograd-transformed weights prepared for this relaxation (``prepare``), when of the call's dtype
+        self.winograd = {d: params[f"winograd_{d}"] for d in ("post", "pre")
+                         if f"winograd_{d}" in params and params[f"winograd_{d}"].dtype == self.dtype}
         self.unfolded = self.convolved = False
 
     def unfold(self):
         """im2col of s_pre into the workspace's cols (once)."""
         if not self.unfolded:
-            _unfold(self.s_pre, self.ws.cols, self.i.kernel, self.i.stride, self.i.padding, False)
+            _unfold(self.s_pre, self.cols, self.i.kernel, self.i.stride, self.i.padding, False)
             self.unfolded = True
         return self
 
     def convolve(self, post=None):
         """pool(conv(s_pre)) (a new array unless ``post`` is given) and, in the same pass, the max-pool routing."""
-        self.unfold()
         post = np.empty((len(self.s_pre),) + self.post_shape, dtype=self.dtype) if post is None else post
-        _conv_pool(self.ws.blas, self.ws.cols, self.weight, self.ws.u, self.mode, post, self.ws.argmax)
+        if "post" in self.winograd:
+            transformed = self.winograd["post"]
+            v, m = self.ws.winograd_scratch("post", transformed.shape[2], transformed.shape[1],
+                                            int(np.prod(winograd.tiles(*self.conv_shape))), len(self.s_pre))
+            winograd.correlate(self.ws.blas, self.s_pre, transformed, self.i.padding, v, m,
+                               self.u.transpose(1, 0, 2, 3))
+            _pool(self.u, self.mode, post, self.argmax)
+        else:
+            self.unfold()
+            _conv_pool(self.ws.blas, self.cols, self.weight, self.u, self.mode, post, self.argmax)
         self.convolved = True
         return post
 
     def route(self, s_post):
         """unpool(s_post) into the workspace (max pooling: to the maxima of conv(s_pre), convolving first into
         scratch when ``convolve`` has not run)."""
-        if tuple(s_post.shape) != self.ws.pooled.shape:
-            raise ValueError(f"{self.i.describe()}: s_post has shape {tuple(s_post.shape)}, not {self.ws.pooled.shape}")
+        if tuple(s_post.shape) != self.pooled.shape:
+            raise ValueError(f"{self.i.describe()}: s_post has shape {tuple(s_post.shape)}, not {self.pooled.shape}")
         if self.mode == MAX_POOL and not self.convolved:
-            self.convolve(self.ws.pooled)
-        _unpool(np.ascontiguousarray(s_post, self.dtype), self.mode, self.ws.argmax, self.ws.u)
+            self.convolve(self.pooled)
+        _unpool(np.ascontiguousarray(s_post, self.dtype), self.mode, self.argmax, self.u)
         return self
 
     def transpose(self):
         """conv_transpose of the routed s_post: a new (B, C_in, H, W) array (cols is overwritten)."""
+        if "pre" in self.winograd:  # stride 1: correlate with the flipped, channel-swapped kernel, padding k - 1 - P
+            transformed = self.winograd["pre"]
+            image = np.empty(self.s_pre.shape, dtype=self.dtype)
+            v, m = self.ws.winograd_scratch("pre", transformed.shape[2], transformed.shape[1],
+                                            int(np.prod(winograd.tiles(*self.s_pre.shape[2:]))), len(self.s_pre))
+            winograd.correlate(self.ws.blas, self.u.transpose(1, 0, 2, 3), transformed,
+                               self.i.kernel - 1 - self.i.padding, v, m, image)
+            return image
         image = np.zeros(self.s_pre.shape, dtype=self.dtype)
-        _conv_transpose(self.ws.blas, self.ws.u, self.weight, self.ws.cols, self.i.kernel, self.i.stride,
+        _conv_transpose(self.ws.blas, self.u, self.weight, self.cols, self.i.kernel, self.i.stride,
                         self.i.padding, image)
         self.unfolded = False
         return image
@@ -256,13 +306,30 @@ class ConvCall:
         """Batch mean of the routed s_post correlated with s_pre: a new (C_out, C_in, k, k) array."""
         self.unfold()
         out = np.empty(self.weight.shape, dtype=self.dtype)
-        _weight_gradient(self.ws.blas, self.ws.u, self.ws.cols, out)
+        _weight_gradient(self.ws.blas, self.u, self.cols, out)
         out /= len(self.s_pre)
         return out.reshape(self.shape)
 
 
 @implements("conv2d", "numba")
 class Conv2dNumba:
+    @staticmethod
+    def prepare(i, params, batch, pre_shape):
+        """``params`` plus the Winograd-transformed weights (``winograd_post``: for conv(s_pre); ``winograd_pre``: for
+        the pre field, when the pre layer relaxes) of the directions where :func:`winograd.worthwhile` says so, for
+        a relaxation of ``batch`` samples during which the weights do not change."""
+        weight = params["weight"]
+        c_out, c_in = weight.shape[:2]
+        out_h, out_w = i.conv_shape(pre_shape)
+        extra = {}
+        if winograd.worthwhile(i.kernel, i.stride, i.padding, c_in, batch, out_h, out_w):
+            extra["winograd_post"] = np.empty((16, c_out, c_in), dtype=weight.dtype)
+            winograd.transform_weights(weight, False, extra["winograd_post"])
+        if i.pre >= 1 and winograd.worthwhile(i.kernel, i.stride, i.padding, c_out, batch, *pre_shape[1:]):
+            extra["winograd_pre"] = np.empty((16, c_in, c_out), dtype=weight.dtype)
+            winograd.transform_weights(weight, True, extra["winograd_pre"])
+        return {**params, **extra} if extra else params
+
     @staticmethod
     def post_field(i, params, s_pre):
         return ConvCall(i, params, s_pre).convolve()

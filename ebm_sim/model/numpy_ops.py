@@ -182,6 +182,9 @@ class SoftmaxReadoutNumpy:
 class NumpyArrays:
     """The few array operations the backend-generic relaxation needs (see :mod:`ebm_sim.model.dynamics`)."""
 
+    #: once some samples have stopped, the relaxation steps only the others (gathered, then written back)
+    retires = True
+
     @staticmethod
     def clip(a, low, high):
         return np.clip(a, low, high)
@@ -215,6 +218,15 @@ class NumpyArrays:
     @staticmethod
     def any(mask) -> bool:
         return bool(mask.any())
+
+    @staticmethod
+    def all(mask) -> bool:
+        return bool(mask.all())
+
+    @staticmethod
+    def nonzero(mask):
+        """The indices where mask (B,) is true."""
+        return np.flatnonzero(mask)
 
     @staticmethod
     def ones_bool(batch, like):

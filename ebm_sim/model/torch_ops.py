@@ -154,6 +154,9 @@ class SoftmaxReadoutTorch:
 class TorchArrays:
     """The array vocabulary of :mod:`ebm_sim.model.dynamics` on tensors (bookkeeping detached from autograd)."""
 
+    #: stopped samples stay in the batch, frozen by ``where`` (no gathers in the autograd graph, no host syncs)
+    retires = False
+
     @staticmethod
     def clip(a, low, high):
         return a.clamp(low, high)
@@ -185,6 +188,7 @@ class TorchArrays:
     @staticmethod
     def any(mask) -> bool:
         return bool(mask.any())
+
 
     @staticmethod
     def ones_bool(batch, like):
