@@ -134,8 +134,8 @@ class Pipeline:
                 outputs.append(out)
                 summary[split] = {k: s[k] for k in ("samples", "accuracy", "converged") if k in s}
             return outputs, summary
-        return self.stage("relax", [d.as_dict(), self.config.limit_train, self.config.limit_test, self.hash_of("network.h5")],
-                          work)
+        return self.stage("relax", [d.as_dict(), self.config.limit_train, self.config.limit_test,
+                                    self.hash_of("network.h5")], work)
 
     def distill(self) -> dict:
         from distill.commands import run_distill

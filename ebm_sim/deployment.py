@@ -16,12 +16,11 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from . import integrators
 
 INITIAL_STATES = ("zeros",)  # the toolkit's relaxations start every layer at 0 with the input clamped
-FIELDS = ("method", "dt", "tol", "max_steps", "initial_state")
 
 
 @dataclass(frozen=True)
@@ -71,9 +70,10 @@ class Deployment:
     @classmethod
     def from_dict(cls, values: dict, where: str = "deployment") -> "Deployment":
         """From a stored dict; unknown keys are refused by name."""
-        unknown = sorted(set(values) - set(FIELDS))
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(names))
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; a deployment has {', '.join(FIELDS)}")
+            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; a deployment has {', '.join(names)}")
         return cls(**values)
 
     @classmethod

@@ -186,6 +186,14 @@ def relax(network, x, method: str = "fixed_point", tol: float = 1e-4, max_steps:
 LOGITS = ("state", "field", "update")
 
 
+def twin_deployment(deployment, callee, method, tol, max_steps, dt, who: str = "the Torch twin") -> Deployment:
+    """The Deployment a module built on the twin relaxes with: ``deployment``, or method, tol, max_steps and dt
+    (``callee``'s arguments; not both), refused unless the twin steps its method (``who`` names the module)."""
+    method, tol, max_steps, dt = resolve_deployment(deployment, callee, method, tol, max_steps, dt)
+    integrators.get(method, "dense", "torch", who)
+    return Deployment(method=method, dt=dt, tol=float(tol), max_steps=int(max_steps))
+
+
 class EBMClassifier(torch.nn.Module):
     """An EBM as a classifier: forward(images in [0, 1], (B, n_0) or (B, ...)) -> logits, by running the deployed
     relaxation (same integrator, step cap, tolerance, zero initial state and clamping as prediction) with autograd
@@ -201,9 +209,7 @@ class EBMClassifier(torch.nn.Module):
         super().__init__()
         if logits not in LOGITS:
             raise ValueError(f"logits must be one of {', '.join(LOGITS)}, got {logits!r}")
-        method, tol, max_steps, dt = resolve_deployment(deployment, EBMClassifier.__init__, method, tol, max_steps, dt)
-        integrators.get(method, "dense", "torch", "the Torch twin")
-        self.deployment = Deployment(method=method, dt=dt, tol=tol, max_steps=int(max_steps))
+        self.deployment = twin_deployment(deployment, EBMClassifier.__init__, method, tol, max_steps, dt)
         self.logits = logits
         self.layer_sizes = network.layer_sizes
         net = TorchNetwork.from_network(network, device)

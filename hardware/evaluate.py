@@ -17,7 +17,8 @@ from .program import LavaProgram, simulate
 def program_from_file(path, kind: str | None = None, **options):
     """(program, network or None): a Lava export as stored, or a network file mapped with
     ``mapping.to_program(network, kind or "fixed", deployment, **options)`` (options: dt, steps, tol, frac_bits,
-    ...; None values are left to the network's stored ``Deployment``). An export refuses options and another kind: they were fixed at export."""
+    ...; None values are left to the network's stored ``Deployment``). An export refuses options and another kind:
+    they were fixed at export."""
     from ebm_sim import storage
     from ebm_sim.deployment import Deployment
 

@@ -27,6 +27,7 @@ from ebm_sim.network import Network
 
 from .program import (ACCUMULATOR_BITS, DT_BITS, PAYLOAD_BITS, WEIGHT_EXP_RANGE, WEIGHT_MANTISSA_RANGE, LavaProgram)
 
+RELAXATION_KEYS = ("dt", "steps", "tol")  # what of a relaxation the Lava graph takes
 #: the integrators the Lava graph runs: it updates every layer at once from the previous states (synchronous Euler)
 LAVA_METHODS = ("fixed_point", "euler")
 
@@ -39,6 +40,13 @@ def relaxation_of(deployment: Deployment) -> dict:
                          f"at once (synchronous Euler: {', '.join(LAVA_METHODS)}); give dt, steps and tol "
                          f"(--dt 1 --steps N --tol T) to map it with the fixed-point iteration")
     return {"dt": deployment.step, "steps": int(deployment.max_steps), "tol": float(deployment.tol)}
+
+
+def relaxation_with(deployment: Deployment, given: dict) -> dict:
+    """The Lava graph's {"dt", "steps", "tol"}: those in ``given``, the rest from ``deployment`` (not consulted, so
+    not checked, when ``given`` holds all three)."""
+    given = {key: given[key] for key in RELAXATION_KEYS if key in given}
+    return given if len(given) == len(RELAXATION_KEYS) else {**relaxation_of(deployment), **given}
 
 
 DEPLOYED = relaxation_of(Deployment())  # the default deployment (fixed_point, 30 steps, tol 1e-4)
@@ -220,10 +228,9 @@ def to_program(network: Network, kind: str = "float", deployment: Deployment | N
                **options) -> LavaProgram:
     """``float_program`` or ``fixed_program`` by ``kind`` ("float" | "fixed"); options: dt, steps, tol (and for
     fixed point frac_bits, max_weight_error, max_zeroed). deployment: the network's ``Deployment``, whose dt, steps
-    and tol (``relaxation_of``) apply where options do not give them."""
+    and tol (``relaxation_with``) apply where options do not give them."""
     if deployment is not None:
-        given = {k for k in ("dt", "steps", "tol") if k in options}
-        options = {**({} if given == {"dt", "steps", "tol"} else relaxation_of(deployment)), **options}
+        options = {**options, **relaxation_with(deployment, options)}
     if kind == "float":
         return float_program(network, **options)
     if kind == "fixed":

@@ -73,11 +73,10 @@ class CompareSpec:
         if None in (self.dt, self.steps, self.tol):  # the relaxation the network is deployed with fills the gaps
             from ebm_sim.deployment import Deployment
 
-            from .mapping import relaxation_of
-            deployed = relaxation_of(Deployment.of_network_file(self.network))
-            for name in ("dt", "steps", "tol"):
-                if getattr(self, name) is None:
-                    setattr(self, name, deployed[name])
+            from .mapping import RELAXATION_KEYS, relaxation_with
+            given = {key: getattr(self, key) for key in RELAXATION_KEYS if getattr(self, key) is not None}
+            for key, value in relaxation_with(Deployment.of_network_file(self.network), given).items():
+                setattr(self, key, value)
 
     def as_dict(self) -> dict:
         return asdict(self)

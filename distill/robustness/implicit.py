@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ebm_sim import integrators, torch_twin
+from ebm_sim import torch_twin
 from ebm_sim.deployment import Deployment
-from ebm_sim.deployment import resolve as resolve_deployment
 from ebm_sim.network import Network
 
 
@@ -41,10 +40,9 @@ class ImplicitEBM(torch.nn.Module):
                  dt: float | None = None, adjoint_tol: float = 1e-4, adjoint_max_steps: int = 100, device="cpu",
                  deployment: Deployment | None = None):
         super().__init__()
-        method, tol, max_steps, dt = resolve_deployment(deployment, ImplicitEBM.__init__, method, tol, max_steps, dt)
-        integrators.get(method, "dense", "torch", "implicit differentiation (it solves the fixed point with the "
-                                                 "Torch twin)")
-        self.deployment = Deployment(method=method, dt=dt, tol=float(tol), max_steps=int(max_steps))
+        self.deployment = torch_twin.twin_deployment(deployment, ImplicitEBM.__init__, method, tol, max_steps, dt,
+                                                     "implicit differentiation (it solves the fixed point with the "
+                                                     "Torch twin)")
         self.adjoint_tol, self.adjoint_max_steps = float(adjoint_tol), int(adjoint_max_steps)
         net = torch_twin.TorchNetwork.from_network(network, device)
         # parameters (not trained here) so that attack libraries find the device and dtype, and .to() moves them
