@@ -10,6 +10,7 @@ import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -88,11 +89,72 @@ def _check_stored(path: Path) -> None:
             raise ValueError("compressed members (np.savez never writes them)")
 
 
+#: ``ebm relax``'s settings for a network file that stores no deployment (an untrained network)
+UNTRAINED_RELAX = {"method": "fixed_point", "tol": 1e-4, "max_steps": 1000, "dt": None}
+
+
+def is_layered(network) -> bool:
+    """A LayeredNetwork (layers and interactions, e.g. convolutional) rather than a dense Network."""
+    from .model.network import LayeredNetwork
+    return isinstance(network, LayeredNetwork)
+
+
+def sample_shape(network) -> tuple:
+    """The shape of one input: (n_0,) for a dense network, its input layer's (C, H, W) or (n,) for a layered one."""
+    return tuple(network.input_shape) if is_layered(network) else (network.layer_sizes[0],)
+
+
+def state_units(network) -> list:
+    """Units of each layer that relaxes (C * H * W for a (C, H, W) layer)."""
+    if is_layered(network):
+        return [int(np.prod(shape)) for shape in network.state_shapes]
+    return list(network.state_sizes)
+
+
+@dataclass
+class BatchRelaxation:
+    """One batch's fixed points: states (list of (B, *shape_k)), residual (B,), steps (B,), converged (B,),
+    diverged (B,) (NaN or inf met)."""
+
+    states: list
+    residual: np.ndarray
+    steps: np.ndarray
+    converged: np.ndarray
+    diverged: np.ndarray
+
+
+def relax_batch(network, x, method: str, tol: float, max_steps: int, dt) -> BatchRelaxation:
+    """Relax one batch of a dense Network (``ebm_sim.relax``, Numba kernels) or a LayeredNetwork
+    (``ebm_sim.model.dynamics.relax`` with the Numba interaction backend) and flag divergence."""
+    if not is_layered(network):
+        from .relax import relax
+        r = relax(network, x, method=method, tol=tol, max_steps=max_steps, dt=dt, on_divergence="flag")
+        return BatchRelaxation(r.states, r.residual, r.steps, r.converged, r.diverged)
+    from .model.dynamics import relax as relax_layered
+    from .model.energy import parameters
+    r = relax_layered(network, x, method, tol, max_steps, dt, params=parameters(network, "numba"))
+    residual = np.asarray(r.residual, dtype=np.float64)
+    diverged = ~np.isfinite(residual) | ~np.all([np.isfinite(s.reshape(len(s), -1)).all(axis=1) for s in r.states],
+                                                axis=0)
+    return BatchRelaxation(r.states, residual, np.asarray(r.steps), np.asarray(r.converged), diverged)
+
+
+def predictions(network, states) -> np.ndarray:
+    """argmax of the readout's logits, or of s_L."""
+    if is_layered(network):
+        from .model.energy import output
+        return np.argmax(output(network, states), axis=1)
+    return np.argmax(network.logits(states), axis=1)
+
+
 def relax_to_file(network, x, labels, out, *, method: str = "fixed_point", tol: float = 1e-4,
                   max_steps: int = 1000, dt: float | None = None, batch_size: int = 256, dtype=None,
                   meta: dict | None = None, checkpoint_every: int = 10, resume: bool = True,
                   progress: bool = True, log=None) -> dict:
-    """Relax every row of x (N, n_0) in batches and write an ``ebm-fixed-points`` file to ``out``.
+    """Relax every sample of x in batches and write an ``ebm-fixed-points`` file to ``out``.
+
+    network: a dense Network (x (N, n_0)) or a LayeredNetwork (x (N, *input_shape), e.g. (N, 3, 32, 32) images in
+    [0, 1]; its fixed points keep their layer shapes, file version 2).
 
     Resumable: finished batches go to ``partial_path(out)`` every ``checkpoint_every`` batches and on Ctrl-C
     (KeyboardInterrupt is re-raised); a later call with the same network, data and settings continues from it.
@@ -100,6 +162,7 @@ def relax_to_file(network, x, labels, out, *, method: str = "fixed_point", tol: 
     split, limit). Returns a summary dict (samples, converged, steps, residual, accuracy, time, paths).
     Raises ValueError for bad settings and RunError if the dynamics diverge (finished batches are kept).
     """
+    from . import integrators
     from .relax import RelaxSettings
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -111,17 +174,22 @@ def relax_to_file(network, x, labels, out, *, method: str = "fixed_point", tol: 
     source_hash = network.content_hash()
     run_net = network if dtype is None else network.astype(dtype)
     relax_settings = RelaxSettings(method=method, tol=tol, max_steps=max_steps, dt=dt)  # validates early
+    if is_layered(network):
+        integrators.get(method, "layered", "numba", "ebm relax of a layered network")
     x = np.ascontiguousarray(x, dtype=run_net.dtype)
     labels = np.asarray(labels)
-    if x.ndim != 2 or x.shape[1] != run_net.layer_sizes[0]:
-        raise ValueError(f"the network takes {run_net.layer_sizes[0]} inputs but the data has shape {x.shape}")
+    if x.ndim < 2 or x.shape[1:] != sample_shape(run_net):
+        shape = "x".join(map(str, sample_shape(run_net)))
+        raise ValueError(f"the network takes inputs of shape {shape} but the data has shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("the inputs hold NaN or inf")
     if labels.shape != (x.shape[0],):
         raise ValueError(f"{x.shape[0]} inputs but labels of shape {labels.shape}")
     if x.shape[0] == 0:
         raise ValueError("no samples to relax")
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
-    per_sample = x.itemsize * (x.shape[1] + sum(run_net.state_sizes)) + labels.itemsize + 8 + 8 + 1
+    per_sample = x.itemsize * (x[0].size + sum(state_units(run_net))) + labels.itemsize + 8 + 8 + 1
     require_space(out, 2 * per_sample * x.shape[0])  # the partial file and the final one coexist for a moment
     settings = {**relax_settings.as_dict(), "dtype": str(run_net.dtype), "batch_size": int(batch_size),
                 "on_divergence": "flag", **(meta or {})}
@@ -135,11 +203,11 @@ def _relax_batches(network, run_net, x, labels, out: Path, settings: dict, key: 
                    checkpoint_every: int, progress: bool, log) -> dict:
     """The work of ``relax_to_file`` once its inputs are checked: batches, partial saves, the final file."""
     from . import storage
-    from .relax import divergence_remedy, relax
+    from .relax import divergence_remedy
 
     method, tol, max_steps, dt = (settings[k] for k in ("method", "tol", "max_steps", "dt"))
     batch_size, source_hash = settings["batch_size"], network.content_hash()
-    num, num_layers = x.shape[0], len(run_net.state_sizes)  # layers that relax (no readout)
+    num, num_layers = x.shape[0], len(state_units(run_net))  # layers that relax (no readout)
     ppath = partial_path(out)
 
     parts = {f"s{k}": [] for k in range(1, num_layers + 1)}
@@ -163,8 +231,7 @@ def _relax_batches(network, run_net, x, labels, out: Path, settings: dict, key: 
     try:
         while done < num:
             stop = min(done + batch_size, num)
-            result = relax(run_net, x[done:stop], method=method, tol=tol, max_steps=max_steps, dt=dt,
-                           on_divergence="flag")
+            result = relax_batch(run_net, x[done:stop], method, tol, max_steps, dt)
             if np.any(result.diverged):
                 bad = done + np.nonzero(result.diverged)[0]
                 if done > resumed_from:
@@ -198,19 +265,38 @@ def _relax_batches(network, run_net, x, labels, out: Path, settings: dict, key: 
     converged = np.concatenate(parts["converged"])
     storage.save_fixed_points(out, x, labels, states, residuals, steps, converged, settings, source_hash)
     ppath.unlink(missing_ok=True)
-    predictions = np.argmax(run_net.logits(states), axis=1)  # the readout's logits, or s_L
     return {"path": str(out), "samples": num, "converged": int(np.count_nonzero(converged)),
             "converged_fraction": float(np.mean(converged)), "steps_mean": float(np.mean(steps)),
             "steps_max": int(np.max(steps)), "residual_max": float(np.max(residuals)),
-            "accuracy": float(np.mean(predictions == labels)), "time_s": elapsed(),
+            "accuracy": float(np.mean(predictions(run_net, states) == labels)), "time_s": elapsed(),
             "resumed_from": resumed_from, "network_hash": source_hash, "settings": settings,
             "trained": bool(network.history)}
 
 
+def relax_settings_of(network_path, method=None, tol=None, max_steps=None, dt=None) -> tuple[dict, str]:
+    """``ebm relax``'s (method, tol, max_steps, dt) and where they come from: the given ones over the deployment
+    stored with the network (``ebm train`` stores it: the free phase it was trained with), or over UNTRAINED_RELAX for
+    a file that stores none. A method other than the stored one drops the stored dt (its own default applies)."""
+    from . import storage
+    from .deployment import Deployment
+
+    extra = storage.artifact_info(network_path)["summary"].get("extra", {})
+    stored = extra.get("deployment") or extra.get("config")
+    base = Deployment.of_extra(extra).relax_options() if stored else dict(UNTRAINED_RELAX)
+    given = {k: v for k, v in dict(method=method, tol=tol, max_steps=max_steps, dt=dt).items() if v is not None}
+    if given.get("method", base["method"]) != base["method"]:
+        base["dt"] = None
+    source = "the network's deployment" if stored else "the defaults for an untrained network"
+    if given:
+        source = f"{', '.join(given)} as given, the rest from {source}" if len(given) < 4 else "as given"
+    return {**base, **given}, source
+
+
 def run_relax(network_path, dataset: str, out, *, data_dir=None, split: str = "test", limit: int | None = None,
-              **kwargs) -> dict:
-    """``ebm relax``: load the network file and the dataset split, check their sizes, and call
-    :func:`relax_to_file` (keyword arguments are passed on). Returns its summary dict."""
+              method=None, tol=None, max_steps=None, dt=None, **kwargs) -> dict:
+    """``ebm relax``: load the network file (dense or layered) and the dataset split, check that they fit, and call
+    :func:`relax_to_file` (further keyword arguments are passed on). method, tol, max_steps, dt: None takes the
+    network's stored deployment (:func:`relax_settings_of`). Returns its summary dict."""
     from . import datasets, storage
 
     if split not in ("test", "train"):
@@ -220,20 +306,34 @@ def run_relax(network_path, dataset: str, out, *, data_dir=None, split: str = "t
     network_path, out = Path(network_path), Path(out)
     if out.exists() and network_path.exists() and out.resolve() == network_path.resolve():
         raise ValueError(f"the output {out} is the network file itself; choose another -o")
-    network = storage.load_dense_network(network_path, "ebm relax")
+    network = storage.load_network(network_path)
+    settings, source = relax_settings_of(network_path, method, tol, max_steps, dt)
     ds = datasets.load_dataset(dataset, data_dir, limit_train=limit if split == "train" else None,
                                limit_test=limit if split == "test" else None)
-    if ds.num_features != network.layer_sizes[0]:
-        shape = "x".join(str(s) for s in ds.image_shape)
-        raise ValueError(f"{network_path} takes {network.layer_sizes[0]} inputs "
-                         f"(layers {'-'.join(map(str, network.layer_sizes))}) but {ds.name} has "
-                         f"{ds.num_features} features per sample ({shape} images); create a network whose first "
-                         f"layer has {ds.num_features} units (e.g. ebm init --layers {ds.num_features},...)")
-    x, y = (ds.x_test, ds.y_test) if split == "test" else (ds.x_train, ds.y_train)
+    x, y = _inputs_for(network, network_path, ds, split)
     meta = {"dataset": ds.name, "split": split, "limit": limit, "network_file": network_path.name}
-    summary = relax_to_file(network, x, y, out, meta=meta, **kwargs)
-    summary.update(dataset=ds.name, split=split, limit=limit, num_classes=ds.num_classes)
+    summary = relax_to_file(network, x, y, out, meta=meta, **settings, **kwargs)
+    summary.update(dataset=ds.name, split=split, limit=limit, num_classes=ds.num_classes, settings_from=source)
     return summary
+
+
+def _inputs_for(network, network_path, ds, split: str) -> tuple:
+    """The split's (inputs, labels) in the network's input shape: flat (N, D) for a dense network, (N, C, H, W)
+    images (or flat, if its input layer is flat) for a layered one; ValueError if they do not fit."""
+    x, y = (ds.x_test, ds.y_test) if split == "test" else (ds.x_train, ds.y_train)
+    if not is_layered(network):
+        if ds.num_features != network.layer_sizes[0]:
+            shape = "x".join(str(s) for s in ds.image_shape)
+            raise ValueError(f"{network_path} takes {network.layer_sizes[0]} inputs "
+                             f"(layers {'-'.join(map(str, network.layer_sizes))}) but {ds.name} has "
+                             f"{ds.num_features} features per sample ({shape} images); create a network whose first "
+                             f"layer has {ds.num_features} units (e.g. ebm init --layers {ds.num_features},...)")
+        return x, y
+    wanted = tuple(network.input_shape)
+    if wanted not in (tuple(ds.channels_first_shape), (ds.num_features,)):
+        raise ValueError(f"{network_path} takes {'x'.join(map(str, wanted))} inputs but {ds.name} has "
+                         f"{'x'.join(map(str, ds.channels_first_shape))} images")
+    return x.reshape((x.shape[0],) + wanted), y
 
 
 def format_relax_summary(s: dict) -> str:
@@ -244,7 +344,8 @@ def format_relax_summary(s: dict) -> str:
         head += f" of {s['dataset']} ({s['split']} split" + (f", stratified subsample of {s['limit']})"
                                                            if s.get("limit") else ")")
     head += (f" with {st['method']} (tol {st['tol']:g}, max steps {st['max_steps']}, dt {st['dt']:g}, "
-             f"{st['dtype']}, batch {st['batch_size']})")
+             f"{st['dtype']}, batch {st['batch_size']}"
+             + (f"; settings: {s['settings_from']})" if s.get("settings_from") else ")"))
     note = "meaningful only for a trained network"
     if not s["trained"]:
         note += "; this network has no training history, so expect chance level"

@@ -4,8 +4,9 @@ helpers other packages' commands share (``parse_layers``, ``parse_rates``, ``par
     ebm init  --layers 64,128,10 | --arch "3x32x32, conv 64 k3 p1 maxpool, readout 10" | --preset NAME
               [--seed 0] [--gain 1.0] [--activation hard_sigmoid] [--dtype float32] -o NET.h5 [--overwrite]
     ebm train --dataset NAME (--layers ... | --arch SPEC | --preset NAME) [training settings] -o NET.h5 [--resume]
-    ebm relax NET.h5 --dataset digits [--split test] [--limit N] [--method fixed_point] [--tol 1e-4]
-              [--max-steps 1000] [--dt DT] [--batch-size 256] [--dtype float32|float64] -o FIXED_POINTS.h5
+    ebm relax NET.h5 --dataset digits [--split test] [--limit N] [--method M] [--tol T] [--max-steps N] [--dt DT]
+              [--batch-size 256] [--dtype float32|float64] -o FIXED_POINTS.h5
+              (dense or layered networks; method, tol, steps and dt default to the network's stored deployment)
     ebm info  FILE [FILE ...]
     ebm demo  [--out-dir runs/demo-simulator]
 
@@ -259,12 +260,16 @@ def add_parsers(sub, train_defaults: dict | None = None) -> None:
     p.add_argument("--split", choices=("test", "train"), default="test", help="default test")
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="relax a seeded, class-stratified subsample of N samples")
-    p.add_argument("--method", choices=RELAX_METHODS, default="fixed_point", help="integrator (default fixed_point)")
-    p.add_argument("--tol", type=float, default=1e-4, help="residual tolerance (default 1e-4)")
-    p.add_argument("--max-steps", type=int, default=1000, help="step cap per sample (default 1000)")
+    p.add_argument("--method", choices=RELAX_METHODS, default=None,
+                   help="integrator (default: the network's deployment, stored by ebm train; fixed_point for an "
+                        "untrained network)")
+    p.add_argument("--tol", type=float, default=None,
+                   help="residual tolerance (default: the deployment's; 1e-4 for an untrained network)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="step cap per sample (default: the deployment's; 1000 for an untrained network)")
     p.add_argument("--dt", type=float, default=None,
-                   help="time step (euler: default 0.5; rk45: initial step, default 0.1; fixed_point and "
-                        "alternating use 1)")
+                   help="time step (default: the deployment's, or the method's: euler 0.5; rk45: initial step 0.1; "
+                        "fixed_point and alternating use 1)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per batch (default 256)")
     p.add_argument("--dtype", choices=("float32", "float64"), default=None,
                    help="compute in this precision (default: the network's)")

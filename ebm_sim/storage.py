@@ -56,8 +56,9 @@ def register_format(name: str, noun: str, versions: tuple = (FORMAT_VERSION,), s
 
 
 register_format("ebm-network", "a network", (FORMAT_VERSION, LAYERED_NETWORK_VERSION))
-register_format("ebm-fixed-points", "a fixed-point dataset")
-register_format("ebm-trajectory", "a trajectory")
+SHAPED_VERSION = 2  # fixed points / trajectories of a LayeredNetwork: inputs and states keep their (C, H, W) shapes
+register_format("ebm-fixed-points", "a fixed-point dataset", (FORMAT_VERSION, SHAPED_VERSION))
+register_format("ebm-trajectory", "a trajectory", (FORMAT_VERSION, SHAPED_VERSION))
 HEADER_ATTRS = ("format", "version", "created", "toolkit_version", "content_hash")
 _UNHASHED_ATTRS = ("created", "toolkit_version", "content_hash")
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -339,11 +340,31 @@ def _array(value, name: str, ndim: int, kinds: str) -> np.ndarray:
     return array
 
 
-def _layer_arrays(arrays, name: str, ndim: int) -> list:
-    """A non-empty list of float arrays with ``ndim`` dimensions (one per layer 1..L)."""
+def _layer_arrays(arrays, name: str, ndim: int, shaped: bool = False) -> list:
+    """A non-empty list of float arrays with ``ndim`` dimensions (one per layer 1..L); ``shaped``: a layer may also
+    keep its (C, H, W) shape, ``ndim + 2`` dimensions."""
     if not isinstance(arrays, (list, tuple)) or len(arrays) == 0:
         raise ValueError(f"{name} must be a non-empty list of per-layer arrays, got {type(arrays).__name__}")
-    return [_array(a, f"{name}[{k}] (layer {k + 1})", ndim, "f") for k, a in enumerate(arrays)]
+    return [_array(a, f"{name}[{k}] (layer {k + 1})", ndim + 2 if shaped and np.ndim(a) == ndim + 2 else ndim, "f")
+            for k, a in enumerate(arrays)]
+
+
+def _shapes_version(arrays: list, axes: int) -> tuple[int, list]:
+    """The format version of per-layer arrays whose first ``axes`` dimensions are (samples) or (steps, samples):
+    1 when every array is flat (n_k,) per sample, else SHAPED_VERSION; and the per-sample shapes."""
+    shapes = [list(a.shape[axes:]) for a in arrays]
+    return (FORMAT_VERSION if all(len(shape) == 1 for shape in shapes) else SHAPED_VERSION), shapes
+
+
+def _stored_shapes(path, attrs: dict, key: str, count_key: str) -> list:
+    """The per-sample shapes of a file's layers: ``attrs[key]`` (JSON, version 2) or the flat sizes of version 1."""
+    if attrs["version"] == SHAPED_VERSION:
+        try:
+            return [tuple(int(n) for n in shape) for shape in json.loads(attrs[key])]
+        except (KeyError, TypeError, ValueError):
+            raise ArtifactError(f"{path}: its {key} attribute is missing or not a JSON list of shapes: corrupt or "
+                                "not written by this toolkit") from None
+    return [(int(n),) for n in attrs[count_key]]
 
 
 def _check_leading(arrays: dict, axes: int) -> tuple:
@@ -488,13 +509,13 @@ def load_network(path) -> Network | LayeredNetwork:
 
 
 def load_dense_network(path, purpose: str) -> Network:
-    """``load_network`` for the parts of the toolkit that handle dense networks only (the Numba kernels, the Torch
-    twin, distillation, robustness, the Lava mapping, the pipeline): a version-2 (layered, e.g. convolutional) file is
-    refused with an ArtifactError naming ``purpose`` (e.g. "ebm relax")."""
+    """``load_network`` for the parts of the toolkit that handle dense networks only (the dense Numba kernels, the
+    Torch twin, distillation, robustness, the Lava mapping, the pipeline): a version-2 (layered, e.g. convolutional)
+    file is refused with an ArtifactError naming ``purpose`` (e.g. "the distillation")."""
     network = load_network(path)
     if isinstance(network, LayeredNetwork):
         raise ArtifactError(f"{path} holds a layered network ({network!r}); {purpose} handles dense networks for "
-                            f"now (layered ones relax and train with ebm_sim.model and ebm train --backend torch)")
+                            f"now (layered ones relax with ebm relax or ebm_sim.model and train with ebm train)")
     return network
 
 
@@ -600,7 +621,8 @@ class FixedPointDataset:
 
     inputs (N, n_0) float; labels (N,) int; states list of L arrays (N, n_k), k = 1..L, float;
     residuals (N,) float; steps (N,) int; converged (N,) bool; settings dict (integrator settings);
-    network_hash: content hash of the network that computed them.
+    network_hash: content hash of the network that computed them. A LayeredNetwork's fixed points keep their
+    shapes: inputs (N, *input_shape), states (N, *shape_k) (e.g. (N, C, H, W)).
     """
 
     inputs: np.ndarray
@@ -617,8 +639,13 @@ class FixedPointDataset:
 
     @property
     def layer_sizes(self) -> tuple:
-        """(n_0, n_1, ..., n_L)."""
-        return (self.inputs.shape[1],) + tuple(s.shape[1] for s in self.states)
+        """(n_0, n_1, ..., n_L): units per layer (C * H * W for a (C, H, W) layer)."""
+        return tuple(int(np.prod(shape)) for shape in self.layer_shapes)
+
+    @property
+    def layer_shapes(self) -> tuple:
+        """((n_0,), (n_1,), ...) for a dense network, the layers' (C, H, W) or (n,) shapes for a layered one."""
+        return (tuple(self.inputs.shape[1:]),) + tuple(tuple(s.shape[1:]) for s in self.states)
 
 
 def save_fixed_points(path, inputs, labels, states, residuals, steps, converged, settings: dict,
@@ -627,16 +654,19 @@ def save_fixed_points(path, inputs, labels, states, residuals, steps, converged,
 
     Shapes: inputs (N, n_0) float, labels (N,) int, states list of L arrays (N, n_k) float (finite),
     residuals (N,) float, steps (N,) int, converged (N,) bool; settings a JSON-serializable dict (method,
-    tol, max_steps, beta, dt, dtype, ...); network_hash = Network.content_hash() of the network used.
+    tol, max_steps, beta, dt, dtype, ...); network_hash = the content hash of the network used. A layered network's
+    inputs and states may keep their shapes: inputs (N, n_0) or (N, C, H, W), states (N, n_k) or (N, C_k, H_k, W_k).
 
-    Schema (format "ebm-fixed-points"):
-      datasets  inputs (N, n_0), labels (N,), states/s{k} (N, n_k) for k = 1..L, residuals (N,), steps (N,),
-                converged (N,) bool -- each in the dtype given
-      attrs     settings (JSON str), network_hash (str), num_samples (int N), layer_sizes (int64 (L+1,))
+    Schema (format "ebm-fixed-points"; version 1 when every array is flat, 2 when a layer keeps a (C, H, W) shape):
+      datasets  inputs (N, *shape_0), labels (N,), states/s{k} (N, *shape_k) for k = 1..L, residuals (N,),
+                steps (N,), converged (N,) bool -- each in the dtype given
+      attrs     settings (JSON str), network_hash (str), num_samples (int N), layer_sizes (int64 (L+1,): units per
+                layer), version 2 also layer_shapes (JSON list of the L+1 per-sample shapes)
     Raises ValueError naming the problem on bad shapes/dtypes/values (nothing is written).
     """
-    states = _layer_arrays(states, "states", 2)
-    arrays = {"inputs": _array(inputs, "inputs", 2, "f"), "labels": _array(labels, "labels", 1, "iu"),
+    states = _layer_arrays(states, "states", 2, shaped=True)
+    arrays = {"inputs": _array(inputs, "inputs", 4 if np.ndim(inputs) == 4 else 2, "f"),
+              "labels": _array(labels, "labels", 1, "iu"),
               **{f"states/s{k + 1}": s for k, s in enumerate(states)},
               "residuals": _array(residuals, "residuals", 1, "f"), "steps": _array(steps, "steps", 1, "iu"),
               "converged": _array(converged, "converged", 1, "b")}
@@ -644,10 +674,12 @@ def save_fixed_points(path, inputs, labels, states, residuals, steps, converged,
     for name in ["inputs"] + [f"states/s{k + 1}" for k in range(len(states))]:
         if not np.all(np.isfinite(arrays[name])):
             raise ValueError(f"{name} holds NaN or inf")
+    version, shapes = _shapes_version([arrays["inputs"]] + states, 1)
     config = {"settings": _to_json(settings, "settings"), "network_hash": _check_network_hash(network_hash),
-              "num_samples": int(num_samples),
-              "layer_sizes": [int(arrays["inputs"].shape[1])] + [int(s.shape[1]) for s in states]}
-    return _write_artifact(path, "ebm-fixed-points", arrays, config)
+              "num_samples": int(num_samples), "layer_sizes": [int(np.prod(shape)) for shape in shapes]}
+    if version == SHAPED_VERSION:
+        config["layer_shapes"] = json.dumps(shapes)
+    return _write_artifact(path, "ebm-fixed-points", arrays, config, version)
 
 
 def load_fixed_points(path, network: Network | None = None) -> FixedPointDataset:
@@ -655,7 +687,8 @@ def load_fixed_points(path, network: Network | None = None) -> FixedPointDataset
     computed by a network with another content hash."""
     datasets, attrs = _load(path, "ebm-fixed-points")
     _check_hash_matches(path, attrs["network_hash"], network, "fixed points")
-    states = _take(path, datasets, _layer_names("states/s", 1, len(attrs["layer_sizes"]) - 1))
+    shapes = _stored_shapes(path, attrs, "layer_shapes", "layer_sizes")
+    states = _take(path, datasets, _layer_names("states/s", 1, len(shapes) - 1))
     inputs, labels, residuals, steps, converged = _take(
         path, datasets, ["inputs", "labels", "residuals", "steps", "converged"])
     for name, array in [("inputs", inputs), *((f"states/s{k + 1}", s) for k, s in enumerate(states))]:
@@ -668,15 +701,24 @@ def load_fixed_points(path, network: Network | None = None) -> FixedPointDataset
                                 f"edited or not written by this toolkit")
     if labels.dtype.kind not in "iu":
         raise ArtifactError(f"{path}: labels have dtype {labels.dtype}, not integers: not written by this toolkit")
+    _check_shapes(path, [inputs] + states, shapes, 1)
     return FixedPointDataset(inputs, labels, states, residuals, steps, converged,
                              json.loads(attrs["settings"]), attrs["network_hash"])
+
+
+def _check_shapes(path, arrays: list, shapes: list, axes: int) -> None:
+    """Each array's per-sample shape (after its first ``axes`` dimensions) is the stored one, else ArtifactError."""
+    found = [tuple(a.shape[axes:]) for a in arrays]
+    if found != [tuple(shape) for shape in shapes]:
+        raise ArtifactError(f"{path}: its arrays have per-sample shapes {found} but its attributes say {shapes}: "
+                            "corrupt or not written by this toolkit")
 
 
 # ---------------------------------------------------------------------------------------------- trajectories
 @dataclass
 class StoredTrajectory:
-    """States and energy over time: states list of L arrays (T, B, n_k); energy (T, B); settings dict;
-    network_hash of the network simulated."""
+    """States and energy over time: states list of L arrays (T, B, n_k) (a layered network's: (T, B, *shape_k));
+    energy (T, B); settings dict; network_hash of the network simulated."""
 
     states: list
     energy: np.ndarray
@@ -687,30 +729,36 @@ class StoredTrajectory:
 def save_trajectory(path, trajectory, energy, settings: dict, network_hash: str) -> str:
     """Validate and write a trajectory atomically; return the file's content hash.
 
-    trajectory: list of L float arrays (T, B, n_k), k = 1..L; energy (T, B) float (NaN/inf allowed: a
-    diverging run may be recorded); settings JSON-serializable dict; network_hash = Network.content_hash().
+    trajectory: list of L float arrays (T, B, n_k), k = 1..L (a layered network's may keep their shapes:
+    (T, B, C_k, H_k, W_k)); energy (T, B) float (NaN/inf allowed: a diverging run may be recorded); settings
+    JSON-serializable dict; network_hash = the network's content hash.
 
-    Schema (format "ebm-trajectory"):
-      datasets  states/s{k} (T, B, n_k) for k = 1..L, energy (T, B) -- each in the dtype given
+    Schema (format "ebm-trajectory"; version 1 when every layer is flat, 2 when one keeps a (C, H, W) shape):
+      datasets  states/s{k} (T, B, *shape_k) for k = 1..L, energy (T, B) -- each in the dtype given
       attrs     settings (JSON str), network_hash (str), num_steps (int T), batch_size (int B),
-                state_sizes (int64 (L,): n_1..n_L)
+                state_sizes (int64 (L,): units n_1..n_L), version 2 also state_shapes (JSON list of the L shapes)
     """
-    states = _layer_arrays(trajectory, "trajectory", 3)
+    states = _layer_arrays(trajectory, "trajectory", 3, shaped=True)
     arrays = {**{f"states/s{k + 1}": s for k, s in enumerate(states)},
               "energy": _array(energy, "energy", 2, "f")}
     num_steps, batch = _check_leading(arrays, 2)
+    version, shapes = _shapes_version(states, 2)
     config = {"settings": _to_json(settings, "settings"), "network_hash": _check_network_hash(network_hash),
               "num_steps": int(num_steps), "batch_size": int(batch),
-              "state_sizes": [int(s.shape[2]) for s in states]}
-    return _write_artifact(path, "ebm-trajectory", arrays, config)
+              "state_sizes": [int(np.prod(shape)) for shape in shapes]}
+    if version == SHAPED_VERSION:
+        config["state_shapes"] = json.dumps(shapes)
+    return _write_artifact(path, "ebm-trajectory", arrays, config, version)
 
 
 def load_trajectory(path, network: Network | None = None) -> StoredTrajectory:
     """Read a trajectory (bit-exact). If ``network`` is given, refuse one simulated with another network."""
     datasets, attrs = _load(path, "ebm-trajectory")
     _check_hash_matches(path, attrs["network_hash"], network, "trajectories")
-    states = _take(path, datasets, _layer_names("states/s", 1, len(attrs["state_sizes"])))
+    shapes = _stored_shapes(path, attrs, "state_shapes", "state_sizes")
+    states = _take(path, datasets, _layer_names("states/s", 1, len(shapes)))
     (energy,) = _take(path, datasets, ["energy"])
+    _check_shapes(path, states, shapes, 2)
     return StoredTrajectory(states, energy, json.loads(attrs["settings"]), attrs["network_hash"])
 
 
@@ -734,6 +782,9 @@ def artifact_info(path) -> dict:
         keys = ("num_samples", "layer_sizes") if fmt == "ebm-fixed-points" else ("num_steps", "batch_size",
                                                                                   "state_sizes")
         summary.update({k: attrs.get(k) for k in keys})
+        shapes_key = "layer_shapes" if fmt == "ebm-fixed-points" else "state_shapes"
+        if attrs.get(shapes_key):
+            summary[shapes_key] = ["x".join(map(str, shape)) for shape in json.loads(attrs[shapes_key])]
         if fmt == "ebm-fixed-points" and "converged" in datasets:
             summary["converged"] = f"{int(np.count_nonzero(datasets['converged']))}/{datasets['converged'].size}"
     return {"path": str(path), "format": fmt, "version": attrs["version"], "created": attrs.get("created"),

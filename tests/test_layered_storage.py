@@ -201,15 +201,15 @@ def test_bad_architecture_is_refused(conv_file, edit, message):
         load_network(conv_file)
 
 
-def test_version_2_of_another_format_is_unsupported(tmp_path):
+def test_an_unknown_version_of_another_format_is_unsupported(tmp_path):
     network = Network.init((6, 5, 3), seed=0)
     rng = np.random.default_rng(0)
     save_fixed_points(tmp_path / "fp.h5", rng.random((2, 6)), np.zeros(2, int), [rng.random((2, 5)),
                       rng.random((2, 3))], np.zeros(2), np.ones(2, int), np.ones(2, bool), {}, network.content_hash())
     with h5py.File(tmp_path / "fp.h5", "r+") as f:
-        f.attrs["version"] = 2
-    with pytest.raises(ArtifactError, match="unsupported ebm-fixed-points version 2; .* reads ebm-fixed-points "
-                                            "version 1$"):
+        f.attrs["version"] = 3
+    with pytest.raises(ArtifactError, match="unsupported ebm-fixed-points version 3; .* reads ebm-fixed-points "
+                                            "versions 1, 2$"):
         storage.load_fixed_points(tmp_path / "fp.h5")
-    with pytest.raises(ValueError, match="ebm-fixed-points has versions 1, not 2"):
-        write_artifact(tmp_path / "x.h5", "ebm-fixed-points", {}, {}, version=2)
+    with pytest.raises(ValueError, match="ebm-fixed-points has versions 1, 2, not 3"):
+        write_artifact(tmp_path / "x.h5", "ebm-fixed-points", {}, {}, version=3)

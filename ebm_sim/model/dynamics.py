@@ -4,51 +4,62 @@ The methods, their updates, residuals and step rules are the one table of :mod:`
 family (euler, fixed_point, alternating) on every interaction backend; rk45 and solve_ivp are
 :mod:`ebm_sim.reference`'s solvers (``rk45_packed``, ``solve_ivp_packed``) on the packed states (numpy backend). Each
 sample stops when its residual is below tol (per_sample=True: it is frozen while the others go on) or at max_steps;
-tol = 0 runs exactly max_steps steps.
+tol = 0 runs exactly max_steps steps. record=True (fixed-step methods) keeps the states after every step.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from .. import integrators
 from ..deployment import resolve as resolve_deployment
-from .energy import clamped_fields, local_fields, parameters, prepare
+from ..relax_types import MAX_TRAJECTORY_BYTES
+from .energy import clamped_fields, energy, local_fields, parameters, prepare
 from .interaction import array_ops
-
 
 
 @dataclass
 class LayeredRelaxResult:
     """states: list of (B, *shape_k); steps (B,) per sample; residual (B,); converged (B,) residual < tol;
-    output_update: the last layer's last update before the clip (s_L = clip(output_update, 0, 1) exactly)."""
+    output_update: the last layer's last update before the clip (s_L = clip(output_update, 0, 1) exactly).
+    With record=True: trajectory, list of L arrays (T+1, B, *shape_k), the states before the first step and after
+    every step (T = the most steps any sample took; a sample that stopped keeps its state), and energy (T+1, B),
+    E + beta C of every frame."""
 
     states: list
     steps: object
     residual: object
     converged: object
     output_update: object = None
+    trajectory: list | None = None
+    energy: object = None
 
 
 def relax(network, x, method: str = "fixed_point", tol: float = 1e-4, max_steps: int = 1000, dt=None,
           beta: float = 0.0, target=None, initial=None, params=None, per_sample: bool = True,
-          deployment=None) -> LayeredRelaxResult:
+          deployment=None, record: bool = False) -> LayeredRelaxResult:
     """Relax images x (B, *input_shape) to a fixed point of a LayeredNetwork with ``params`` (numpy by default;
     torch tensors from ``energy.parameters(network, "torch", ...)`` relax on their device, differentiably if they or
     x require grad and grad mode is on). The clamped layer is s_0 = network.normalize(x). deployment: an
-    ``ebm_sim.deployment.Deployment`` that supplies method, tol, max_steps and dt (leave those at their defaults)."""
+    ``ebm_sim.deployment.Deployment`` that supplies method, tol, max_steps and dt (leave those at their defaults).
+    record: keep every step's states and energy (``LayeredRelaxResult.trajectory``, ``.energy``; fixed-step methods,
+    at most ``relax_types.MAX_TRAJECTORY_BYTES``)."""
     method, tol, max_steps, dt = resolve_deployment(deployment, relax, method, tol, max_steps, dt)
     return relax_clamped(network, network.normalize(x), method, tol, max_steps, dt, beta, target, initial, params,
-                         per_sample)
+                         per_sample, record)
 
 
 def relax_clamped(network, x, method: str = "fixed_point", tol: float = 1e-4, max_steps: int = 1000, dt=None,
                   beta: float = 0.0, target=None, initial=None, params=None,
-                  per_sample: bool = True) -> LayeredRelaxResult:
+                  per_sample: bool = True, record: bool = False) -> LayeredRelaxResult:
     """``relax`` with x already the clamped layer s_0 (normalized)."""
     backend = "numpy" if params is None else params.backend
     integrator = integrators.get(method, "layered", backend, f"a layered network on the {backend} backend")
     if x.shape[1:] != network.input_shape:
         raise ValueError(f"inputs have shape {tuple(x.shape[1:])}, the network's input layer {network.input_shape}")
+    if record:
+        _check_recordable(network, integrator, x.shape[0], max_steps)
     if integrator.adaptive:
         return _relax_adaptive(network, x, method, tol, max_steps, dt, beta, target, initial, params)
     dt = integrator.resolve_dt(dt)
@@ -67,6 +78,7 @@ def relax_clamped(network, x, method: str = "fixed_point", tol: float = 1e-4, ma
     clamped = clamped_fields(network, x, params)
     groups = integrator.update_groups(network.num_layers)
     retire = per_sample and ops.retires
+    frames = [[ops.copy(s) for s in states]] if record else None
     for _ in range(max_steps):
         if retire and not ops.all(active):  # step only the samples still running, then write them back
             rows = ops.nonzero(active)
@@ -84,13 +96,31 @@ def relax_clamped(network, x, method: str = "fixed_point", tol: float = 1e-4, ma
             else:
                 states, update, residual = new, raw, change
         steps = steps + active
+        if record:
+            frames.append([ops.copy(s) for s in states])
         if per_sample:
             active = active & ~(residual < tol) & ops.isfinite(residual)
             if not ops.any(active):
                 break
         elif not ops.any(~(residual < tol)):
             break
-    return LayeredRelaxResult(states, steps, residual, residual < tol, update)
+    result = LayeredRelaxResult(states, steps, residual, residual < tol, update)
+    if record:
+        result.trajectory = [ops.stack([frame[k] for frame in frames]) for k in range(network.num_layers)]
+        result.energy = ops.stack([energy(network, x, frame, beta, target, params) for frame in frames])
+    return result
+
+
+def _check_recordable(network, integrator, batch: int, max_steps: int) -> None:
+    """Recording needs a fixed-step method and at most MAX_TRAJECTORY_BYTES for (max_steps + 1) frames: ValueError
+    before any step otherwise."""
+    if integrator.adaptive:
+        raise ValueError(f"record=True keeps the states of every fixed step; {integrator.name!r} adapts its steps: "
+                         f"record with {', '.join(n for n, i in integrators.INTEGRATORS.items() if not i.adaptive)}")
+    size = (max_steps + 1) * batch * sum(int(np.prod(s)) for s in network.state_shapes) * network.dtype.itemsize
+    if size > MAX_TRAJECTORY_BYTES:
+        raise ValueError(f"recording {max_steps + 1} frames of {batch} samples needs {size / 2 ** 30:.1f} GiB "
+                         f"(at most {MAX_TRAJECTORY_BYTES / 2 ** 30:.0f}); lower max_steps or the batch size")
 
 
 def _step(network, groups, x, states, beta, target, params, clamped, a, dt, ops) -> tuple:

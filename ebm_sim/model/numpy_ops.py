@@ -241,5 +241,10 @@ class NumpyArrays:
         """Zeros of ``shape`` in ``like``'s dtype."""
         return np.zeros(shape, dtype=like.dtype)
 
+    @staticmethod
+    def stack(frames):
+        """Frames (T arrays of one shape) as one array (T, ...)."""
+        return np.stack(frames)
+
 
 ARRAYS = NumpyArrays

@@ -203,5 +203,10 @@ class TorchArrays:
         """Zeros of ``shape`` in ``like``'s dtype, on its device."""
         return like.new_zeros(shape)
 
+    @staticmethod
+    def stack(frames):
+        """Frames (T tensors of one shape) as one tensor (T, ...)."""
+        return torch.stack(frames)
+
 
 ARRAYS = TorchArrays
