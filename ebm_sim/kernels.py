@@ -5,7 +5,9 @@ The equations are those of :mod:`ebm_sim.energy` (see its docstring); this modul
 Layout. The states of layers 1..L of a batch live in one row-major buffer S of shape (B, N), N = n_1 + ... + n_L;
 layer i (0-based, i.e. s_{i+1}) occupies columns ``col[i] : col[i] + n_{i+1}``. A layer is a column block with row
 stride N, which BLAS takes directly (the leading dimension), so no per-layer copies are made. The field buffer H has
-the same layout. The input never changes during a relaxation, so its projection X1 = x W_0^T + b_1 is computed once.
+the same layout. The input never changes during a relaxation, so its projection X1 = x W_0^T + b_1 is computed once
+(``input_projection``), by the caller: the kernels take X1, not x, so that the phases of an EP step, which relax the
+same inputs, share one projection.
 
 Early stopping. Samples that meet the tolerance are retired at once: their row is written to the output and the last
 active row is moved into its place, so every later matrix product runs on the still-active rows only.
@@ -23,7 +25,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .blas import rows_times_w, rows_times_wt
+from .blas import rows_t_times, rows_times_w, rows_times_wt
 from .integrators import DORMAND_PRINCE
 
 
@@ -242,27 +244,52 @@ def _coupling_small(S, H, rows, weights, col, forward):
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-@njit(cache=True)
-def _input_projection(x, weights, biases, blas):
-    """X1 = x W_0^T + b_1, shape (B, n_1)."""
+@njit(cache=True, nogil=True)
+def input_projection(blas, x, w0, b1):
+    """X1 = x W_0^T + b_1: x (B, n_0), W_0 (n_1, n_0), b_1 (n_1,) -> (B, n_1), the constant part of s_1's field."""
     rows = x.shape[0]
-    n_1, n_0 = weights[0].shape
+    n_1, n_0 = w0.shape
     out = np.empty((rows, n_1), dtype=x.dtype)
-    rows_times_wt(blas, rows, x.ctypes.data, n_0, n_0, weights[0].ctypes.data, n_1, out.ctypes.data, n_1, False)
+    rows_times_wt(blas, rows, x.ctypes.data, n_0, n_0, w0.ctypes.data, n_1, out.ctypes.data, n_1, False)
     for r in range(rows):
         for j in range(n_1):
-            out[r, j] += biases[j]
+            out[r, j] += b1[j]
+    return out
+
+
+@njit(cache=True, nogil=True)
+def weight_contrast(blas, high_above, high_below, low_above, low_below, shared_below):
+    """dE/dW(high) - dE/dW(low) for E's term -s_above^T W s_below, batch mean:
+    -(high_above^T high_below - low_above^T low_below) / B, shape (n_above, n_below); inputs (B, n) row-major.
+    shared_below: the layer below is the same in both states (the clamped input), so it is one product,
+    -(high_above - low_above)^T below / B."""
+    batch, n_above = high_above.shape
+    n_below = high_below.shape[1]
+    out = np.empty((n_above, n_below), dtype=high_above.dtype)
+    scale = high_above.dtype.type(-1.0 / batch)
+    if shared_below:
+        difference = (high_above - low_above) * scale
+        rows_t_times(blas, n_above, n_below, batch, difference.ctypes.data, n_above, high_below.ctypes.data,
+                     n_below, out.ctypes.data, n_below, False)
+        return out
+    negative = low_above * -scale
+    high = high_above * scale
+    rows_t_times(blas, n_above, n_below, batch, high.ctypes.data, n_above, high_below.ctypes.data, n_below,
+                 out.ctypes.data, n_below, False)
+    rows_t_times(blas, n_above, n_below, batch, negative.ctypes.data, n_above, low_below.ctypes.data, n_below,
+                 out.ctypes.data, n_below, True)
     return out
 
 
 @njit(cache=True)
-def _workspace(blas, x, weights, biases, beta, target, readout_w, readout_b, initial):
-    """What every kernel starts from: states S (a copy of ``initial``), field buffer H, the input projection, the
-    per-row target, the nudge tuple (beta, target, readout_w, readout_b), the row -> sample index, residuals."""
+def _workspace(x_proj, beta, target, readout_w, readout_b, initial):
+    """What every kernel starts from: states S (a copy of ``initial``), field buffer H, a copy of the input projection
+    (rows move as samples retire), the per-row target, the nudge tuple (beta, target, readout_w, readout_b), the
+    row -> sample index, residuals."""
     S = initial.copy()
     y = target.copy()
-    return (S, np.empty_like(S), _input_projection(x, weights, biases, blas), y, (beta, y, readout_w, readout_b),
-            np.arange(x.shape[0]), np.zeros(x.shape[0], dtype=np.float64))
+    return (S, np.empty_like(S), x_proj.copy(), y, (beta, y, readout_w, readout_b),
+            np.arange(x_proj.shape[0]), np.zeros(x_proj.shape[0], dtype=np.float64))
 
 
 @njit(cache=True)
@@ -296,22 +323,22 @@ def _record(trajectory, step, S, rows, index):
 
 
 @njit(cache=True, nogil=True)
-def relax_fixed_point(blas, x, weights, biases, col, slope, dt, alternating, beta, target, readout_w, readout_b,
+def relax_fixed_point(blas, x_proj, weights, biases, col, slope, dt, alternating, beta, target, readout_w, readout_b,
                       initial, tol, max_steps, record, trajectory, out_states, out_steps, out_residual, out_converged,
                       out_diverged):
     """Euler / fixed-point relaxation of a batch. See the module docstring.
 
-    blas: ``ebm_sim.blas.make_handle(dtype)``; x (B, n_0); weights: tuple of W_i (n_{i+1}, n_i); biases: flat (N,)
+    blas: ``ebm_sim.blas.make_handle(dtype)``; x_proj (B, n_1): ``input_projection`` of the inputs (not modified);
+    weights: tuple of W_i (n_{i+1}, n_i); biases: flat (N,)
     b_1..b_L in layer order; col (L,) column offsets; target (B, n_L), or (B, classes) with a readout (unused when
     beta == 0); readout_w (classes, n_L) and readout_b (classes,): the softmax readout of the cross-entropy nudge, or
     arrays with no rows for the MSE nudge; initial (B, N). Outputs are written in place:
     out_states (B, N), out_steps/out_residual/out_converged/out_diverged (B,). When ``record`` is true,
     trajectory (max_steps + 1, B, N) receives the state after every step of every still-active sample.
     """
-    batch = x.shape[0]
+    batch = x_proj.shape[0]
     num_layers = len(weights)
-    S, H, x_proj, y, nudge, index, residual = _workspace(blas, x, weights, biases, beta, target, readout_w,
-                                                          readout_b, initial)
+    S, H, x_proj, y, nudge, index, residual = _workspace(x_proj, beta, target, readout_w, readout_b, initial)
     empty_vectors = [np.empty(0, dtype=np.float64)][:0]
     forward = np.empty(S.shape[1], dtype=S.dtype)
     if record:
@@ -371,7 +398,7 @@ def _projected_velocity(Y, K, rows, weights, col, blas, x_proj, biases, nudge, s
 
 
 @njit(cache=True, nogil=True)
-def relax_rk45(blas, x, weights, biases, col, slope, beta, target, readout_w, readout_b, initial, tol, max_steps,
+def relax_rk45(blas, x_proj, weights, biases, col, slope, beta, target, readout_w, readout_b, initial, tol, max_steps,
                rtol, atol, dt0, dt_max,
                record, trajectory, out_states, out_steps, out_residual, out_converged, out_diverged):
     """Adaptive Dormand-Prince relaxation of a batch (arguments as ``relax_fixed_point``).
@@ -381,8 +408,7 @@ def relax_rk45(blas, x, weights, biases, col, slope, beta, target, readout_w, re
     (accepted and rejected). The residual max |P(ds/dt)| is checked before every attempt.
     """
     batch, width = initial.shape
-    S, H, x_proj, y, nudge, index, residual = _workspace(blas, x, weights, biases, beta, target, readout_w,
-                                                          readout_b, initial)
+    S, H, x_proj, y, nudge, index, residual = _workspace(x_proj, beta, target, readout_w, readout_b, initial)
     K = np.empty((7, batch, width), dtype=S.dtype)
     Y = np.empty_like(S)
     step_size = np.full(batch, dt0, dtype=np.float64)

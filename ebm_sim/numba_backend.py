@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -40,42 +41,73 @@ def worker_count(batch: int, threads: int | None) -> int:
     return max(1, min(int(threads), batch // MIN_ROWS_PER_THREAD))
 
 
+@dataclass(frozen=True)
+class KernelArrays:
+    """A dense network as the kernels take it (views of its arrays where they can be: an optimizer's in-place updates
+    are seen): weights (W_0 .. W_{L-1}, the readout's excluded), biases flat (N,) (a copy: rebuild after an update),
+    col (L,), readout_w (classes, n_L) and readout_b (classes,) or arrays with no rows, slope a, dtype, width N."""
+
+    weights: tuple
+    biases: np.ndarray
+    col: np.ndarray
+    readout_w: np.ndarray
+    readout_b: np.ndarray
+    slope: float
+    dtype: np.dtype
+    width: int
+
+    @classmethod
+    def of(cls, network: Network) -> "KernelArrays":
+        dynamic = network.dynamics()
+        dtype, width = network.dtype, sum(network.state_sizes)
+        readout = network.readout_layer()
+        readout_w, readout_b = readout if readout else (np.empty((0, width), dtype=dtype), np.empty(0, dtype=dtype))
+        return cls(tuple(dynamic.weights), np.concatenate(dynamic.biases), column_offsets(dynamic), readout_w,
+                   readout_b, float(network.slope), dtype, width)
+
+    def input_projection(self, x) -> np.ndarray:
+        """X1 = x W_0^T + b_1 (B, n_1): what the kernels take instead of x (single-threaded BLAS, as the kernels)."""
+        with single_threaded:
+            return kernels.input_projection(make_handle(self.dtype), x, self.weights[0],
+                                            self.biases[:self.weights[0].shape[0]])
+
+
 def relax_numba(network: Network, x, settings: RelaxSettings, target, initial, record: bool,
-                threads: int | None = None) -> RelaxResult:
+                threads: int | None = None, x_proj=None, arrays: KernelArrays | None = None) -> RelaxResult:
     """Run the kernel of ``settings.method`` on a validated batch (see :func:`ebm_sim.relax.relax`).
 
     Samples relax independently, so the batch is split into contiguous chunks, one per worker thread, and each
     chunk runs the whole kernel (its own early stopping) with single-threaded BLAS: no synchronisation at all
     between workers during the relaxation. With record=True one worker runs (recording is for analysis).
+    x_proj: the inputs' ``KernelArrays.input_projection`` when the caller has it (the phases of an EP step share
+    one); arrays: ``KernelArrays.of(network)`` when the caller has it.
     """
-    batch, dtype = x.shape[0], network.dtype
-    width = sum(network.state_sizes)
+    arrays = arrays or KernelArrays.of(network)
+    batch, dtype, width = x.shape[0], arrays.dtype, arrays.width
     start = np.zeros((batch, width), dtype=dtype) if initial is None else pack_states(initial)
     if target is None:
         target = np.zeros((batch, network.layer_sizes[-1]), dtype=dtype)
-    dynamic = network.dynamics()
-    weights = tuple(dynamic.weights)
-    biases = np.concatenate(dynamic.biases)
-    readout = network.readout_layer()
-    readout_w, readout_b = readout if readout else (np.empty((0, width), dtype=dtype), np.empty(0, dtype=dtype))
-    col = column_offsets(dynamic)
+    if x_proj is None:
+        x_proj = arrays.input_projection(x)
+    weights, biases, col, slope = arrays.weights, arrays.biases, arrays.col, arrays.slope
+    readout_w, readout_b = arrays.readout_w, arrays.readout_b
     trajectory = (np.empty((settings.max_steps + 1, batch, width), dtype=dtype) if record
                   else np.empty((1, 1, 1), dtype=dtype))
     outputs = (np.empty((batch, width), dtype=dtype), np.zeros(batch, dtype=np.int64),
                np.zeros(batch, dtype=np.float64), np.zeros(batch, dtype=np.bool_), np.zeros(batch, dtype=np.bool_))
-    slope = float(network.slope)
 
     def run_chunk(rows: slice):
         chunk_outputs = [out[rows] for out in outputs]
         if settings.method == "rk45":
-            kernels.relax_rk45(make_handle(dtype), x[rows], weights, biases, col, slope, settings.beta,
-                               target[rows], readout_w, readout_b, start[rows], settings.tol, settings.max_steps, settings.rtol,
-                               settings.atol, settings.dt, settings.dt_max, record, trajectory, *chunk_outputs)
+            kernels.relax_rk45(make_handle(dtype), x_proj[rows], weights, biases, col, slope, settings.beta,
+                               target[rows], readout_w, readout_b, start[rows], settings.tol, settings.max_steps,
+                               settings.rtol, settings.atol, settings.dt, settings.dt_max, record, trajectory,
+                               *chunk_outputs)
         else:
-            kernels.relax_fixed_point(make_handle(dtype), x[rows], weights, biases, col, slope, float(settings.dt),
-                                      settings.method == "alternating", settings.beta, target[rows], readout_w,
-                                      readout_b, start[rows],
-                                      settings.tol, settings.max_steps, record, trajectory, *chunk_outputs)
+            kernels.relax_fixed_point(make_handle(dtype), x_proj[rows], weights, biases, col, slope,
+                                      float(settings.dt), settings.method == "alternating", settings.beta,
+                                      target[rows], readout_w, readout_b, start[rows], settings.tol,
+                                      settings.max_steps, record, trajectory, *chunk_outputs)
 
     workers = 1 if record else worker_count(batch, threads)
     bounds = np.linspace(0, batch, workers + 1).astype(int)

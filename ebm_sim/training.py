@@ -20,6 +20,7 @@ run resumed from its last epoch checkpoint ends with exactly the weights of an u
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import time
@@ -32,6 +33,7 @@ from . import energy
 from .deployment import Deployment
 from .network import Network
 from .ep import EPStep, ep_estimate, estimator_nudging
+from .optimizers import SGD, Adam
 from . import integrators
 from .relax import relax
 
@@ -187,27 +189,78 @@ def energy_parameter_gradient(x, states) -> list:
     return grads
 
 
+def energy_parameter_contrast(x, high, low) -> list:
+    """dE/dtheta(high) - dE/dtheta(low) (batch means, the order of ``energy_parameter_gradient``), with SciPy's BLAS
+    single-threaded (``kernels.weight_contrast``) and one product for the input layer's weights: x is clamped in both
+    states, so -s_1 x^T differs by -(s_1^h - s_1^l) x^T. Arrays: x (B, n_0), states (B, n_k), one dtype."""
+    from .blas import make_handle, single_threaded
+    from .kernels import weight_contrast
+
+    blas = make_handle(x.dtype)
+    below_high, below_low = [x] + list(high[:-1]), [x] + list(low[:-1])
+    grads = []
+    with single_threaded:
+        for k in range(len(high)):
+            grads.append(weight_contrast(blas, high[k], below_high[k], low[k], below_low[k], k == 0))
+            grads.append(low[k].mean(axis=0) - high[k].mean(axis=0))
+    return grads
+
+
+@functools.lru_cache(maxsize=64)
+def _phase_settings(method: str, tol: float, dt, max_steps: int, beta: float):
+    """The RelaxSettings of one EP phase, validated once per distinct phase rather than once per minibatch."""
+    from .relax_types import RelaxSettings
+    return RelaxSettings(method=method, tol=tol, max_steps=max_steps, dt=dt, beta=beta)
+
+
+def _dense_inputs(network: Network, x, target):
+    """A minibatch as the kernels take it: contiguous, in the network's dtype, shapes checked (values were checked
+    once for the whole data set by ``fit``'s ``check_data``)."""
+    x = np.ascontiguousarray(x, dtype=network.dtype)
+    target = np.ascontiguousarray(target, dtype=network.dtype)
+    if x.ndim != 2 or x.shape[1] != network.layer_sizes[0] or target.shape != (x.shape[0], num_outputs(network)):
+        raise ValueError(f"a minibatch of this network needs x (B, {network.layer_sizes[0]}) and target "
+                         f"(B, {num_outputs(network)}), got {x.shape} and {target.shape}")
+    return x, target
+
+
 def ep_gradient(network: Network, x, target, config: TrainConfig, sign: float = 1.0) -> EPStep:
     """The EP estimate of dL/dtheta on a minibatch (:func:`ebm_sim.ep.ep_estimate`). ``sign`` (+1 or -1) is the sign
     of beta for one-sided nudging ("positive" uses +1; "random" draws it). With ``config.backend == "torch"`` the
-    same step runs on the Torch twin (``config.device``)."""
+    same step runs on the Torch twin (``config.device``).
+
+    On the Numba backend the phases call the kernels directly (``numba_backend.relax_numba``): the input projection
+    x W_0^T + b_1 is computed once for all phases, the network's kernel arrays and each phase's settings once, and
+    the gradient is the contrast of the two states (``energy_parameter_contrast``)."""
     if is_layered(network):
         return layered_ep_gradient(network, x, target, config, sign)
     if config.backend == "torch":
         from .torch_twin import ep_gradient as torch_ep_gradient
         return torch_ep_gradient(network, x, target, config, sign, config.device)
+    from .numba_backend import KernelArrays, relax_numba
+
+    x, target = _dense_inputs(network, x, target)
+    arrays = KernelArrays.of(network)
+    x_proj = arrays.input_projection(x)
 
     def relax_phase(beta, initial):
         steps = config.free_steps if initial is None else config.nudged_steps
-        return relax(network, x, method=config.method, tol=config.tol, dt=config.dt, max_steps=steps, beta=beta,
-                     target=target if beta else None, initial=initial)
+        settings = _phase_settings(config.method, float(config.tol), config.dt, steps, float(beta))
+        result = relax_numba(network, x, settings, target if beta else None, initial, False, None, x_proj, arrays)
+        if result.diverged.any():
+            from .relax import DivergenceError, divergence_remedy
+            raise DivergenceError(f"the {config.method} dynamics produced NaN or inf for "
+                                  f"{int(result.diverged.sum())} of {x.shape[0]} samples of a minibatch (beta "
+                                  f"{beta:g}); {divergence_remedy(config.method)}")
+        return result
 
     def readout_gradient(free):  # the readout is outside the energy: its loss gradient is direct, at the free state
         from .model.cost import readout_parameter_gradient
         return readout_parameter_gradient(*network.readout_layer(), free.states[-1], target)
 
-    return ep_estimate(relax_phase, lambda states: energy_parameter_gradient(x, states), config.beta,
-                       estimator_nudging(config.nudging), sign, readout_gradient if network.readout else None)
+    return ep_estimate(relax_phase, None, config.beta, estimator_nudging(config.nudging), sign,
+                       readout_gradient if network.readout else None,
+                       energy_contrast=lambda high, low: energy_parameter_contrast(x, high, low))
 
 
 def layered_params(network, config: TrainConfig):
@@ -314,61 +367,6 @@ def rate_groups(network) -> list:
 
 def num_rates(network) -> int:
     return max(rate_groups(network)) + 1
-
-
-class SGD:
-    """theta <- theta - lr (v), v <- momentum v + g + weight_decay theta (PyTorch's SGD with momentum)."""
-
-    def __init__(self, params, rates, momentum=0.9, weight_decay=0.0):
-        self.rates, self.momentum, self.weight_decay = list(rates), momentum, weight_decay
-        self.velocity = [np.zeros_like(p) for p in params]
-
-    def step(self, params, grads, scale=1.0):
-        for p, g, v, lr in zip(params, grads, self.velocity, self.rates):
-            g = g + self.weight_decay * p if self.weight_decay else g
-            v *= self.momentum
-            v += g
-            p -= (scale * lr) * v.astype(p.dtype, copy=False)
-
-    def state(self) -> dict:
-        return {f"velocity_{i}": v for i, v in enumerate(self.velocity)}
-
-    def load(self, state: dict):
-        self.velocity = [np.array(state[f"velocity_{i}"]) for i in range(len(self.velocity))]
-
-
-class Adam:
-    """Adam (Kingma & Ba 2015) with L2 weight decay added to the gradient (PyTorch's Adam)."""
-
-    def __init__(self, params, rates, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        self.rates, self.betas, self.eps, self.weight_decay = list(rates), betas, eps, weight_decay
-        self.first = [np.zeros(p.shape, dtype=np.float64) for p in params]
-        self.second = [np.zeros(p.shape, dtype=np.float64) for p in params]
-        self.count = 0
-
-    def step(self, params, grads, scale=1.0):
-        self.count += 1
-        b1, b2 = self.betas
-        correction1, correction2 = 1 - b1 ** self.count, 1 - b2 ** self.count
-        for p, g, m, v, lr in zip(params, grads, self.first, self.second, self.rates):
-            g = g.astype(np.float64) + (self.weight_decay * p if self.weight_decay else 0.0)
-            m *= b1
-            m += (1 - b1) * g
-            v *= b2
-            v += (1 - b2) * g * g
-            update = (scale * lr / correction1) * m / (np.sqrt(v / correction2) + self.eps)
-            p -= update.astype(p.dtype)
-
-    def state(self) -> dict:
-        state = {"count": np.int64(self.count)}
-        state.update({f"first_{i}": m for i, m in enumerate(self.first)})
-        state.update({f"second_{i}": v for i, v in enumerate(self.second)})
-        return state
-
-    def load(self, state: dict):
-        self.count = int(state["count"])
-        self.first = [np.array(state[f"first_{i}"]) for i in range(len(self.first))]
-        self.second = [np.array(state[f"second_{i}"]) for i in range(len(self.second))]
 
 
 def make_optimizer(network: Network, config: TrainConfig):
