@@ -510,7 +510,7 @@ def load_network(path) -> Network | LayeredNetwork:
 
 def load_dense_network(path, purpose: str) -> Network:
     """``load_network`` for the parts of the toolkit that handle dense networks only (the dense Numba kernels, the
-    Torch twin, distillation, robustness, the Lava mapping, the pipeline): a version-2 (layered, e.g. convolutional)
+    Torch twin, the distillation commands, the hardware targets, the pipeline): a version-2 (layered, e.g. convolutional)
     file is refused with an ArtifactError naming ``purpose`` (e.g. "the distillation")."""
     network = load_network(path)
     if isinstance(network, LayeredNetwork):

@@ -69,7 +69,7 @@ def cmd_run(args) -> int:
           f"{100 * s['same_steps']:.2f}%, max |output difference| {s['max_output_difference']:.3g}")
     if "numba" in r:
         n = r["numba"]
-        print(f"  vs Numba {n['method']}: same prediction {100 * n['agreement']:.2f}%, same steps "
+        print(f"  vs {n.get('engine', 'Numba')} {n['method']}: same prediction {100 * n['agreement']:.2f}%, same steps "
               f"{100 * n['same_steps']:.2f}%, Numba accuracy {100 * n['accuracy']:.2f}%")
     if args.json:
         write_json(args.json, r)

@@ -8,7 +8,8 @@ Counts per inference (sample i stops at its step to equilibrium T_i; every step 
   timesteps       T_i
   neuron updates  T_i (n_1 + ... + n_L)
   payloads        units whose state is nonzero, summed over steps (event-driven: a zero payload is not sent)
-  synaptic ops    sum over Dense c of payloads(source of c) x n_target(c)   (one per synapse reached)
+  synaptic ops    sum over processes c of the fan-out of every unit with a nonzero payload (one per synapse reached):
+                  payloads(source of c) x n_target(c) for a Dense; a unit's column of taps for a conv's Sparse
   messages        sum over layers of payloads x the cores holding that layer's targets (one spike per core)
 Energy  = synaptic ops E_syn + neuron updates E_neuron + messages (E_spike + mean_hops E_hop)
 Latency = sum over steps of (max over layers of the per-core time m_k t_neuron + inputs_k(t) m_k t_syn) + barrier,
@@ -120,22 +121,40 @@ class Placement:
     fits_one_chip: bool
 
 
+def synapses_per_target(weights) -> np.ndarray:
+    """Stored synapses into each target unit of one Dense or Sparse process (n_target,): n_source for a dense matrix
+    (every weight, zeros included), the row's stored entries for a sparse one (a convolution's taps)."""
+    if isinstance(weights, np.ndarray):
+        return np.full(weights.shape[0], weights.shape[1], dtype=np.int64)
+    return np.diff(weights.tocsr().indptr).astype(np.int64)
+
+
+def fan_in(program: LavaProgram, k: int) -> int:
+    """The largest number of synapses into one neuron of layer k (1-based), over all processes into it: n_{k-1} +
+    n_{k+1} for a dense chain (W_{k-1} and W_k^T), the conv taps plus the dense inputs for a layered program."""
+    total = np.zeros(program.layer_sizes[k], dtype=np.int64)
+    for c in program.connections():
+        if c.target == k:
+            total += synapses_per_target(c.weights)
+    return int(total.max(initial=0))
+
+
 def place(program: LavaProgram, table: CostTable) -> Placement:
     """Split each layer over as few cores as its neurons fit: at most min(neurons per core, synapse memory /
     (bits per synapse x fan-in_k)) each, spread evenly.
 
-    fan-in_k = n_{k-1} + n_{k+1} (the W_{k-1} and W_k^T synapses the core stores for each of its neurons).
+    fan-in_k: the synapses the core stores for each of its neurons (``fan_in``; n_{k-1} + n_{k+1} in a dense chain).
     Raises ValueError when one neuron's fan-in exceeds a core (input axons or synapse memory)."""
     sizes = program.layer_sizes
     per_core, cores = [], []
     for k in range(1, len(sizes)):
-        fan_in = sizes[k - 1] + (sizes[k + 1] if k + 1 < len(sizes) else 0)
-        if fan_in > table.input_axons_per_core:
-            raise ValueError(f"layer {k} has a fan-in of {fan_in}, over the {table.input_axons_per_core} input axons "
-                             f"of a {table.chip} core")
-        m = min(table.neurons_per_core, table.synapse_bits_per_core // (table.bits_per_synapse * fan_in))
+        fan_in_k = fan_in(program, k)
+        if fan_in_k > table.input_axons_per_core:
+            raise ValueError(f"layer {k} has a fan-in of {fan_in_k}, over the {table.input_axons_per_core} input "
+                             f"axons of a {table.chip} core")
+        m = min(table.neurons_per_core, table.synapse_bits_per_core // (table.bits_per_synapse * fan_in_k))
         if m < 1:
-            raise ValueError(f"layer {k}: one neuron's {fan_in} synapses exceed the synapse memory of a "
+            raise ValueError(f"layer {k}: one neuron's {fan_in_k} synapses exceed the synapse memory of a "
                              f"{table.chip} core")
         count = -(-sizes[k] // m)
         cores.append(count)
@@ -205,7 +224,10 @@ def estimate_cost(program: LavaProgram, run: ProgramRun, table: CostTable = LOIH
     active = active * live
     sizes = program.layer_sizes
     connections = program.connections()
-    synops = sum(active[:, :, c.source] * sizes[c.target] for c in connections)       # (T, N)
+    if run.synaptic_ops is not None:  # exact: each nonzero payload times its unit's fan-out (conv borders too)
+        synops = np.asarray(run.synaptic_ops, dtype=np.float64) * live[:, :, 0]
+    else:
+        synops = sum(active[:, :, c.source] * sizes[c.target] for c in connections)   # (T, N), dense fan-out
     # a spike is delivered once to every core that holds one of its targets
     target_cores = np.zeros(num + 1)
     for c in connections:

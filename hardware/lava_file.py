@@ -69,6 +69,9 @@ def save_program(path, program: LavaProgram) -> str:
     """
     if not isinstance(program, LavaProgram):
         raise ValueError(f"save_program needs a LavaProgram, got {type(program).__name__}")
+    if hasattr(program, "links"):  # hardware.layered_program.LayeredProgram (not imported: a host needs no scipy)
+        raise ValueError("the ebm-lava-program format (version 1) holds chains of dense layers; a convolutional "
+                         "(layered) program cannot be exported yet: run it with hardware.lava_run.run_lava")
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")

@@ -38,7 +38,8 @@ class LavaRunResult:
     outputs: (N, n_L) output states after T steps; states: all layers' (list of (N, n_k)) with record="all";
     steps, converged: (N,) equilibrium per sample; trajectory: with record_trajectory, list of L arrays
     (T + 1, N, n_k); lava_steps: Lava time steps run; run_s: seconds inside Lava's run calls (compile, start-up and
-    reading records excluded); setup_s: compile and start-up; read_s: reading records; kind: "float" | "fixed".
+    reading records excluded); setup_s: compile and start-up; read_s: reading records; kind: "float" | "fixed";
+    predict: the program's ``predictions`` (outputs -> classes).
     """
 
     outputs: np.ndarray
@@ -51,10 +52,12 @@ class LavaRunResult:
     read_s: float
     states: list | None = None
     trajectory: list | None = None
+    predict: object = None
 
     def predictions(self) -> np.ndarray:
-        """argmax of the output states (N,)."""
-        return np.argmax(self.outputs, axis=1)
+        """The predicted classes (N,): the program's ``predictions`` of the outputs (``predict``: the argmax of the
+        output states, or of a layered program's readout logits), the argmax without one."""
+        return np.argmax(self.outputs, axis=1) if self.predict is None else self.predict(self.outputs)
 
     @property
     def ms_per_step(self) -> float:
@@ -66,8 +69,11 @@ class LavaRunResult:
 
 
 def build_graph(program: LavaProgram, inputs: np.ndarray, record_samples: int, record_trajectory: bool = False):
-    """Lava processes for ``program`` with encoded ``inputs`` (N, n_0): returns (source, layers, denses)."""
+    """Lava processes for ``program`` with encoded ``inputs`` (N, n_0): returns (source, layers, denses); a
+    connection with a sparse matrix (a convolution of a ``LayeredProgram``) becomes a ``Sparse`` process."""
     from lava.proc.dense.process import Dense
+    from lava.proc.sparse.process import Sparse
+    from scipy.sparse import issparse
 
     from .lava_processes.process import ClampedInput, HardSigmoidLayer
 
@@ -80,14 +86,36 @@ def build_graph(program: LavaProgram, inputs: np.ndarray, record_samples: int, r
               for k, (n, b, shift) in enumerate(zip(program.layer_sizes[1:], program.biases, program.shifts), 1)]
     nodes = [source] + layers
     denses = []
+    lava_conv = getattr(program, "lava_conv", lambda name: None)  # a LayeredProgram's conv processes
     for conn in program.connections():
         options = {"weight_exp": conn.exp, "num_weight_bits": 8} if fixed else {}
-        dense = Dense(weights=np.ascontiguousarray(conn.weights), num_message_bits=NUM_MESSAGE_BITS,
-                      name=conn.name, **options)
+        conv = lava_conv(conn.name)
+        if conv is not None:
+            denses.append(_conv_process(conv, nodes[conn.source], nodes[conn.target], conn.name, options))
+            continue
+        if issparse(conn.weights):  # a convolution or its transpose (hardware/layered_program.py)
+            dense = Sparse(weights=conn.weights.tocsr(), num_message_bits=NUM_MESSAGE_BITS, name=conn.name,
+                           **options)
+        else:
+            dense = Dense(weights=np.ascontiguousarray(conn.weights), num_message_bits=NUM_MESSAGE_BITS,
+                          name=conn.name, **options)
         nodes[conn.source].s_out.connect(dense.s_in)
         dense.a_out.connect(nodes[conn.target].a_in)
         denses.append(dense)
     return source, layers, denses
+
+
+def _conv_process(conv: dict, source, target, name: str, options: dict):
+    """A ``lava.proc.conv.Conv`` from ``source``'s flat (C H W,) states to ``target``'s a_in: the flat ports are
+    reshaped to (C, H, W) and transposed to Lava's (W, H, C) on the way in, and back on the way out (virtual ports).
+    ``conv``: ``LayeredProgram.lava_conv``; Lava's fixed-point Conv ignores weight_exp (the program's is 0)."""
+    from lava.proc.conv.process import Conv
+
+    process = Conv(weight=conv["weight"], input_shape=conv["input_shape"], padding=conv["padding"],
+                   stride=conv["stride"], num_message_bits=NUM_MESSAGE_BITS, name=name, **options)
+    source.s_out.reshape(conv["pre_shape"]).transpose((2, 1, 0)).connect(process.s_in)
+    process.a_out.transpose((2, 1, 0)).reshape((int(np.prod(conv["post_shape"])),)).connect(target.a_in)
+    return process
 
 
 def _inputs_hash(encoded: np.ndarray) -> str:
@@ -157,7 +185,7 @@ def run_lava(program: LavaProgram, x, *, chunk: int = 64, record: str = "output"
                          totals["lava_steps"], totals["run_s"], totals["setup_s"], totals["read_s"],
                          states=[decode(arrays[f"s{k + 1}"]) for k in kept] if record == "all" else None,
                          trajectory=[decode(arrays[f"traj{k + 1}"]) for k in range(len(sizes))]
-                         if record_trajectory else None)
+                         if record_trajectory else None, predict=program.predictions)
 
 
 def _run_remaining(program, encoded, done, chunk, arrays, kept, record_trajectory, totals, resume_file, key,

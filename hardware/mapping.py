@@ -68,7 +68,11 @@ def slope_shift(network: Network) -> int:
 
 
 def check_mappable(network: Network) -> None:
-    """Refuse a network the Lava graph cannot carry: a readout outside the dynamics, or over one chip's capacity."""
+    """Refuse a network the Lava graph cannot carry: a readout outside the dynamics, or over one chip's capacity
+    (a ``LayeredNetwork``: :func:`hardware.layered_mapping.check_layered_mappable`)."""
+    if _is_layered(network):
+        from .layered_mapping import check_layered_mappable
+        return check_layered_mappable(network)
     if not isinstance(network, Network):
         raise ValueError(f"expected an ebm_sim Network, got {type(network).__name__}")
     if network.readout:
@@ -84,6 +88,11 @@ def check_mappable(network: Network) -> None:
     if synapses > MAX_SYNAPSES:
         raise ValueError(f"{'-'.join(map(str, sizes))} needs {synapses:,} synapses (W_k and W_k^T), over the "
                          f"{MAX_SYNAPSES:,} of one Loihi 2 chip (the limit of this mapping)")
+
+
+def _is_layered(network) -> bool:
+    from ebm_sim.model.network import LayeredNetwork
+    return isinstance(network, LayeredNetwork)
 
 
 def _check_relaxation(dt: float, steps: int, tol: float) -> None:
@@ -138,6 +147,11 @@ def _dense_list(w_int, shift_in) -> list:
     return forward + [(f"W{k}T", w_int[k].T, k - 1, shift_in[("b", k)]) for k in range(1, len(w_int))]
 
 
+def abs_row_sums(matrix) -> np.ndarray:
+    """sum_j |M_ij| (n_rows,) float64 of a numpy array or a scipy sparse matrix."""
+    return np.asarray(abs(matrix.astype(np.float64)).sum(axis=1), dtype=np.float64).ravel()
+
+
 def _largest_frac_bits(dense, extra, biases) -> tuple[int, str]:
     """The largest q for which no accumulator overflows, and which bound decides it (for the error message).
 
@@ -146,7 +160,7 @@ def _largest_frac_bits(dense, extra, biases) -> tuple[int, str]:
     best, reason = PAYLOAD_BITS - 2, f"{PAYLOAD_BITS}-bit payloads (states up to 2^q)"
     field = [np.zeros(b.shape[0]) for b in biases]
     for name, matrix, target, e in dense:
-        rowsum = np.abs(matrix.astype(np.float64)).sum(axis=1)
+        rowsum = abs_row_sums(matrix)
         if rowsum.max(initial=0) > 0:
             q = math.floor(math.log2(((1 << (ACCUMULATOR_BITS - 1)) - 1) / rowsum.max()))
             if q < best:
@@ -161,20 +175,17 @@ def _largest_frac_bits(dense, extra, biases) -> tuple[int, str]:
     return best, reason
 
 
-def fixed_program(network: Network, dt: float = DEPLOYED["dt"], steps: int = DEPLOYED["steps"],
-                  tol: float = DEPLOYED["tol"], frac_bits: int | None = None,
-                  max_weight_error: float = MAX_WEIGHT_ERROR, max_zeroed: float = MAX_ZEROED) -> LavaProgram:
-    """The network in fixed point (Lava's ``fixed_pt`` models, bit-accurate Dense): see the module docstring.
-
-    frac_bits: q, the state resolution 2^-q (default: the largest safe one, at most 16). dt is rounded to a 12-bit
-    mantissa (dt = m / 4096; 1.0 and 0.5 are exact). Raises ValueError for weights that do not quantize."""
-    check_mappable(network)
-    _check_relaxation(dt, steps, tol)
+def check_fixed_options(max_weight_error, max_zeroed) -> None:
+    """ValueError unless both quantization limits are positive numbers."""
     for name, value in (("max_weight_error", max_weight_error), ("max_zeroed", max_zeroed)):
         if not (isinstance(value, (int, float)) and value > 0):
             raise ValueError(f"{name} must be positive, got {value!r}")
-    num = network.num_layers
-    weights = [w.astype(np.float64) for w in network.weights]
+
+
+def quantize_all(weights: list, max_weight_error: float, max_zeroed: float) -> tuple:
+    """(p_i, W_int_i, relative errors, zeroed fractions) of float64 arrays W_i (matrices or kernels): p_i from
+    ``weight_scale_bits``, W_int_i = ``quantize_weights``; ValueError naming the first W_i whose relative error is
+    above ``max_weight_error`` or more than ``max_zeroed`` of whose nonzero weights round to 0."""
     p = [weight_scale_bits(w) for w in weights]
     w_int = [quantize_weights(w, pk) for w, pk in zip(weights, p)]
     errors = [_relative_error(w, wi, pk) for w, wi, pk in zip(weights, w_int, p)]
@@ -186,31 +197,67 @@ def fixed_program(network: Network, dt: float = DEPLOYED["dt"], steps: int = DEP
             raise ValueError(f"W{k} does not quantize to 8-bit weights: relative error {error:.3f} (limit "
                              f"{max_weight_error:g}), {100 * lost:.0f}% of its nonzero weights round to 0 (limit "
                              f"{100 * max_zeroed:.0f}%); its largest |weight| is {spread:.0f}x its RMS")
-    # layer k (1-based) hears W_{k-1} (p[k-1]) and, below the output, W_k^T (p[k])
-    incoming = [[p[k - 1]] + ([p[k]] if k < num else []) for k in range(1, num + 1)]
+    return p, w_int, errors, zeroed
+
+
+def field_extra_bits(incoming: list, pinned: list | None = None) -> list:
+    """extra_k = max(0, max_c p_c - 7) for the scales p_c of the connections into each layer k (``incoming[k - 1]``):
+    the field of layer k is kept in units 2^-(q + extra_k), so every connection's weight exponent extra_k - p_c lies
+    in Loihi's [-7, 7]; ``pinned[k - 1]``, when not None, sets extra_k instead (a process without a weight exponent
+    needs extra_k = its p). ValueError naming the layer when the scales are too far apart for that."""
     extra = [max(0, max(ps) - WEIGHT_EXP_RANGE[1]) for ps in incoming]
+    for k, value in enumerate(pinned or []):
+        if value is not None:
+            if value < 0:
+                raise ValueError(f"the weights into layer {k + 1} need a weight exponent of 0 but are too large "
+                                 f"for it (8-bit scale 2^-p with p = {value} < 0)")
+            extra[k] = value
     lo, hi = WEIGHT_EXP_RANGE
     for k, ps in enumerate(incoming, start=1):
         exps = [extra[k - 1] - pk for pk in ps]
         if not all(lo <= e <= hi for e in exps):
             raise ValueError(f"the weights into layer {k} do not quantize: their 8-bit scales 2^-p (p = "
                              f"{', '.join(map(str, ps))}) need weight exponents {exps}, outside Loihi's [{lo}, {hi}] "
-                             f"(weights far too large, or scales too different between W_{k - 1} and W_{k}^T)")
-    shift_in = {("f", k): extra[k] - p[k] for k in range(num)}        # Dense W_k into layer k + 1: e = r - q - p
-    shift_in.update({("b", k): extra[k - 1] - p[k] for k in range(1, num)})  # Dense W_k^T into layer k
-    biases = [b.astype(np.float64) for b in network.biases]
-    limit, reason = _largest_frac_bits(_dense_list(w_int, shift_in), extra, biases)
+                             f"(weights far too large, or scales too different between the connections into it)")
+    return extra
+
+
+def choose_frac_bits(limit: int, reason: str, frac_bits: int | None) -> int:
+    """q: ``frac_bits`` if given and in [1, limit], else min(MAX_FRAC_BITS, limit); ValueError when the default is
+    below MIN_FRAC_BITS or the given one is out of range (``reason``: the bound that sets ``limit``)."""
     if frac_bits is None:
         q = min(MAX_FRAC_BITS, limit)
         if q < MIN_FRAC_BITS:
             raise ValueError(f"the fixed-point mapping needs at least {MIN_FRAC_BITS} state fraction bits, but "
                              f"{reason} allows only {limit}: the weights or fan-in are too large for 8-bit weights "
                              f"and {PAYLOAD_BITS}-bit states")
-    else:
-        q = frac_bits
-        if not (isinstance(q, (int, np.integer)) and 1 <= q <= limit):
-            raise ValueError(f"frac_bits must be an integer in [1, {limit}] for this network ({reason} allows at "
-                             f"most {limit}), got {frac_bits!r}")
+        return q
+    if not (isinstance(frac_bits, (int, np.integer)) and 1 <= frac_bits <= limit):
+        raise ValueError(f"frac_bits must be an integer in [1, {limit}] for this network ({reason} allows at "
+                         f"most {limit}), got {frac_bits!r}")
+    return int(frac_bits)
+
+
+def fixed_program(network: Network, dt: float = DEPLOYED["dt"], steps: int = DEPLOYED["steps"],
+                  tol: float = DEPLOYED["tol"], frac_bits: int | None = None,
+                  max_weight_error: float = MAX_WEIGHT_ERROR, max_zeroed: float = MAX_ZEROED) -> LavaProgram:
+    """The network in fixed point (Lava's ``fixed_pt`` models, bit-accurate Dense): see the module docstring.
+
+    frac_bits: q, the state resolution 2^-q (default: the largest safe one, at most 16). dt is rounded to a 12-bit
+    mantissa (dt = m / 4096; 1.0 and 0.5 are exact). Raises ValueError for weights that do not quantize."""
+    check_mappable(network)
+    _check_relaxation(dt, steps, tol)
+    check_fixed_options(max_weight_error, max_zeroed)
+    num = network.num_layers
+    weights = [w.astype(np.float64) for w in network.weights]
+    p, w_int, errors, zeroed = quantize_all(weights, max_weight_error, max_zeroed)
+    # layer k (1-based) hears W_{k-1} (p[k-1]) and, below the output, W_k^T (p[k])
+    extra = field_extra_bits([[p[k - 1]] + ([p[k]] if k < num else []) for k in range(1, num + 1)])
+    shift_in = {("f", k): extra[k] - p[k] for k in range(num)}        # Dense W_k into layer k + 1: e = r - q - p
+    shift_in.update({("b", k): extra[k - 1] - p[k] for k in range(1, num)})  # Dense W_k^T into layer k
+    biases = [b.astype(np.float64) for b in network.biases]
+    limit, reason = _largest_frac_bits(_dense_list(w_int, shift_in), extra, biases)
+    q = choose_frac_bits(limit, reason, frac_bits)
     base = slope_shift(network)
     dt_mantissa = int(round(dt * (1 << DT_BITS)))
     b_int = [np.rint(b * 2.0 ** (q + extra[k])).astype(np.int32) for k, b in enumerate(biases)]
@@ -226,11 +273,15 @@ def fixed_program(network: Network, dt: float = DEPLOYED["dt"], steps: int = DEP
 
 def to_program(network: Network, kind: str = "float", deployment: Deployment | None = None,
                **options) -> LavaProgram:
-    """``float_program`` or ``fixed_program`` by ``kind`` ("float" | "fixed"); options: dt, steps, tol (and for
+    """``float_program`` or ``fixed_program`` by ``kind`` ("float" | "fixed"), or for a ``LayeredNetwork``
+    ``hardware.layered_mapping.to_layered_program``; options: dt, steps, tol (and for
     fixed point frac_bits, max_weight_error, max_zeroed). deployment: the network's ``Deployment``, whose dt, steps
     and tol (``relaxation_with``) apply where options do not give them."""
     if deployment is not None:
         options = {**options, **relaxation_with(deployment, options)}
+    if _is_layered(network):
+        from .layered_mapping import to_layered_program
+        return to_layered_program(network, kind, **options)
     if kind == "float":
         return float_program(network, **options)
     if kind == "fixed":

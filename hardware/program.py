@@ -118,19 +118,14 @@ class LavaProgram:
 
     def encode_inputs(self, x) -> np.ndarray:
         """Images (N, n_0) in [0, 1] -> what the input source sends: float64, or round(x 2^q) as int32."""
-        x = np.asarray(x)
-        if x.ndim != 2 or x.shape[1] != self.layer_sizes[0]:
-            raise ValueError(f"inputs must have shape (N, {self.layer_sizes[0]}) for this program, got {x.shape}")
-        if x.shape[0] == 0:
-            raise ValueError("inputs hold no samples")
-        if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
-            raise ValueError("inputs must be finite numbers")
-        if x.min() < 0 or x.max() > 1:
-            raise ValueError(f"inputs must lie in [0, 1], got values in [{x.min():g}, {x.max():g}]")
-        x = x.astype(np.float64)
+        x = check_images(x, self.layer_sizes[0])
         if self.kind == "float":
             return x
         return np.rint(x * self.full_scale).astype(np.int32)
+
+    def predictions(self, output_states) -> np.ndarray:
+        """The predicted classes (N,) of output states (N, n_L) (program units or decoded): their argmax."""
+        return np.argmax(np.asarray(output_states), axis=1)
 
     def decode_states(self, states) -> np.ndarray:
         """States in program units -> activations in [0, 1] (float64)."""
@@ -161,6 +156,20 @@ class LavaProgram:
                 "topology": [{"name": c.name, "source": c.source, "target": c.target,
                               "matrix": f"W{c.name[1:].rstrip('T')}", "transposed": c.name.endswith("T"),
                               "weight_exp": c.exp} for c in self.connections()]}
+
+
+def check_images(x, n_0: int) -> np.ndarray:
+    """Images (N, n_0) of finite values in [0, 1] as float64; ValueError naming what is wrong otherwise."""
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] != n_0:
+        raise ValueError(f"inputs must have shape (N, {n_0}) for this program, got {x.shape}")
+    if x.shape[0] == 0:
+        raise ValueError("inputs hold no samples")
+    if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
+        raise ValueError("inputs must be finite numbers")
+    if x.min() < 0 or x.max() > 1:
+        raise ValueError(f"inputs must lie in [0, 1], got values in [{x.min():g}, {x.max():g}]")
+    return x.astype(np.float64)
 
 
 def _check_program(p: LavaProgram) -> None:
@@ -242,7 +251,8 @@ class ProgramRun:
     states: list of L arrays (N, n_k) in program units after T steps; steps, converged (N,): equilibrium as in
     ``steps_from_quiet``; quiet (N, T); active: (T, N, L + 1) nonzero payloads sent at each step by the input and
     each layer (the messages an event-driven chip would carry; the state of step t - 1 is sent at step t);
-    trajectory: with record=True, list of L arrays (T + 1, N, n_k).
+    trajectory: with record=True, list of L arrays (T + 1, N, n_k); synaptic_ops: (T, N) the synapses those
+    payloads reach (each nonzero payload times its unit's fan-out in every process it feeds).
     """
 
     states: list
@@ -251,6 +261,7 @@ class ProgramRun:
     quiet: np.ndarray
     active: np.ndarray
     trajectory: list | None = None
+    synaptic_ops: np.ndarray | None = None
 
 
 def _dense_output(conn: Connection, source: np.ndarray, fixed: bool) -> np.ndarray:
@@ -284,14 +295,17 @@ def simulate(program: LavaProgram, inputs, record: bool = False) -> ProgramRun:
     n, steps, num = x.shape[0], program.steps, program.num_layers
     states = [np.zeros((n, m), dtype=x.dtype) for m in program.layer_sizes[1:]]
     connections = program.connections()
+    fan_out = [_fan_out(conn.weights) for conn in connections]
     quiet = np.zeros((n, steps), dtype=bool)
     active = np.zeros((steps, n, num + 1), dtype=np.int64)
+    synaptic_ops = np.zeros((steps, n), dtype=np.float64)
     trajectory = [np.zeros((steps + 1, n, m), dtype=x.dtype) for m in program.layer_sizes[1:]] if record else None
     for t in range(steps):
         layers = [x] + states
         active[t] = np.stack([np.count_nonzero(s, axis=1) for s in layers], axis=1)
         inputs_to = [np.zeros_like(s) for s in states]
-        for conn in connections:
+        for conn, out in zip(connections, fan_out):
+            synaptic_ops[t] += (layers[conn.source] != 0) @ out
             inputs_to[conn.target - 1] = inputs_to[conn.target - 1] + _dense_output(conn, layers[conn.source], fixed)
         new = [layer_update(program, k + 1, s, a) for k, (s, a) in enumerate(zip(states, inputs_to))]
         moved = np.max(np.stack([np.max(np.abs(a - b), axis=1) for a, b in zip(new, states)]), axis=0)
@@ -301,4 +315,12 @@ def simulate(program: LavaProgram, inputs, record: bool = False) -> ProgramRun:
             for k, s in enumerate(states):
                 trajectory[k][t + 1] = s
     steps_to_eq, converged = steps_from_quiet(quiet, steps)
-    return ProgramRun(states, steps_to_eq, converged, quiet, active, trajectory)
+    return ProgramRun(states, steps_to_eq, converged, quiet, active, trajectory, synaptic_ops)
+
+
+def _fan_out(weights) -> np.ndarray:
+    """Synapses of each source unit (n_source,) float64: n_target for a dense matrix, the stored entries of its
+    column for a sparse one (a convolution)."""
+    if isinstance(weights, np.ndarray):
+        return np.full(weights.shape[1], float(weights.shape[0]))
+    return np.diff(weights.tocsc().indptr).astype(np.float64)

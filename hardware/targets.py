@@ -305,7 +305,7 @@ def _loihi_row(name: str, spec: CompareSpec) -> dict:
         return _not_measured(name, f"not mappable: {e}")
     run = simulate(program, program.encode_inputs(x))
     estimate = estimate_cost(program, run, table).means()
-    predictions = run.states[-1].argmax(1)
+    predictions = program.predictions(program.decode_states(run.states[-1]))
     latency_ms = estimate["latency_us"] * 1e-3
     return {"name": name, "label": LABELS[name], "measured": False, "estimated": True,
             "latency_ms_batch1": latency_ms, "samples_per_s": 1e3 / latency_ms, "batch": 1,

@@ -15,6 +15,9 @@
                             epochs: 25.3 % vs 20.3 % test after 2-3 epochs on 2,000 images; over 18 epochs the
                             synchronous fixed_point updates reached 53.7 %, alternating ones 54.9 %; T1 20 / T2 8 for
                             20 epochs gave 52.6 %); its figures: benchmarks/conv.py
+    cifar10-cpu-lava        cifar10-cpu with 2x2 average pooling instead of max pooling and synchronous fixed_point
+                            updates: the network the Lava graph carries (Lava has no max-pooling process; average
+                            pooling folds into the conv weights, docs/hardware.md); its accuracy is not measured yet
 One difference from the reference code: its cosine schedule anneals over 100 epochs to 1e-5 while training 120; the
 toolkit's ``cosine`` anneals over the run's epochs to 0.
 """
@@ -65,6 +68,12 @@ PRESETS = {p.name: p for p in [
            dict(_LABORIEUX_TRAIN, epochs=24, batch_size=32, method="alternating", free_steps=30, nudged_steps=10,
                 optimizer="adam", lr=1e-3, weight_decay=0.0),
            "this toolkit: sized for a 2-core CPU (benchmarks/conv.py)"),
+    Preset("cifar10-cpu-lava", "cifar10",
+           "3x32x32, conv 16 k3 p1 avgpool, conv 32 k3 p1 avgpool, conv 64 k3 p1 avgpool, readout 10",
+           "hard_sigmoid_half",
+           dict(_LABORIEUX_TRAIN, epochs=24, batch_size=32, method="fixed_point", free_steps=30, nudged_steps=10,
+                optimizer="adam", lr=1e-3, weight_decay=0.0),
+           "this toolkit: cifar10-cpu made mappable to Lava (hardware/layered_mapping.py)"),
 ]}
 
 
