@@ -1,5 +1,7 @@
-"""Baselines with the EBM's architecture (``distill.models.FeedForward``): standard backprop and PGD adversarial
-training (Madry et al. 2018), and the L-infinity PGD attack they use.
+"""Baselines with the EBM's architecture (``distill.models.FeedForward`` for dense layer sizes,
+``distill.models.LayeredFeedForward`` -- same convolutions, pooling, normalization and readout -- for a layered
+``ebm_sim.model.LayeredNetwork``): standard backprop and PGD adversarial training (Madry et al. 2018), and the
+L-infinity PGD attack they use.
 
 standard: minimize CE(f(x), y) on the training set.
 pgd-at:   minimize CE(f(x + delta*), y), delta* = PGD's approximate maximizer of CE(f(x + delta), y) over
@@ -8,7 +10,8 @@ pgd-at:   minimize CE(f(x + delta*), y), delta* = PGD's approximate maximizer of
 PGD (Linf, Madry et al. 2018): x_0 = clip(x + U(-eps, eps), 0, 1) with a random start (else x), then ``steps`` times
     x_{t+1} = clip(clip(x_t + step_size * sign(grad_x CE(f(x_t), y)), x - eps, x + eps), 0, 1).
 Budgets are in pixel space (inputs in [0, 1]). The default eps 0.1, 10 steps of 0.025 (2.5 eps / steps) suit
-(Fashion-)MNIST; CIFAR uses 8/255.
+(Fashion-)MNIST; CIFAR uses 8/255 with Madry et al.'s 7 steps of 2/255 (``BaselineConfig.for_dataset("cifar10")``,
+the presets of ``distill.config.PGD_PRESETS``).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import torch.nn.functional as F
 
 from .config import BaselineConfig
 from .fitting import fingerprint, fit_model, split_indices
-from .models import FeedForward
+from .models import FeedForward, LayeredFeedForward
 
 # ---------------------------------------------------------------------------------------------- attack
 def pgd_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 10,
@@ -83,31 +86,55 @@ def robust_accuracy(model: torch.nn.Module, x, y, eps: float, steps: int = 10, s
 
 
 # ---------------------------------------------------------------------------------------------- training
+def baseline_model(architecture, activation: str = "hard_sigmoid", readout: bool = False, seed: int = 0):
+    """A freshly initialized (seeded) baseline: ``FeedForward(layer_sizes, activation, readout)`` for dense layer
+    sizes, or ``LayeredFeedForward`` with a LayeredNetwork's architecture (its activation, normalization and readout;
+    not its weights -- ``activation`` and ``readout`` must then be left at their defaults)."""
+    if hasattr(architecture, "layer_shapes"):
+        if activation != "hard_sigmoid" or readout:
+            raise ValueError("activation and readout come from the LayeredNetwork: leave them at their defaults")
+        return LayeredFeedForward.from_network(architecture, seed=seed)
+    sizes = tuple(int(n) for n in architecture)
+    return FeedForward(sizes, activation, readout, seed=seed)
+
+
+def training_tensors(model, x_train, y_train) -> tuple:
+    """(x, y) tensors for ``model``: x float32 (N, *model.input_shape) in [0, 1] (a sample's values in any shape of the
+    same size are reshaped), y int64 (N,) in [0, classes); ValueError naming the problem."""
+    x = np.asarray(x_train)
+    shape = tuple(model.input_shape)
+    if x.ndim < 1 or int(np.prod(x.shape[1:])) != int(np.prod(shape)):
+        shown = shape[0] if len(shape) == 1 else "x".join(map(str, shape))
+        raise ValueError(f"the model takes {shown} inputs but the training data has shape {x.shape}")
+    x = torch.from_numpy(np.ascontiguousarray(x.reshape((len(x),) + shape), dtype=np.float32))
+    y = torch.from_numpy(np.asarray(y_train).astype(np.int64))
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"{x.shape[0]} inputs but labels of shape {tuple(y.shape)}")
+    classes = model.num_classes
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise ValueError(f"labels must lie in [0, {classes}) for {classes} output units, found "
+                         f"{int(y.min())}..{int(y.max())}")
+    if not torch.isfinite(x).all() or float(x.min()) < 0 or float(x.max()) > 1:
+        raise ValueError("training inputs must be finite and lie in [0, 1]")
+    return x, y
+
+
 def train_baseline(layer_sizes, x_train, y_train, config: BaselineConfig | None = None, *,
                    activation: str = "hard_sigmoid", readout: bool = False, checkpoint_path=None,
                    resume: bool = False, progress: bool = True, log=print, dataset: str | None = None,
                    provenance: dict | None = None):
-    """Train a FeedForward(layer_sizes, activation, readout) on (x_train (N, n_0) in [0, 1], y_train (N,)) by
-    standard backprop or PGD adversarial training; return (model in eval mode, history).
+    """Train ``baseline_model(layer_sizes, activation, readout)`` -- a FeedForward for dense layer sizes, or a
+    LayeredFeedForward when ``layer_sizes`` is a LayeredNetwork (its architecture, fresh weights) -- on
+    (x_train (N, *input_shape) in [0, 1], y_train (N,)) by standard backprop or PGD adversarial training; return
+    (model in eval mode, history).
 
     history: per epoch epoch, train_loss, val_loss, val_accuracy (clean), val_robust_accuracy (pgd-at: under the
     training PGD, fixed seed), lr, seconds; best_epoch. checkpoint_path: the model's ebm-feedforward file,
     rewritten atomically after every epoch; resume=True continues from it exactly.
     """
     config = config or BaselineConfig()
-    x = torch.from_numpy(np.ascontiguousarray(np.asarray(x_train).reshape(len(x_train), -1), dtype=np.float32))
-    y = torch.from_numpy(np.asarray(y_train).astype(np.int64))
-    sizes = tuple(int(n) for n in layer_sizes)
-    if x.ndim != 2 or x.shape[1] != sizes[0]:
-        raise ValueError(f"the model takes {sizes[0]} inputs but the training data has shape {tuple(x.shape)}")
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"{x.shape[0]} inputs but labels of shape {tuple(y.shape)}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= sizes[-1]):
-        raise ValueError(f"labels must lie in [0, {sizes[-1]}) for {sizes[-1]} output units, found "
-                         f"{int(y.min())}..{int(y.max())}")
-    if not torch.isfinite(x).all() or float(x.min()) < 0 or float(x.max()) > 1:
-        raise ValueError("training inputs must be finite and lie in [0, 1]")
-    model = FeedForward(sizes, activation, readout, seed=config.seed)
+    model = baseline_model(layer_sizes, activation, readout, seed=config.seed)
+    x, y = training_tensors(model, x_train, y_train)
     train_rows, val_rows = split_indices(x.shape[0], config.val_fraction, config.seed)
     train_index, val_index = torch.from_numpy(train_rows), torch.from_numpy(val_rows)
     x_val, y_val = x[val_index], y[val_index]
@@ -136,8 +163,7 @@ def train_baseline(layer_sizes, x_train, y_train, config: BaselineConfig | None 
             stats["robust_accuracy"] = float((logits.argmax(1) == y_val).float().mean())
         return {"loss": float(F.cross_entropy(logits, y_val)), **stats}
 
-    settings = {"config": config.as_dict(), "layer_sizes": list(sizes), "activation": activation,
-                "readout": bool(readout), "data": fingerprint(x.numpy(), y.numpy())}
+    settings = {"config": config.as_dict(), **model.architecture, "data": fingerprint(x.numpy(), y.numpy())}
     info = {"num_train": int(len(train_rows)), "num_validation": int(len(val_rows)), **(provenance or {})}
 
     def save(path, trained, history, checkpoint, checkpoint_state):

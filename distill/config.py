@@ -11,6 +11,18 @@ OUTPUT_TARGETS = ("ebm", "labels")
 STATE_LOSSES = ("matching", "mse")
 BASELINE_KINDS = ("standard", "pgd-at")
 
+#: PGD of adversarial training per dataset family (pixel units, inputs in [0, 1]); open: add a family here.
+#:   mnist  eps 0.1, 10 steps of 0.025 (2.5 eps / steps): the toolkit's default, (Fashion-)MNIST and digits
+#:   cifar  eps 8/255, 7 steps of 2/255, random start: Madry et al. 2018's CIFAR-10 PGD-AT (RobustBench's threat
+#:          model), kept at 7 steps for a CPU budget (each training step costs 1 + 7 forward/backward passes)
+PGD_PRESETS = {
+    "mnist": {"eps": 0.1, "pgd_steps": 10, "pgd_step_size": 0.025},
+    "cifar": {"eps": 8 / 255, "pgd_steps": 7, "pgd_step_size": 2 / 255},
+}
+#: dataset name -> PGD_PRESETS family (names as ebm_sim.datasets spells them)
+DATASET_FAMILIES = {"digits": "mnist", "mnist": "mnist", "fashion-mnist": "mnist", "fashion_mnist": "mnist",
+                    "cifar10": "cifar", "cifar-10": "cifar", "cifar100": "cifar", "cifar-100": "cifar"}
+
 
 @dataclass
 class FitConfig:
@@ -124,6 +136,16 @@ class BaselineConfig(FitConfig):
         if self.pgd_step_size is not None and not (isinstance(self.pgd_step_size, numbers.Real)
                                                    and math.isfinite(self.pgd_step_size) and self.pgd_step_size > 0):
             raise ValueError(f"pgd_step_size must be a positive number, got {self.pgd_step_size!r}")
+
+    @classmethod
+    def for_dataset(cls, dataset: str, **fields) -> "BaselineConfig":
+        """A configuration with the PGD budget of ``dataset``'s family (``PGD_PRESETS`` via ``DATASET_FAMILIES``);
+        ``fields`` override any field (kind, epochs, eps, ...)."""
+        family = DATASET_FAMILIES.get(str(dataset).lower())
+        if family is None:
+            raise ValueError(f"no PGD preset for dataset {dataset!r}; known: {', '.join(sorted(DATASET_FAMILIES))} "
+                             f"(or give eps, pgd_steps and pgd_step_size)")
+        return cls(**{**PGD_PRESETS[family], **fields})
 
     @property
     def step_size(self) -> float:

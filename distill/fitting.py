@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from .config import FitConfig
-from .models import FeedForward
 
 
 def fingerprint(*arrays) -> str:
@@ -52,10 +51,9 @@ def batch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def _flat_state(model: FeedForward, optimizer: torch.optim.Adam) -> dict:
-    weights, biases = model.weights_biases()
-    state = {f"current/W{k}": w for k, w in enumerate(weights)}
-    state.update({f"current/b{k + 1}": b for k, b in enumerate(biases)})
+def _flat_state(model: torch.nn.Module, optimizer: torch.optim.Adam) -> dict:
+    """The checkpoint: ``current/<name>`` for every array of ``model.parameter_state()`` and Adam's state."""
+    state = {f"current/{name}": array for name, array in model.parameter_state().items()}
     for i, p in enumerate(model.parameters()):
         s = optimizer.state.get(p)
         if s:
@@ -65,9 +63,8 @@ def _flat_state(model: FeedForward, optimizer: torch.optim.Adam) -> dict:
     return state
 
 
-def _restore_state(model: FeedForward, optimizer: torch.optim.Adam, flat: dict) -> None:
-    num = model.num_layers
-    model.load_parameters([flat[f"current/W{k}"] for k in range(num)], [flat[f"current/b{k}"] for k in range(1, num + 1)])
+def _restore_state(model: torch.nn.Module, optimizer: torch.optim.Adam, flat: dict) -> None:
+    model.load_parameter_state({name[len("current/"):]: a for name, a in flat.items() if name.startswith("current/")})
     for i, p in enumerate(model.parameters()):
         if f"adam/step/{i}" in flat:
             optimizer.state[p] = {"step": torch.as_tensor(flat[f"adam/step/{i}"]).clone(),
@@ -75,21 +72,22 @@ def _restore_state(model: FeedForward, optimizer: torch.optim.Adam, flat: dict) 
                                   "exp_avg_sq": torch.as_tensor(flat[f"adam/exp_avg_sq/{i}"]).clone()}
 
 
-def _copy_parameters(model: FeedForward) -> list:
+def _copy_parameters(model: torch.nn.Module) -> list:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def _set_parameters(model: FeedForward, values: list) -> None:
+def _set_parameters(model: torch.nn.Module, values: list) -> None:
     with torch.no_grad():
         for p, v in zip(model.parameters(), values):
             p.copy_(v)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def fit_model(model: FeedForward, num_train: int, batch_loss: Callable, validate: Callable, config: FitConfig,
+def fit_model(model: torch.nn.Module, num_train: int, batch_loss: Callable, validate: Callable, config: FitConfig,
               settings: dict, save: Callable | None = None, checkpoint_path=None, resume: bool = False,
               progress: bool = True, log=print, desc: str = "train", load_record: Callable | None = None):
-    """Train ``model`` in place; return (model with the best validation parameters, history).
+    """Train ``model`` in place; return (model with the best validation parameters, history). ``model``: a student
+    (``FeedForward`` or ``LayeredFeedForward``: ``parameter_state``/``load_parameter_state``, ``architecture``).
 
     batch_loss(rows (np.ndarray of training indices), generator) -> scalar loss tensor (and may return a dict of
     extra statistics as a second value); validate() -> dict of floats with at least "loss" (computed without
@@ -122,8 +120,9 @@ def fit_model(model: FeedForward, num_train: int, batch_loss: Callable, validate
         if differing:
             raise ValueError(f"cannot resume from {checkpoint_path}: its configuration or data differ "
                              f"({', '.join(differing)})")
-        if tuple(record.model.layer_sizes) != tuple(model.layer_sizes):
-            raise ValueError(f"cannot resume from {checkpoint_path}: it holds a {record.model.layer_sizes} model")
+        if record.model.architecture != model.architecture:
+            raise ValueError(f"cannot resume from {checkpoint_path}: it holds another architecture "
+                             f"({record.model.architecture}, not {model.architecture})")
         _restore_state(model, optimizer, record.checkpoint)
         best = _copy_parameters(record.model)
         history = {k: list(v) for k, v in record.history.items()}

@@ -187,6 +187,7 @@ def quantize_onnx(source, path, quantization: str = "int8") -> Path:
     """Quantize an exported classifier for CPU deployment: ``"int8"`` is onnxruntime's dynamic quantization
     (weights stored as int8 with one scale per tensor; activations quantized to uint8 at run time with the range
     observed over the whole call's batch; MatMulInteger products accumulated in int32, then rescaled to float32).
+    Convolutions (students of convolutional EBMs) become ConvInteger the same way (int8 weights, uint8 activations).
     No calibration data is needed. The logits differ from the float model's by the quantization error (measure the
     agreement), and because the activation range is the batch's, a sample's logits depend slightly on the rest of
     its batch.
@@ -333,6 +334,46 @@ def compare_with_torch(module: torch.nn.Module, path, x, intra_op_threads: int |
     """
     x = np.asarray(x, dtype=np.float32)
     onnx_logits = OnnxClassifier(path, intra_op_threads=intra_op_threads, providers=["CPUExecutionProvider"])(x)
+    torch_logits = _torch_logits(module, x)
+    if torch_logits.shape != onnx_logits.shape:
+        raise ValueError(f"torch logits {torch_logits.shape} and ONNX logits {onnx_logits.shape} differ in shape")
+    return float(np.max(np.abs(onnx_logits.astype(np.float64) - torch_logits))) if torch_logits.size else 0.0
+
+
+def measure_export(module: torch.nn.Module, path, x, y=None, intra_op_threads: int | None = None,
+                   batch_size: int | None = None) -> dict:
+    """How an exported file (float or int8) stands against the torch module it came from, on images x
+    (B, *input_shape) in [0, 1] and optional labels y (B,):
+
+        max_abs_difference    max |logits_onnx - logits_torch|
+        prediction_agreement  share of samples with argmax logits_onnx = argmax logits_torch
+        accuracy_onnx, accuracy_torch (with y)   share of argmax = y
+        n, quantization ("none" or the file's, e.g. "int8")
+
+    Works for every classifier the toolkit exports (dense FeedForward, convolutional LayeredFeedForward, ...): the
+    ONNX side runs on onnxruntime's CPU provider, ``batch_size`` chunks it (int8 files quantize activations over
+    the chunk); the torch side is run as ``compare_with_torch`` runs it."""
+    x = np.asarray(x, dtype=np.float32)
+    if y is not None:
+        y = np.asarray(y)
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"{x.shape[0]} images but labels of shape {y.shape}")
+    classifier = OnnxClassifier(path, intra_op_threads=intra_op_threads, providers=["CPUExecutionProvider"])
+    onnx_logits = classifier(x, batch_size=batch_size).astype(np.float64)
+    torch_logits = _torch_logits(module, x)
+    if torch_logits.shape != onnx_logits.shape:
+        raise ValueError(f"torch logits {torch_logits.shape} and ONNX logits {onnx_logits.shape} differ in shape")
+    onnx_pred, torch_pred = onnx_logits.argmax(1), torch_logits.argmax(1)
+    out = {"max_abs_difference": float(np.max(np.abs(onnx_logits - torch_logits))) if x.shape[0] else 0.0,
+           "prediction_agreement": float(np.mean(onnx_pred == torch_pred)), "n": int(x.shape[0]),
+           "quantization": classifier.quantization or "none"}
+    if y is not None:
+        out.update(accuracy_onnx=float(np.mean(onnx_pred == y)), accuracy_torch=float(np.mean(torch_pred == y)))
+    return out
+
+
+def _torch_logits(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    """``module(x)`` as float64 numpy, in the module's dtype and on its device, in eval mode (restored afterwards)."""
     parameter = next(iter(module.parameters()), None)
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
     device = parameter.device if parameter is not None else torch.device("cpu")
@@ -340,9 +381,6 @@ def compare_with_torch(module: torch.nn.Module, path, x, intra_op_threads: int |
     module.eval()
     try:
         with torch.no_grad():
-            torch_logits = module(torch.as_tensor(x, dtype=dtype, device=device)).detach().cpu().double().numpy()
+            return module(torch.as_tensor(x, dtype=dtype, device=device)).detach().cpu().double().numpy()
     finally:
         module.train(was_training)
-    if torch_logits.shape != onnx_logits.shape:
-        raise ValueError(f"torch logits {torch_logits.shape} and ONNX logits {onnx_logits.shape} differ in shape")
-    return float(np.max(np.abs(onnx_logits.astype(np.float64) - torch_logits))) if torch_logits.size else 0.0

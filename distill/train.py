@@ -1,16 +1,20 @@
 """Distillation: train a feedforward student to reproduce an EBM's fixed points in one forward pass.
 
-Given fixed points (x, s_1..s_L) of a network (an ``ebm-fixed-points`` file written by ``ebm relax``), the student
-(``distill.models.FeedForward`` with the EBM's sizes and slope) minimizes, over minibatches,
+Given fixed points (x, s_1..s_L) of a network (an ``ebm-fixed-points`` file written by ``ebm relax``, or any object
+with ``inputs`` (N, *input_shape), ``labels`` (N,), ``states`` [(N, *shape_k)], ``settings`` and ``network_hash``),
+the student (``distill.models.student_for``: ``FeedForward`` for a dense ``ebm_sim`` Network, ``LayeredFeedForward``
+-- same convolutions, pooling and readout -- for a layered ``ebm_sim.model.LayeredNetwork``; the EBM's slope)
+minimizes, over minibatches,
 
     loss = sum_k w_k MSE(a_k(x), s_k)  +  w_out CE(logits(x), t)
 
-with a_k = clip(z_k, 0, 1) the student's layer-k activation (k = 1..L, or 1..L-1 for a softmax-readout EBM), MSE the
-mean over units and samples (``state_loss="mse"``) or, by default (``"matching"``), the hard sigmoid's matching loss
-of z_k, which equals that MSE while z_k is in [0, 1] and grows linearly outside, so saturated units with a wrong
-state still get a gradient (see ``matching_loss``), w_k = ``layer_weight`` (one value or one per state layer), w_out = ``output_weight`` and t the target
-class: the EBM's own prediction argmax of its logits (``output_target="ebm"``, default: the student imitates the
-EBM, mistakes included) or the true label (``"labels"``). Adam, seeded minibatches, early stopping on a held-out
+with a_k = clip(z_k, 0, 1) the student's layer-k activation (k = 1..L, or 1..L-1 for a dense softmax-readout EBM;
+(B, n_k) or (B, C, H, W)), MSE the mean over units (channels and positions) and samples (``state_loss="mse"``) or,
+by default (``"matching"``), the hard sigmoid's matching loss of z_k, which equals that MSE while z_k is in [0, 1]
+and grows linearly outside, so saturated units with a wrong state still get a gradient (see ``matching_loss``),
+w_k = ``layer_weight`` (one value or one per state layer), w_out = ``output_weight`` and t the target class: the
+EBM's own prediction argmax of its logits (``output_target="ebm"``, default: the student imitates the EBM, mistakes
+included) or the true label (``"labels"``). Adam, seeded minibatches, early stopping on a held-out
 split of the fixed points (validation loss, ``patience`` epochs), a checkpoint after every epoch and an exact resume
 (see :mod:`distill.fitting`).
 """
@@ -24,25 +28,47 @@ import torch.nn.functional as F
 
 from .config import DistillConfig
 from .fitting import fingerprint, fit_model, split_indices
-from .models import FeedForward
+from .models import student_for
 
 # ---------------------------------------------------------------------------------------------- data
+def ebm_logits(network, states) -> np.ndarray:
+    """The EBM's output scores at states [s_1..s_L]: ``network.logits`` (dense) or the cost's output (layered:
+    the readout's logits, or flat(s_L)), (N, classes)."""
+    if hasattr(network, "logits"):
+        return network.logits(states)
+    from ebm_sim.model.energy import output
+    return output(network, list(states))
+
+
 def ebm_predictions(network, fixed_points) -> np.ndarray:
-    """The EBM's predictions at its fixed points: argmax of ``network.logits(states)`` (argmax s_L without a
-    readout), (N,) int64."""
-    return np.asarray(np.argmax(network.logits(fixed_points.states), axis=1), dtype=np.int64)
+    """The EBM's predictions at its fixed points: argmax of its logits (argmax s_L without a readout), (N,) int64."""
+    return np.asarray(np.argmax(ebm_logits(network, fixed_points.states), axis=1), dtype=np.int64)
+
+
+def network_shapes(network) -> tuple:
+    """(input shape, [state shapes]) of one sample: ((n_0,), [(n_1,), ...]) for a dense Network (its relaxing
+    layers), (input_shape, state_shapes) for a LayeredNetwork."""
+    if hasattr(network, "layer_shapes"):
+        return tuple(network.input_shape), [tuple(s) for s in network.state_shapes]
+    return (network.layer_sizes[0],), [(n,) for n in network.state_sizes]
 
 
 def check_fixed_points(network, fixed_points) -> None:
-    """Refuse (ValueError) fixed points of another network or with shapes that do not fit it."""
+    """Refuse (ValueError) fixed points of another network or with shapes that do not fit it: inputs
+    (N, *input_shape) and states [(N, *shape_k)] of the network's relaxing layers, N >= 2."""
     if fixed_points.network_hash != network.content_hash():
         raise ValueError(f"these fixed points were computed by another network (stored network_hash "
                          f"{fixed_points.network_hash[:12]}, given network {network.content_hash()[:12]})")
-    sizes = tuple(fixed_points.layer_sizes)
-    expected = (network.layer_sizes[0],) + tuple(network.state_sizes)
-    if sizes != expected:
-        raise ValueError(f"the fixed points have layer sizes {sizes} but the network's input and states are "
-                         f"{expected}")
+    inputs = np.shape(fixed_points.inputs)
+    shapes = [tuple(inputs[1:])] + [tuple(np.shape(s)[1:]) for s in fixed_points.states]
+    input_shape, state_shapes = network_shapes(network)
+    expected = [input_shape] + state_shapes
+    if shapes != expected:
+        raise ValueError(f"the fixed points have input and state shapes {shapes} but the network's input and states "
+                         f"are {expected}")
+    counts = {np.shape(a)[0] for a in [fixed_points.inputs, fixed_points.labels, *fixed_points.states]}
+    if len(counts) != 1:
+        raise ValueError(f"the fixed points' inputs, labels and states hold different sample counts {sorted(counts)}")
     if len(fixed_points) < 2:
         raise ValueError(f"need at least 2 fixed points to distill, got {len(fixed_points)}")
 
@@ -61,7 +87,7 @@ def _tensor(array, dtype) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=dtype))
 
 
-def state_losses(model: FeedForward, x: torch.Tensor, states: list, batch_size: int = 4096) -> tuple:
+def state_losses(model: torch.nn.Module, x: torch.Tensor, states: list, batch_size: int = 4096) -> tuple:
     """(per-layer MSE list, logits) of the student on (x, states) in batches, without gradients."""
     sums = [0.0] * len(states)
     logits = []
@@ -71,7 +97,7 @@ def state_losses(model: FeedForward, x: torch.Tensor, states: list, batch_size: 
             for k, (ak, sk) in enumerate(zip(a, states)):
                 sums[k] += float(F.mse_loss(ak, sk[begin:begin + batch_size], reduction="sum"))
             logits.append(out)
-    return [s / (x.shape[0] * st.shape[1]) for s, st in zip(sums, states)], torch.cat(logits)
+    return [s / st.numel() for s, st in zip(sums, states)], torch.cat(logits)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -96,7 +122,7 @@ def evaluate(model: torch.nn.Module, x, y, batch_size: int = 4096) -> dict:
     return {"accuracy": correct / n, "loss": loss / n, "n": n}
 
 
-def compare_with_ebm(model: FeedForward, network, fixed_points, batch_size: int = 4096) -> dict:
+def compare_with_ebm(model: torch.nn.Module, network, fixed_points, batch_size: int = 4096) -> dict:
     """Student vs EBM on a fixed-point set: {"accuracy" (student vs labels), "ebm_accuracy", "agreement"
     (share of equal predictions), "state_mse" (per layer: mean (a_k - s_k)^2), "n"}."""
     check_fixed_points(network, fixed_points)
@@ -114,8 +140,9 @@ def compare_with_ebm(model: FeedForward, network, fixed_points, batch_size: int 
 def distill(network, fixed_points, config: DistillConfig | None = None, *, checkpoint_path=None,
             resume: bool = False, progress: bool = True, log=print, fixed_points_hash: str | None = None,
             dataset: str | None = None, provenance: dict | None = None):
-    """Distill ``network`` (ebm_sim Network) from its fixed points (storage.FixedPointDataset); return
-    (student FeedForward in eval mode with the best validation parameters, history).
+    """Distill ``network`` (ebm_sim Network or LayeredNetwork) from its fixed points (storage.FixedPointDataset);
+    return (student -- ``student_for(network)``: FeedForward or LayeredFeedForward -- in eval mode with the best
+    validation parameters, history).
 
     history: per epoch epoch, train_loss, val_loss, val_mse_s{k} (per state layer), val_agreement, val_accuracy,
     lr, seconds; best_epoch. checkpoint_path: the student's ebm-feedforward file, rewritten atomically after every
@@ -133,7 +160,7 @@ def distill(network, fixed_points, config: DistillConfig | None = None, *, check
     ebm = ebm_predictions(network, fixed_points)
     target = torch.from_numpy(ebm if config.output_target == "ebm" else labels)
     train_rows, val_rows = split_indices(len(labels), config.val_fraction, config.seed)
-    model = FeedForward.from_network(network, init_from_ebm=config.init_from_ebm, seed=config.seed)
+    model = student_for(network, init_from_ebm=config.init_from_ebm, seed=config.seed)
     train_index = torch.from_numpy(train_rows)
     val_index = torch.from_numpy(val_rows)
     x_val, states_val = x[val_index], [s[val_index] for s in states]
