@@ -186,11 +186,13 @@ def relax(network, x, method: str = "fixed_point", tol: float = 1e-4, max_steps:
 LOGITS = ("state", "field", "update")
 
 
-def twin_deployment(deployment, callee, method, tol, max_steps, dt, who: str = "the Torch twin") -> Deployment:
+def twin_deployment(deployment, callee, method, tol, max_steps, dt, who: str = "the Torch twin",
+                    kind: str = "dense") -> Deployment:
     """The Deployment a module built on the twin relaxes with: ``deployment``, or method, tol, max_steps and dt
-    (``callee``'s arguments; not both), refused unless the twin steps its method (``who`` names the module)."""
+    (``callee``'s arguments; not both), refused unless torch steps its method for networks of ``kind`` ("dense":
+    the twin; "layered": ``ebm_sim.model.dynamics``) (``who`` names the module)."""
     method, tol, max_steps, dt = resolve_deployment(deployment, callee, method, tol, max_steps, dt)
-    integrators.get(method, "dense", "torch", who)
+    integrators.get(method, kind, "torch", who)
     return Deployment(method=method, dt=dt, tol=float(tol), max_steps=int(max_steps))
 
 

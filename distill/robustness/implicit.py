@@ -1,16 +1,10 @@
-"""Input gradients of an EBM by implicit differentiation at its fixed point (no backpropagation through the steps).
+"""Input gradients of a dense EBM by implicit differentiation at its fixed point (no backpropagation through the steps).
 
-At a fixed point of the relaxation, s* = F(s*, x) with F(s, x) = clip(a h(s, x), 0, 1) (every integrator of the
-toolkit stops at such a point: Euler, synchronous and alternating fixed-point iteration share it). For a loss
-L(logits(s*)), with J = dF/ds at (s*, x) and g = dL/ds*,
-
-    dL/dx = (dF/dx)^T v,    v = (I - J^T)^{-1} g,
-
-and v is found by the adjoint iteration v <- g + J^T v (a Neumann series: it converges when the relaxation itself
-contracts, spectral radius of J below 1), each step one vector-Jacobian product of F. This is the gradient of the
-exact fixed point, whatever the number of steps the forward solve took (Almeida 1987, Pineda 1987; Bai et al. 2019
-for deep equilibrium models); BPTT through the deployed steps gives the gradient of the truncated relaxation. The
-two agree when the relaxation has converged; where it has not, they differ, and the evaluation keeps the worse.
+The equations and the adjoint iteration are those of :mod:`ebm_sim.implicit` (``FixedPointAdjoint``, shared with the
+layered networks' ``ebm_sim.model.classifier.LayeredImplicitEBM``): at the fixed point s* = F(s*, x) of
+F(s, x) = clip(a h(s, x), 0, 1), dL/dx = (dF/dx)^T (I - J^T)^{-1} dL/ds*. BPTT through the deployed steps gives
+the gradient of the truncated relaxation; the two agree when the relaxation has converged; where it has not, they
+differ, and the evaluation keeps the worse.
 """
 from __future__ import annotations
 
@@ -18,6 +12,7 @@ import torch
 
 from ebm_sim import torch_twin
 from ebm_sim.deployment import Deployment
+from ebm_sim.implicit import FixedPointAdjoint
 from ebm_sim.network import Network
 
 
@@ -43,7 +38,7 @@ class ImplicitEBM(torch.nn.Module):
         self.deployment = torch_twin.twin_deployment(deployment, ImplicitEBM.__init__, method, tol, max_steps, dt,
                                                      "implicit differentiation (it solves the fixed point with the "
                                                      "Torch twin)")
-        self.adjoint_tol, self.adjoint_max_steps = float(adjoint_tol), int(adjoint_max_steps)
+        self.adjoint = FixedPointAdjoint(adjoint_tol, adjoint_max_steps)
         net = torch_twin.TorchNetwork.from_network(network, device)
         # parameters (not trained here) so that attack libraries find the device and dtype, and .to() moves them
         self._weights = torch.nn.ParameterList([torch.nn.Parameter(w, requires_grad=False) for w in net.weights])
@@ -52,8 +47,14 @@ class ImplicitEBM(torch.nn.Module):
                          torch.nn.ParameterList([torch.nn.Parameter(p, requires_grad=False) for p in net.readout]))
         self.slope = net.slope
         self.layer_sizes = network.layer_sizes
-        self.last_adjoint_steps = 0
-        self.last_adjoint_converged = 1.0
+
+    @property
+    def last_adjoint_steps(self) -> int:
+        return self.adjoint.last_steps
+
+    @property
+    def last_adjoint_converged(self) -> float:
+        return self.adjoint.last_converged
 
     def twin(self) -> torch_twin.TorchNetwork:
         readout = None if self._readout is None else (self._readout[0], self._readout[1])
@@ -73,31 +74,6 @@ class ImplicitEBM(torch.nn.Module):
         deployed = relaxed.logits if net.readout is not None else relaxed.output_update
         if not torch.is_grad_enabled() or not x.requires_grad:
             return deployed
-        sizes = [s.shape[1] for s in fixed]
-        star = torch.cat(fixed, dim=1)
-        # vector-Jacobian products wrt s at s*, x held fixed
-        probe = star.clone().requires_grad_(True)
-        probe_out = torch.cat(self.step(net, list(torch.split(probe, sizes, dim=1)), x.detach()), dim=1)
-        stepped = torch.cat(self.step(net, fixed, x), dim=1)  # depends on x: carries dF/dx
-        # the value is s* (what is deployed); the gradient flows through F, with the incoming gradient replaced by v
-        states = star + (stepped - stepped.detach())
-        states.register_hook(lambda g: self._adjoint(probe, probe_out, g))
-        field = net.output_field(x, list(torch.split(states, sizes, dim=1)))
+        states = self.adjoint.attach(lambda s, xx: self.step(net, s, xx), fixed, x)
+        field = net.output_field(x, states)
         return field + (deployed - field).detach()  # the deployed value; the fixed point's implicit gradient
-
-    def _adjoint(self, probe, probe_out, g):
-        """v = g + J^T v, iterated until every sample's max |v_{k+1} - v_k| <= adjoint_tol * max |v_{k+1}| (see the
-        module docstring); ``last_adjoint_converged`` is the share of samples that got there."""
-        v = g
-        steps, done = 0, torch.zeros(g.shape[0], dtype=torch.bool, device=g.device)
-        for steps in range(1, self.adjoint_max_steps + 1):
-            (jtv,) = torch.autograd.grad(probe_out, probe, v, retain_graph=True)
-            new = g + jtv
-            change = (new - v).abs().amax(dim=1)
-            done = change <= self.adjoint_tol * new.abs().amax(dim=1).clamp_min(1e-30)
-            v = new
-            if bool(done.all()) or not bool(torch.isfinite(new).all()):
-                break
-        self.last_adjoint_steps = steps
-        self.last_adjoint_converged = float(done.double().mean()) if done.numel() else 1.0
-        return v

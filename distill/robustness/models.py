@@ -19,11 +19,15 @@ Every model under test offers
   sources without it (the audit compares them with the deployed prediction).
 - ``black_box``: a module that only answers queries (logits of the deployed fixed point), for Square.
 ``ModuleUnderTest`` wraps any torch classifier the same way (a user's own model); ``FeedForwardUnderTest`` the
-toolkit's students and baselines, ``EBMUnderTest`` an EBM network file.
+toolkit's students and baselines, ``EBMUnderTest`` an EBM network file: a dense ``Network`` (deployed with the Numba
+kernels, attacked through the Torch twin) or a ``LayeredNetwork`` (e.g. convolutional: deployed with
+``ebm_sim.model.dynamics`` on the Numba interaction backend, attacked through ``ebm_sim.model.classifier``'s
+``LayeredEBMClassifier`` and ``LayeredImplicitEBM``).
 - ``relaxation_stats(x)`` (EBMs): residuals, convergence and steps of the deployed relaxation, for the audit.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +35,7 @@ import torch
 
 from ebm_sim import storage
 from ebm_sim.deployment import Deployment
+from ebm_sim.model.network import LayeredNetwork
 
 from .config import EBM_GRADIENTS
 
@@ -126,14 +131,15 @@ class EBMUnderTest(ModelUnderTest):
 
     def __init__(self, name: str, path, image_shape: tuple | None = None, deployment: Deployment | None = None,
                  student=None, gradients=None, batch_size: int = 1024):
-        from ebm_sim import torch_twin
-
-        from .implicit import ImplicitEBM
         info = storage.artifact_info(path)
         super().__init__(name, path, info["content_hash"])
-        self.network = storage.load_dense_network(path, "the robustness evaluation")
+        self.network = storage.load_network(path)
+        self.layered = isinstance(self.network, LayeredNetwork)
         self.parameters_hash = self.network.content_hash()  # architecture and parameters (not the history)
-        self._set_image_shape(image_shape, self.network.layer_sizes[0])
+        if self.layered:
+            self._set_image_shape(image_shape or self.network.input_shape, int(np.prod(self.network.input_shape)))
+        else:
+            self._set_image_shape(image_shape, self.network.layer_sizes[0])
         self.deployment = deployment or Deployment.of_network_file(path, info)
         gradients = tuple(gradients) if gradients is not None else (
             ("bptt", "implicit") + (("transfer",) if student is not None else ()))
@@ -142,12 +148,9 @@ class EBMUnderTest(ModelUnderTest):
             raise ValueError(f"EBM gradient sources must be some of {', '.join(EBM_GRADIENTS)}, got {list(gradients)}")
         if "transfer" in gradients and student is None:
             raise ValueError(f"{name}: the transfer attack needs the EBM's distilled student (a student file)")
-        d = self.deployment
-        raw = {}
-        if "bptt" in gradients:
-            raw["bptt"] = torch_twin.EBMClassifier(self.network, logits="update", deployment=d).eval()
-        if "implicit" in gradients:
-            raw["implicit"] = ImplicitEBM(self.network, deployment=d).eval()
+        modules = attack_modules(self.network)
+        raw = {g: modules[g](self.network, logits="update", deployment=self.deployment).eval()
+               for g in gradients if g in modules}
         self.raw_sources = dict(raw)
         self.sources = {name: AgreeWithDeployed(module, self) for name, module in raw.items()}
         self.student_path = None
@@ -167,34 +170,24 @@ class EBMUnderTest(ModelUnderTest):
         self.student_path = Path(student)
         return model
 
-    def _relax(self, x: np.ndarray):
-        from ebm_sim.relax import relax
-        d = self.deployment
+    def _relax(self, x: np.ndarray) -> list:
+        """The deployed relaxation of x (N, n_0) in batches: a list of ``Relaxed``."""
+        relax_batch = relax_layered if self.layered else relax_dense
         x = np.asarray(x, dtype=self.network.dtype).reshape(len(x), -1)
-        return [relax(self.network, x[a:b], on_divergence="flag", deployment=d)
-                for a, b in _batches(len(x), self.batch_size)]
+        return [relax_batch(self.network, x[a:b], self.deployment) for a, b in _batches(len(x), self.batch_size)]
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         results = self._relax(x)
-        return np.concatenate([r.predictions() for r in results]) if results else np.zeros(0, np.int64)
+        return np.concatenate([r.predictions for r in results]) if results else np.zeros(0, np.int64)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Logits of the deployed relaxation (Numba) whose argmax is the deployed prediction: the readout's, or the
-        output field a (W_{L-1} s_{L-1} + b_L) of the final states passed through ``agree_with_deployed`` with the
-        same relaxation's predictions; (N, C) float32."""
-        network = self.network
-        x = np.asarray(x, dtype=network.dtype).reshape(len(x), -1)
-        out = []
-        for (a, b), result in zip(_batches(len(x), self.batch_size), self._relax(x)):
-            if "logits" in result.extras:
-                logits = result.extras["logits"]
-            else:
-                below = result.states[-2] if len(result.states) > 1 else x[a:b]
-                logits = network.slope * (below @ network.weights[-1].T + network.biases[-1])
-            agreed = agree_with_deployed(torch.from_numpy(np.asarray(logits, np.float32)),
-                                         torch.from_numpy(result.predictions()))
-            out.append(agreed.numpy())
-        return np.concatenate(out) if out else np.zeros((0, network.layer_sizes[-1]), np.float32)
+        output field a h_L of the final states (dense: a (W_{L-1} s_{L-1} + b_L)) passed through
+        ``agree_with_deployed`` with the same relaxation's predictions; (N, C) float32."""
+        out = [agree_with_deployed(torch.from_numpy(np.asarray(r.logits, np.float32)),
+                                   torch.from_numpy(r.predictions)).numpy() for r in self._relax(x)]
+        return np.concatenate(out) if out else np.zeros((0, self.network.num_classes if self.layered else
+                                                         self.network.layer_sizes[-1]), np.float32)
 
     def relaxation_stats(self, x: np.ndarray) -> dict:
         """Of the deployed relaxation on x: {"residual", "converged", "steps"} per sample (numpy arrays)."""
@@ -204,6 +197,64 @@ class EBMUnderTest(ModelUnderTest):
     def describe(self) -> dict:
         return {**super().describe(), "deployment": self.deployment.as_dict(),
                 "student": None if self.student_path is None else str(self.student_path)}
+
+
+@dataclass
+class Relaxed:
+    """One batch's deployed relaxation as the evaluation uses it (numpy, N samples): predictions (N,), logits (N, C)
+    (the readout's, or the output field a h_L of the final states), residual, converged and steps (N,)."""
+
+    predictions: np.ndarray
+    logits: np.ndarray
+    residual: np.ndarray
+    converged: np.ndarray
+    steps: np.ndarray
+
+
+def relax_dense(network, x: np.ndarray, deployment: Deployment) -> Relaxed:
+    """A dense Network's deployed relaxation (Numba kernels) of flattened images x (N, n_0)."""
+    from ebm_sim.relax import relax
+    result = relax(network, x, on_divergence="flag", deployment=deployment)
+    if "logits" in result.extras:
+        logits = result.extras["logits"]
+    else:
+        below = result.states[-2] if len(result.states) > 1 else x
+        logits = network.slope * (below @ network.weights[-1].T + network.biases[-1])
+    return Relaxed(result.predictions(), logits, result.residual, result.converged, result.steps)
+
+
+def relax_layered(network, x: np.ndarray, deployment: Deployment) -> Relaxed:
+    """A LayeredNetwork's deployed relaxation (``ebm_sim.model.dynamics`` on the Numba interaction backend) of
+    flattened images x (N, prod(input_shape)); logits: ``energy.output`` with a readout, else a h_L."""
+    from ebm_sim.model import dynamics, energy
+    params = energy.parameters(network, "numba")
+    images = np.ascontiguousarray(x.reshape((len(x),) + network.input_shape))
+    result = dynamics.relax(network, images, params=params, deployment=deployment)
+    scores = energy.output(network, result.states, params)
+    if network.cost.kind == "squared_error":
+        last = network.num_layers - 1
+        h = energy.local_fields(network, network.normalize(images), result.states, params=params, layers=[last])[last]
+        logits = network.slope * h.reshape(len(x), -1)
+    else:
+        logits = scores
+    return Relaxed(np.argmax(scores, axis=1), logits, np.asarray(result.residual), np.asarray(result.converged),
+                   np.asarray(result.steps))
+
+
+def attack_modules(network) -> dict:
+    """{"bptt": class, "implicit": class} of the torch modules that attack ``network`` (each built as
+    ``cls(network, logits=..., deployment=...)``): the Torch twin's for a dense Network, ``ebm_sim.model.classifier``'s
+    for a LayeredNetwork."""
+    if isinstance(network, LayeredNetwork):
+        from ebm_sim.model.classifier import LayeredEBMClassifier, LayeredImplicitEBM
+        return {"bptt": LayeredEBMClassifier, "implicit": LayeredImplicitEBM}
+    from ebm_sim.torch_twin import EBMClassifier
+
+    from .implicit import ImplicitEBM
+
+    def implicit(net, logits, deployment):  # the dense ImplicitEBM's logits are always the update ones
+        return ImplicitEBM(net, deployment=deployment)
+    return {"bptt": EBMClassifier, "implicit": implicit}
 
 
 DEPLOYED_MARGIN = 1e-3  # how far above the others agree_with_deployed lifts the deployed class's logit
