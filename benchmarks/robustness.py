@@ -62,8 +62,9 @@ def finished(path: Path) -> bool:
     return path.exists() and load_feedforward(path).checkpoint is None
 
 
-def train_student(network_path: Path, network, data, path: Path, epochs: int, progress: bool) -> None:
-    """Relax the training set at the deployed settings, distill (resuming an interrupted run)."""
+def train_student(network_path: Path, network, data, path: Path, epochs: int, progress: bool, x_train=None) -> None:
+    """Relax the training set (``x_train``: data.x_train in the network's input shape; default the flat rows) at the
+    deployed settings, distill (resuming an interrupted run)."""
     from distill.config import DistillConfig
     from distill.io import stored_content_hash
     from ebm_sim.deployment import Deployment
@@ -72,8 +73,8 @@ def train_student(network_path: Path, network, data, path: Path, epochs: int, pr
     d = Deployment.of_network_file(network_path)
     with tempfile.TemporaryDirectory() as tmp:
         fp_path = Path(tmp) / "train_fixed_points.h5"
-        relax_to_file(network, data.x_train, data.y_train, fp_path, batch_size=2048, progress=progress, log=log,
-                      **d.relax_options())
+        relax_to_file(network, data.x_train if x_train is None else x_train, data.y_train, fp_path, batch_size=2048,
+                      progress=progress, log=log, **d.relax_options())
         distill(network, storage.load_fixed_points(fp_path, network), DistillConfig(epochs=epochs),
                 checkpoint_path=path, resume=path.exists(), fixed_points_hash=stored_content_hash(fp_path),
                 dataset=data.name, progress=progress, log=log)

@@ -246,15 +246,48 @@ def _coupling_small(S, H, rows, weights, col, forward):
 
 @njit(cache=True, nogil=True)
 def input_projection(blas, x, w0, b1):
-    """X1 = x W_0^T + b_1: x (B, n_0), W_0 (n_1, n_0), b_1 (n_1,) -> (B, n_1), the constant part of s_1's field."""
+    """X1 = x W_0^T + b_1: x (B, n_0), W_0 (n_1, n_0), b_1 (n_1,) -> (B, n_1), the constant part of s_1's field.
+    Up to SMALL_BATCH rows: one fused pass over W_0 (a GEMM call with one row ran at ~2.4 GFLOP/s, 0.17 ms of a
+    0.75 ms relaxation of a 784-512-512-10 network at batch 1, measured); more: SciPy's GEMM."""
     rows = x.shape[0]
     n_1, n_0 = w0.shape
     out = np.empty((rows, n_1), dtype=x.dtype)
-    rows_times_wt(blas, rows, x.ctypes.data, n_0, n_0, w0.ctypes.data, n_1, out.ctypes.data, n_1, False)
+    if rows <= SMALL_BATCH:
+        for r in range(rows):
+            _matvec_rows(w0, x[r], out[r])
+    else:
+        rows_times_wt(blas, rows, x.ctypes.data, n_0, n_0, w0.ctypes.data, n_1, out.ctypes.data, n_1, False)
     for r in range(rows):
         for j in range(n_1):
             out[r, j] += b1[j]
     return out
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _matvec_rows(W, v, out):
+    """out[o] = W[o] . v for every row o of W (n_out, n_in), four rows per pass over v."""
+    n_out, n_in = W.shape
+    zero = W.dtype.type(0.0)
+    o = 0
+    while o + 4 <= n_out:
+        c0 = zero
+        c1 = zero
+        c2 = zero
+        c3 = zero
+        for j in range(n_in):
+            x = v[j]
+            c0 += W[o, j] * x
+            c1 += W[o + 1, j] * x
+            c2 += W[o + 2, j] * x
+            c3 += W[o + 3, j] * x
+        out[o], out[o + 1], out[o + 2], out[o + 3] = c0, c1, c2, c3
+        o += 4
+    while o < n_out:
+        c0 = zero
+        for j in range(n_in):
+            c0 += W[o, j] * v[j]
+        out[o] = c0
+        o += 1
 
 
 @njit(cache=True, nogil=True)

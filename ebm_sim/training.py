@@ -224,6 +224,10 @@ def _dense_inputs(network: Network, x, target):
     return x, target
 
 
+#: the smallest share of a minibatch a second core takes in the dense Numba EP step: below it, one thread
+MIN_ROWS_PER_SHARD = 16
+
+
 def ep_gradient(network: Network, x, target, config: TrainConfig, sign: float = 1.0) -> EPStep:
     """The EP estimate of dL/dtheta on a minibatch (:func:`ebm_sim.ep.ep_estimate`). ``sign`` (+1 or -1) is the sign
     of beta for one-sided nudging ("positive" uses +1; "random" draws it). With ``config.backend == "torch"`` the
@@ -231,22 +235,42 @@ def ep_gradient(network: Network, x, target, config: TrainConfig, sign: float = 
 
     On the Numba backend the phases call the kernels directly (``numba_backend.relax_numba``): the input projection
     x W_0^T + b_1 is computed once for all phases, the network's kernel arrays and each phase's settings once, and
-    the gradient is the contrast of the two states (``energy_parameter_contrast``)."""
+    the gradient is the contrast of the two states (``energy_parameter_contrast``). Samples relax independently and
+    the estimate is a batch mean, so the minibatch is split into one shard per core (each at least
+    MIN_ROWS_PER_SHARD rows), each shard's whole step runs in its own thread (the kernels release the GIL), and the
+    shards' estimates are merged weighted by their sizes (:func:`ebm_sim.ep.merge`): the same estimate, up to the
+    order of floating-point sums."""
     if is_layered(network):
         return layered_ep_gradient(network, x, target, config, sign)
     if config.backend == "torch":
         from .torch_twin import ep_gradient as torch_ep_gradient
         return torch_ep_gradient(network, x, target, config, sign, config.device)
-    from .numba_backend import KernelArrays, relax_numba
+    from .ep import merge
+    from .numba_backend import KernelArrays, shared_pool, worker_count
 
     x, target = _dense_inputs(network, x, target)
     arrays = KernelArrays.of(network)
+    shards = worker_count(x.shape[0], None, MIN_ROWS_PER_SHARD)
+    if shards == 1:
+        return _dense_ep_step(network, arrays, x, target, config, sign)
+    bounds = np.linspace(0, x.shape[0], shards + 1).astype(int)
+    parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    steps = list(shared_pool(shards).map(
+        lambda rows: _dense_ep_step(network, arrays, x[rows], target[rows], config, sign, threads=1), parts))
+    return merge(steps, [part.stop - part.start for part in parts])
+
+
+def _dense_ep_step(network: Network, arrays, x, target, config: TrainConfig, sign: float, threads=None) -> EPStep:
+    """``ep_gradient`` of a dense network on the Numba kernels for one shard of a minibatch (checked arrays)."""
+    from .numba_backend import relax_numba
+
     x_proj = arrays.input_projection(x)
 
     def relax_phase(beta, initial):
         steps = config.free_steps if initial is None else config.nudged_steps
         settings = _phase_settings(config.method, float(config.tol), config.dt, steps, float(beta))
-        result = relax_numba(network, x, settings, target if beta else None, initial, False, None, x_proj, arrays)
+        result = relax_numba(network, x, settings, target if beta else None, initial, False, threads, x_proj,
+                             arrays)
         if result.diverged.any():
             from .relax import DivergenceError, divergence_remedy
             raise DivergenceError(f"the {config.method} dynamics produced NaN or inf for "

@@ -1,0 +1,354 @@
+"""Benchmark: the CIFAR-10 robustness study on convolutional models, side by side with the published tables.
+
+    python benchmarks/cifar.py [--quick] [--out PATH] [--data-dir DIR] [--estimate-only] [--threads 2]
+
+Models (CPU preset, the real CIFAR-10 images of --data-dir: 10,000 training and 10,000 test images):
+  EBM        the cifar10-cpu preset (ebm_sim/model/presets.py) trained with EP (24 epochs, ~48 min here; the file is
+             kept in benchmarks/results/networks/cifar10-cpu.h5 and an interrupted training resumes)
+  distilled  a LayeredFeedForward student distilled from the EBM's fixed points of the training images
+  standard   the same architecture trained by backprop;  pgd-at  the same by PGD adversarial training (Linf 8/255,
+             7 steps of 2/255: BaselineConfig.for_dataset("cifar10"))
+Evaluation (distill.robustness.evaluate, CIFAR budgets Linf 8/255 and L2 0.5): PGD Linf and L2 on 1,000 test images,
+AutoAttack standard and Square (5,000 queries) on 500, the audit's PGD and gradient check on 200, the 15 corruptions
+x 5 severities on 1,000. The EBM is attacked through BPTT over every deployed step, implicit differentiation and
+transfer from its student (worst case per example), and, reported beside them and outside the worst case, through
+the published protocol's truncated gradient ("as published": the first K unrolled steps while predicting with all;
+the published code used K = 29 of 250 steps, here K keeps that share of the deployed steps, stated in the JSON).
+Before the evaluation the script times one forward pass and one input gradient of every model and prints the
+estimated compute of the whole table (``cost_estimate``); --estimate-only stops there. The evaluation keeps its parts
+in --eval-dir (default benchmarks/results/cifar/): a long run may be stopped and continued by running it again.
+Also measured: the distilled student's speed-up over the EBM's deployed relaxation at batch 1 and 256 (bounded by the
+EBM's step count: each step evaluates every interaction's forward and backward field, the student one forward sweep)
+and, when a trained cifar10-cpu-lava network is in benchmarks/results/networks/, the agreement of its float Lava
+program with the simulator (the max-pooling EBM has no Lava mapping: Lava has no pooling process).
+--quick: 600 training and 200 test images, one EP epoch, tiny budgets (AutoAttack and Square reduced, labelled so),
+under two minutes; it writes to benchmarks/results/quick/cifar.json (or --out), never over the recorded results.
+Writes benchmarks/results/cifar.json (per model clean, pgd_linf, pgd_l2, autoattack, square, corruption_mean,
+audit_passed; ebm_truncated_pgd_linf, speedup_batch1, speedup_batch256, lava_float_agreement; the published table;
+the cost in minutes) and prints it as the last line.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
+
+from _common import output_path, write_results  # noqa: E402
+from robustness import cost_by_attack, finished, summary, train_student  # noqa: E402  (benchmarks/robustness.py)
+
+DEFAULT_DATA = ROOT.parent / "shared" / "data"
+NETWORKS = ROOT / "benchmarks" / "results" / "networks"
+RESULTS = ROOT / "benchmarks" / "results"
+PRESET = "cifar10-cpu"
+LAVA_PRESET = "cifar10-cpu-lava"
+PUBLISHED_TRUNCATION = (29, 250)  # lanl/AdvEP: attacked through 29 unrolled steps, predicted with 250
+FULL = dict(train=None, test=None, ebm_epochs=None, distill_epochs=20, baseline_epochs={"standard": 20, "pgd-at": 15},
+            budget=dict(samples=1000, square_samples=500, audit_samples=200, corruption_samples=1000, pgd_steps=20,
+                        min_norm=False, sweep_linf=(0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255),
+                        sweep_l2=(0.0, 0.25, 0.5, 1.0), batch_size=250))
+QUICK = dict(train=600, test=200, ebm_epochs=1, distill_epochs=3, baseline_epochs={"standard": 2, "pgd-at": 1},
+             budget=dict(samples=40, square_samples=20, audit_samples=20, corruption_samples=40, pgd_steps=3,
+                         audit_steps=5, audit_restarts=1, square_queries=30, autoattack_iterations=3, min_norm=False,
+                         sweep_linf=(0.0, 8 / 255, 32 / 255), sweep_l2=(0.0, 0.5, 2.0), severities=(1, 5),
+                         corruptions=("gaussian_noise", "fog", "jpeg_compression"), batch_size=40))
+KEYS = ("clean", "pgd_linf", "pgd_l2", "autoattack", "square", "corruption_mean", "audit_passed")
+#: ICLR 2024 submission (arXiv 2401.11543), CIFAR-10, and the authors' released result files (lanl/AdvEP);
+#: budgets Linf 8/255, L2 0.5; AutoAttack on about 200 images; the EBM attacked through 29 of its 250 steps
+PUBLISHED = {
+    "EP-CNN": {"clean": [0.871, 0.887], "pgd_linf": [0.115, 0.130], "autoattack": [0.07, 0.09],
+               "square": [0.455, 0.485], "corruption_mean": 0.76, "pgd_l2": 0.800, "pgd_l2_eps1": 0.738},
+    "BP-CNN": {"clean": 0.889, "pgd_linf": 0.072, "autoattack": 0.04, "square": 0.135},
+    "PGD-trained CNN": {"clean": 0.839, "pgd_linf": 0.267, "autoattack": 0.24, "square": 0.53},
+}
+PUBLISHED_NOTES = ("published EP-CNN: Laborieux et al.'s 128-256-512-512 network (88 % clean), predictions with 250 "
+                   "steps, gradients through the first 29; AutoAttack on ~200 images; Square with 1,000 queries in "
+                   "the released files; these rows are ranges over the paper's runs. This toolkit: the 16-32-64 CPU "
+                   "preset (56 % clean), attacked through every deployed step (and, separately, as published).")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_data(data_dir, settings: dict):
+    """(train images, train labels, test images, test labels) as (N, 3, 32, 32) float32 in [0, 1]."""
+    from ebm_sim.datasets import load_cifar10
+
+    data = load_cifar10(data_dir)
+    n_train, n_test = settings["train"] or len(data.y_train), settings["test"] or len(data.y_test)
+    return (data.images("train")[:n_train], data.y_train[:n_train], data.images("test")[:n_test],
+            data.y_test[:n_test])
+
+
+def train_ebm(path: Path, x, y, x_test, y_test, epochs, progress: bool, preset_name: str = PRESET) -> None:
+    """EP training of the preset into ``path`` (resumed when an interrupted run is there; skipped when finished)."""
+    from ebm_sim import storage
+    from ebm_sim.model import LayeredNetwork
+    from ebm_sim.model.presets import get
+    from ebm_sim.training import TrainConfig, fit
+
+    if path.exists() and storage.load_checkpoint(path) is None:
+        return
+    preset = get(preset_name)
+    config = TrainConfig(**dict(preset.train, **({"epochs": epochs} if epochs else {})))
+    network = LayeredNetwork.init(preset.arch, seed=0, activation=preset.activation,
+                                  normalization=preset.normalization)
+    fit(network, x, y, x_test, y_test, config, checkpoint_path=path, resume=path.exists(), progress=progress,
+        log=log, extra_attrs={"dataset": "cifar10", "preset": preset_name})
+
+
+def prepare_models(settings: dict, data, network_path: Path, models_dir: Path, progress: bool) -> tuple:
+    """{name: path} of the four models (training or resuming those not finished), and the training seconds."""
+    from distill.baselines import train_baseline
+    from distill.config import BaselineConfig
+    from ebm_sim import storage
+
+    x_train, y_train, x_test, y_test = data
+    timings = {}
+    start = time.perf_counter()
+    train_ebm(network_path, x_train, y_train, x_test, y_test, settings["ebm_epochs"], progress)
+    timings["EBM"] = time.perf_counter() - start
+    network = storage.load_network(network_path)
+    tag = network.content_hash()[:12]
+    paths = {"EBM": network_path, "distilled": models_dir / f"student-cifar10-{tag}.h5",
+             "standard": models_dir / "standard-cifar10.h5", "pgd-at": models_dir / "pgd-at-cifar10.h5"}
+    if not finished(paths["distilled"]):
+        start = time.perf_counter()
+        train_student(network_path, network, _Data(x_train, y_train), paths["distilled"], settings["distill_epochs"],
+                      progress, x_train=x_train)
+        timings["distilled"] = time.perf_counter() - start
+    for kind in ("standard", "pgd-at"):
+        if finished(paths[kind]):
+            continue
+        start = time.perf_counter()
+        train_baseline(network, x_train, y_train,
+                       BaselineConfig.for_dataset("cifar10", kind=kind, epochs=settings["baseline_epochs"][kind]),
+                       checkpoint_path=paths[kind], resume=paths[kind].exists(), progress=progress, log=log,
+                       dataset="cifar10")
+        timings[kind] = time.perf_counter() - start
+    return paths, timings
+
+
+class _Data:
+    """The two fields of a Dataset that ``train_student`` reads."""
+
+    name = "cifar10"
+
+    def __init__(self, x, y):
+        self.x_train, self.y_train = x, y
+
+
+def truncation_steps(deployed_steps: int) -> int:
+    """K for the "as published" attack: the published share (29 of 250 steps) of the deployed steps, at least 1."""
+    kept, total = PUBLISHED_TRUNCATION
+    return max(1, math.ceil(deployed_steps * kept / total))
+
+
+# ---------------------------------------------------------------------------------------------- cost and speed
+def seconds_per_image(module, images, gradient: bool, repeats: int = 2) -> float:
+    """Seconds per image of one forward pass (or forward + input gradient) of a torch module, best of ``repeats``."""
+    import torch
+
+    best = float("inf")
+    for _ in range(repeats):
+        x = torch.as_tensor(images).clone().requires_grad_(gradient)
+        start = time.perf_counter()
+        with torch.set_grad_enabled(gradient):
+            logits = module(x)
+            if gradient:
+                torch.autograd.grad(logits.sum(), x)
+        best = min(best, time.perf_counter() - start)
+    return best / len(images)
+
+
+def gradient_counts(config) -> dict:
+    """Input gradients (or forward passes) per attacked image of each attack, before early stopping: PGD per eps of
+    the sweeps (the table's eps included), AutoAttack standard (APGD-CE, APGD-T and FAB-T over 9 target classes,
+    Square), Square alone, the audit, the corruptions (forward passes per corrupted image). An upper bound: AutoAttack
+    and Square stop on an image once it is broken."""
+    pgd = config.pgd_steps * config.pgd_restarts
+    sweeps = (len([e for e in config.sweep_linf if e > 0]) + len([e for e in config.sweep_l2 if e > 0])) * pgd
+    aa_gradients = config.autoattack_iterations * (1 + 9 + 9) * 2 if config.autoattack else 0  # Linf and L2
+    return {"pgd_and_sweeps": sweeps, "fgsm": 1, "autoattack_gradients": aa_gradients,
+            "autoattack_square_queries": 2 * config.square_queries if config.autoattack else 0,
+            "square_queries": config.square_queries if config.square else 0,
+            "audit": config.audit_steps * config.audit_restarts,
+            "corruption_forwards": len(config.severities) * len(config.corruptions or range(15))}
+
+
+def cost_estimate(times: dict, config) -> dict:
+    """Minutes of the table per model, an upper bound (every image survives every attack stage), from the measured
+    seconds per image of a forward pass and of an input gradient (summed over the model's gradient sources: the EBM
+    is attacked through each)."""
+    out = {}
+    for name, t in times.items():
+        counts = gradient_counts(config)
+        gradients = (counts["pgd_and_sweeps"] + counts["fgsm"] + counts["autoattack_gradients"]) * config.samples \
+            + counts["audit"] * config.audit_samples
+        forwards = counts["autoattack_square_queries"] * config.samples \
+            + counts["square_queries"] * config.square_samples \
+            + counts["corruption_forwards"] * (config.corruption_samples or 10000)
+        out[name] = {"gradient_s_per_image": t["gradient"], "forward_s_per_image": t["forward"],
+                     "gradients": gradients, "forwards": forwards,
+                     "upper_bound_minutes": (gradients * t["gradient"] + forwards * t["forward"]) / 60}
+    return out
+
+
+def speedup(network_path: Path, student_path: Path, images, batches=(1, 256), repeats: int = 3) -> dict:
+    """Seconds per batch of the EBM's deployed relaxation (Numba interaction backend) and of its student (torch),
+    and their ratio, at each batch size."""
+    import torch
+
+    from distill.io import load_model
+    from ebm_sim import storage
+    from ebm_sim.deployment import Deployment
+    from ebm_sim.model.dynamics import relax
+    from ebm_sim.model.energy import parameters
+
+    network = storage.load_network(network_path)
+    deployment = Deployment.of_network_file(network_path)
+    params = parameters(network, "numba")
+    student = load_model(student_path).model.eval()
+    out = {}
+    for batch in batches:
+        x = np.ascontiguousarray(images[:batch])
+        relax(network, x, deployment=deployment, params=params)  # warm-up (compilation, workspaces)
+        ebm = min(_timed(lambda: relax(network, x, deployment=deployment, params=params)) for _ in range(repeats))
+        xt = torch.as_tensor(x)
+        with torch.no_grad():
+            student(xt)
+            ff = min(_timed(lambda: student(xt)) for _ in range(repeats * 3))
+        out[f"batch{batch}"] = {"ebm_s": ebm, "student_s": ff, "speedup": ebm / ff}
+    steps = deployment.max_steps
+    out["bound"] = (f"the EBM relaxes for {steps} steps ({deployment.method}), each evaluating every interaction's "
+                    f"field on its post layer and on its pre layer: about {2 * steps}x the student's one bottom-up "
+                    f"sweep in multiply-adds (fewer when samples stop early, tol {deployment.tol:g})")
+    return out
+
+
+def _timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def lava_agreement(data, samples: int = 100) -> dict:
+    """Agreement of the float Lava program of a trained cifar10-cpu-lava network (if one is in NETWORKS) with the
+    simulator's deployed prediction on the first ``samples`` test images (the numpy simulator of the Lava graph,
+    which tests/test_hardware_conv.py holds equal to Lava's own run)."""
+    path = NETWORKS / f"{LAVA_PRESET}.h5"
+    if not path.exists():
+        return {"agreement": None, "reason": f"no trained {LAVA_PRESET} network in {NETWORKS.relative_to(ROOT)} (the "
+                                             f"{PRESET} EBM max-pools: Lava has no pooling process)"}
+    from ebm_sim import storage
+    from ebm_sim.deployment import Deployment
+    from ebm_sim.model.dynamics import relax
+    from ebm_sim.model.energy import output
+    from hardware.mapping import to_program
+    from hardware.program import simulate
+
+    network = storage.load_network(path)
+    deployment = Deployment.of_network_file(path)
+    images = np.ascontiguousarray(data[2][:samples])
+    program = to_program(network, "float", deployment=deployment)
+    lava = program.predictions(simulate(program, images).states)
+    states = relax(network, images, deployment=deployment).states
+    simulator = np.argmax(output(network, states), axis=1)
+    return {"agreement": float(np.mean(lava == simulator)), "samples": samples, "network": path.name,
+            "accuracy_simulator": float(np.mean(simulator == data[3][:samples]))}
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small data and budgets (under two minutes)")
+    parser.add_argument("--out", default=None, help="summary JSON (default benchmarks/results/cifar.json; quick: "
+                                                    "benchmarks/results/quick/cifar.json)")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA,
+                        help="folder holding cifar-10-batches-py (default ../shared/data)")
+    parser.add_argument("--eval-dir", default=None, help="the evaluation's report and resumable parts (default "
+                                                         "benchmarks/results/cifar, quick: a temporary folder)")
+    parser.add_argument("--estimate-only", action="store_true", help="prepare the models, print the cost estimate, "
+                                                                     "stop")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from distill.robustness import RobustnessConfig, evaluate, load_model_under_test
+    from ebm_sim.deployment import Deployment
+
+    torch.set_num_threads(args.threads)
+    settings = QUICK if args.quick else FULL
+    out_path = output_path("cifar", args.quick, args.out)
+    scratch = tempfile.TemporaryDirectory() if args.quick else None
+    base = Path(scratch.name) if scratch else RESULTS
+    models_dir = base / "models" if scratch else NETWORKS
+    network_path = models_dir / f"{PRESET}.h5"
+    eval_dir = Path(args.eval_dir) if args.eval_dir else base / "cifar"
+    models_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    data = load_data(args.data_dir, settings)
+    paths, training_seconds = prepare_models(settings, data, network_path, models_dir, not args.no_progress)
+
+    deployment = Deployment.of_network_file(paths["EBM"])
+    truncated = truncation_steps(deployment.max_steps)
+    config = RobustnessConfig.for_dataset("cifar10", **settings["budget"], truncated_attack_steps=truncated)
+    image_shape = tuple(data[2].shape[1:])
+    models = [load_model_under_test(paths["EBM"], "EBM", image_shape, student=paths["distilled"])]
+    models += [load_model_under_test(paths[name], name, image_shape) for name in ("distilled", "standard", "pgd-at")]
+
+    times = {model.name: {"forward": seconds_per_image(model.black_box, data[2][:32], False),
+                          "gradient": sum(seconds_per_image(source, data[2][:16], True)
+                                          for source in model.sources.values())}
+             for model in models}
+    estimate = cost_estimate(times, config)
+    log("estimated compute of the table (upper bound: every image survives every stage): " + ", ".join(
+        f"{name} {e['upper_bound_minutes']:.0f} min" for name, e in estimate.items()))
+    if args.estimate_only:
+        print({name: e["upper_bound_minutes"] for name, e in estimate.items()})
+        return
+
+    evaluation_start = time.perf_counter()
+    results = evaluate(models, data[2].reshape(len(data[3]), -1), data[3], image_shape, config, eval_dir,
+                       dataset="cifar10", progress=not args.no_progress, log=log, overwrite=True)
+    per_model = summary(results)
+    speed = speedup(paths["EBM"], paths["distilled"], data[2], batches=(1, 32) if args.quick else (1, 256))
+    ebm_sources = per_model["EBM"]["per_source"].get("pgd-linf", {})
+    out = {"quick": args.quick, "dataset": "cifar10", "preset": PRESET,
+           "train_images": int(len(data[1])), "test_images": int(len(data[3])),
+           "models": {name: {**{k: row[k] for k in KEYS if k in row}, "per_source": row["per_source"],
+                             "audit_failed": row["audit_failed"], "minutes": row["minutes"]}
+                      for name, row in per_model.items()},
+           "ebm_truncated_pgd_linf": ebm_sources.get("bptt-truncated"),
+           "truncation": {"attack_steps": truncated, "deployed_steps": deployment.max_steps,
+                          "published": f"{PUBLISHED_TRUNCATION[0]} of {PUBLISHED_TRUNCATION[1]} steps"},
+           "speedup_batch1": speed["batch1"]["speedup"],
+           "speedup_batch256": speed.get("batch256", {}).get("speedup"),
+           "speed": speed, "lava": lava_agreement(data), "published": PUBLISHED, "published_notes": PUBLISHED_NOTES,
+           "config": results["config"], "examples": results["examples"], "cost_estimate": estimate,
+           "report_dir": str(eval_dir), "torch_threads": args.threads,
+           "cost_minutes": {"training": sum(training_seconds.values()) / 60,
+                            "evaluation_this_run": (time.perf_counter() - evaluation_start) / 60,
+                            "evaluation_compute": sum(m["seconds"] for m in results["models"].values()) / 60,
+                            "total_this_run": (time.perf_counter() - start) / 60,
+                            "training_per_model": {k: v / 60 for k, v in training_seconds.items()},
+                            "per_attack": cost_by_attack(eval_dir)}}
+    out["lava_float_agreement"] = out["lava"]["agreement"]
+    write_results(out, out_path)
+    if scratch:
+        scratch.cleanup()
+
+
+if __name__ == "__main__":
+    main()
