@@ -410,8 +410,11 @@ def test_early_retirement_matches_samples_run_alone(method, backend, dtype):
     assert together.converged.all()
     assert len(set(together.steps.tolist())) >= 3  # the batch really mixes easy and hard samples
     np.testing.assert_array_equal(together.steps, [r.steps[0] for r in alone])
+    # a sample relaxed alone has its input projection computed by a fused pass over W_0 (up to 4 rows), the batch by
+    # a GEMM: sums in another order, a last-bit difference, which rk45's step-size control may grow (below tol)
+    bound = (1e-12 if dtype == np.float64 else 1e-6) if method != "rk45" else tol / 10
     assert max_diff(together.states, [np.concatenate([r.states[k] for r in alone]) for k in range(len(SIZES) - 1)]) \
-        <= (1e-12 if dtype == np.float64 else 1e-6)
+        <= bound
 
 
 # ------------------------------------------------------------------------------------------ divergence
