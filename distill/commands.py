@@ -4,6 +4,13 @@ subparsers (the ``ebm`` front end, ebm_cli, gathers it with the other packages' 
 
     run_distill(NET.h5, FIXED_POINTS.h5, OUT.h5, ...)  -> summary dict;  format_distill_summary(summary) -> str
     run_baseline(kind, dataset, layers, OUT.h5, ...)  -> summary dict;  format_baseline_summary(summary) -> str
+    run_export_onnx(MODEL.h5, OUT.onnx, ...)          -> summary dict;  format_export_summary(summary) -> str
+
+Dense networks (``ebm_sim.network.Network``, ebm-network version 1) and layered ones (``ebm_sim.model.LayeredNetwork``,
+version 2, e.g. convolutional) take the same commands: ``distill`` reads either with its fixed points (version 1 flat,
+version 2 keeping the layer shapes), ``baseline`` builds the architecture of --layers, --arch, --preset or --like
+NET.h5 (the dataset's images reshaped to its input shape; the PGD budget of the dataset's family unless given), and
+``export-onnx`` exports either kind of student (FeedForward or LayeredFeedForward).
 
 Both write an ``ebm-feedforward`` file (distill.io), rewritten atomically after every epoch (the best model so far
 plus a checkpoint); ``resume=True`` continues an interrupted run, ``overwrite=True`` replaces an existing file,
@@ -11,11 +18,13 @@ and an existing file is refused otherwise.
 """
 from __future__ import annotations
 
+import argparse
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ebm_sim.commands import ACTIVATION_HELP, parse_layers, parse_names, parse_rates
+from ebm_sim.commands import (ACTIVATION_HELP, _add_architecture_arguments, _architecture_network, _shape_text,
+                              parse_names, parse_rates)
 from ebm_sim.outputs import add_output_argument, check_output, exclusive
 
 from . import formats  # noqa: F401  (registers ebm-feedforward, which `ebm info` reads)
@@ -48,12 +57,12 @@ def run_distill(network_path, fixed_points_path, out, *, test_fixed_points=None,
     out = Path(out)
     config = DistillConfig(**config)  # validated before any work
     check_output(out, overwrite=overwrite, resume=resume)
-    network = storage.load_dense_network(network_path, "distillation")
-    fixed_points = storage.load_fixed_points(fixed_points_path, network=network)
-    test = storage.load_fixed_points(test_fixed_points, network=network) if test_fixed_points else None
+    network = storage.load_network(network_path)  # dense or layered
+    fixed_points = _fixed_points_of(network, fixed_points_path)
+    test = _fixed_points_of(network, test_fixed_points) if test_fixed_points else None
     fp_hash = stored_content_hash(fixed_points_path)
     provenance = {"network_file": Path(network_path).name, "fixed_points_file": Path(fixed_points_path).name}
-    log(f"distilling {'-'.join(map(str, network.layer_sizes))} (network {network.content_hash()[:12]}) from "
+    log(f"distilling {_shape_text(network)} (network {network.content_hash()[:12]}) from "
         f"{len(fixed_points)} fixed points of {fixed_points.settings.get('dataset', 'unknown data')} "
         f"({config.val_fraction:.0%} held out); checkpoints in {out}")
     with exclusive(out), _interruption_note(out, log):
@@ -68,6 +77,21 @@ def run_distill(network_path, fixed_points_path, out, *, test_fixed_points=None,
     if test is not None:
         summary["test"] = compare_with_ebm(student, network, test)
     return summary
+
+
+def _fixed_points_of(network, path):
+    """The fixed points of ``path``, refused (ValueError naming the file) unless ``network`` computed them (its stored
+    hash) and their inputs and states have the network's shapes (``distill.train.check_fixed_points``)."""
+    from ebm_sim import storage
+
+    from .train import check_fixed_points
+
+    fixed_points = storage.load_fixed_points(path, network=network)
+    try:
+        check_fixed_points(network, fixed_points)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    return fixed_points
 
 
 def format_distill_summary(s: dict) -> str:
@@ -87,88 +111,172 @@ def format_distill_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+def _architecture_of(layers, activation: str) -> tuple:
+    """(architecture for ``train_baseline``, activation, readout) of what ``run_baseline`` is given: a LayeredNetwork
+    (itself: its layers, interactions, normalization, readout and activation), a dense ``Network`` (its layer sizes,
+    activation and readout) or dense layer sizes (with ``activation``, no readout). A network gives its architecture
+    only, never its weights."""
+    from ebm_sim.batch_relax import is_layered
+
+    if is_layered(layers):
+        return layers, "hard_sigmoid", False
+    if hasattr(layers, "layer_sizes"):
+        return tuple(layers.layer_sizes), layers.activation, bool(layers.readout)
+    return tuple(int(n) for n in layers), activation, False
+
+
+def _architecture_text(architecture) -> str:
+    """'64-128-10' for dense layer sizes, 'layers 3x32x32-... (cost)' for a network or model (``ebm init``'s)."""
+    if isinstance(architecture, tuple):
+        return "-".join(map(str, architecture))
+    return _shape_text(architecture)
+
+
+def dataset_inputs(data, split: str, shape, num_classes: int, what: str, hint: str = "") -> tuple:
+    """(x (N, *shape) float, y (N,)) of ``data``'s ``split`` for a model taking one sample of ``shape`` ((n_0,) or
+    (C, H, W)) and giving ``num_classes`` classes; ValueError ("{what} do not fit {dataset}: ...{hint}") unless the
+    shape is the dataset's (C, H, W) images or their flat (n_0,) features and the class counts agree."""
+    shape = tuple(int(n) for n in shape)
+    if shape not in ((data.num_features,), tuple(data.channels_first_shape)) or num_classes != data.num_classes:
+        raise ValueError(f"{what} do not fit {data.name}: {'x'.join(map(str, shape))} inputs and {num_classes} "
+                         f"classes, but {data.name} has {'x'.join(map(str, data.channels_first_shape))} images "
+                         f"({data.num_features} features) and {data.num_classes} classes{hint}")
+    x, y = (data.x_train, data.y_train) if split == "train" else (data.x_test, data.y_test)
+    return x.reshape((x.shape[0],) + shape), y
+
+
 def run_baseline(kind: str, dataset: str, layers, out, *, data_dir=None, limit_train=None, limit_test=None,
                  data_seed: int | None = None, activation: str = "hard_sigmoid", resume: bool = False,
-                 overwrite: bool = False, progress: bool = True, log=print, **config) -> dict:
-    """Train a ``kind`` ("standard" or "pgd-at") baseline with layer sizes ``layers`` on ``dataset`` into ``out``;
-    config: BaselineConfig fields. Evaluates clean test accuracy and accuracy under the training PGD (eps, steps,
-    step size) on the test split. data_seed: the seed of the dataset's split and subsamples (default: config's
-    seed; the pipeline fixes it so that every model sees the same data). Returns a summary dict."""
+                 overwrite: bool = False, progress: bool = True, log=print, provenance: dict | None = None,
+                 **config) -> dict:
+    """Train a ``kind`` ("standard" or "pgd-at") baseline of the architecture ``layers`` on ``dataset`` into ``out``.
+
+    layers: dense layer sizes (n_0, ..., n_L) with ``activation``; a dense ebm_sim ``Network`` (its sizes,
+    activation and readout); or an ``ebm_sim.model.LayeredNetwork`` (its layers, convolutions, pooling,
+    normalization, activation and readout: a ``LayeredFeedForward``), fresh weights in every case. The dataset's
+    images are reshaped to the architecture's input shape ((n_0,) or (C, H, W)); ValueError if they do not fit.
+    config: BaselineConfig fields; eps, pgd_steps and pgd_step_size that are not given take the PGD budget of the
+    dataset's family (``BaselineConfig.for_dataset``: 0.1 for (Fashion-)MNIST and digits, 8/255 for CIFAR).
+    Evaluates clean test accuracy and accuracy under the training PGD (eps, steps, step size) on the test split.
+    data_seed: the seed of the dataset's split and subsamples (default: config's seed; the pipeline fixes it so that
+    every model sees the same data). provenance: extra entries for the file's provenance. Returns a summary dict."""
     from ebm_sim import datasets
 
     from .baselines import BaselineConfig, robust_accuracy, train_baseline
     from .train import evaluate
 
     out = Path(out)
-    config = BaselineConfig(kind=kind, **config)
+    given = BaselineConfig(kind=kind, **config)  # the given fields, validated before any work
+    architecture, activation, readout = _architecture_of(layers, activation)
     check_output(out, overwrite=overwrite, resume=resume)
     data = datasets.load_dataset(dataset, data_dir, limit_train=limit_train, limit_test=limit_test,
-                                 seed=config.seed if data_seed is None else data_seed)
-    sizes = tuple(int(n) for n in layers)
-    if sizes[0] != data.num_features or sizes[-1] != data.num_classes:
-        raise ValueError(f"layer sizes {'-'.join(map(str, sizes))} do not fit {data.name}: its inputs have "
-                         f"{data.num_features} features and it has {data.num_classes} classes (e.g. --layers "
-                         f"{data.num_features},512,{data.num_classes})")
-    what = "standard training" if kind == "standard" else (
+                                 seed=given.seed if data_seed is None else data_seed)
+    config = BaselineConfig.for_dataset(data.name, kind=kind, **config)  # the family's PGD budget where not given
+    if isinstance(architecture, tuple):
+        shape, classes = architecture[:1], architecture[-1]
+        what = f"layer sizes {_architecture_text(architecture)}"
+        hint = f" (e.g. --layers {data.num_features},512,{data.num_classes})"
+    else:
+        shape, classes = architecture.input_shape, architecture.num_classes
+        what, hint = f"the {_architecture_text(architecture)}", ""
+    x_train, y_train = dataset_inputs(data, "train", shape, classes, what, hint)
+    x_test, y_test = dataset_inputs(data, "test", shape, classes, what, hint)
+    method = "standard training" if kind == "standard" else (
         f"PGD adversarial training (eps {config.eps:g}, {config.pgd_steps} steps of {config.step_size:g})")
-    log(f"{what} of {'-'.join(map(str, sizes))} on {data.name} ({len(data.y_train)} train / {len(data.y_test)} "
+    log(f"{method} of {_architecture_text(architecture)} on {data.name} ({len(y_train)} train / {len(y_test)} "
         f"test samples, {config.val_fraction:.0%} held out); checkpoints in {out}")
-    provenance = {"limit_train": limit_train, "limit_test": limit_test, "image_shape": list(data.image_shape)}
+    provenance = {"limit_train": limit_train, "limit_test": limit_test, "image_shape": list(data.image_shape),
+                  **(provenance or {})}
     with exclusive(out), _interruption_note(out, log):
-        model, history = train_baseline(sizes, data.x_train, data.y_train, config, activation=activation,
-                                        checkpoint_path=out, resume=resume, progress=progress, log=log,
-                                        dataset=data.name, provenance=provenance)
-    test = evaluate(model, data.x_test, data.y_test)
-    robust = robust_accuracy(model, data.x_test, data.y_test, config.eps, config.pgd_steps, config.step_size,
+        model, history = train_baseline(architecture, x_train, y_train, config, activation=activation,
+                                        readout=readout, checkpoint_path=out, resume=resume, progress=progress,
+                                        log=log, dataset=data.name, provenance=provenance)
+    test = evaluate(model, x_test, y_test)
+    robust = robust_accuracy(model, x_test, y_test, config.eps, config.pgd_steps, config.step_size,
                              seed=config.seed)
-    return {"path": str(out), "kind": kind, "dataset": data.name, "epochs_run": len(history.get("epoch", [])),
+    return {"path": str(out), "kind": kind, "dataset": data.name, "architecture": _architecture_text(architecture),
+            "epochs_run": len(history.get("epoch", [])),
             "best_epoch": int(history["best_epoch"][0]), "test_accuracy": test["accuracy"],
             "test_robust_accuracy": robust["robust_accuracy"], "eps": config.eps, "pgd_steps": config.pgd_steps,
             "pgd_step_size": config.step_size, "n_test": test["n"]}
 
 
 def format_baseline_summary(s: dict) -> str:
-    return (f"{s['kind']} baseline on {s['dataset']}: {s['epochs_run']} epochs (best epoch {s['best_epoch']}); test "
-            f"accuracy {100 * s['test_accuracy']:.2f}%, under PGD Linf eps {s['eps']:g} ({s['pgd_steps']} steps of "
-            f"{s['pgd_step_size']:g}) {100 * s['test_robust_accuracy']:.2f}% ({s['n_test']} test samples)\n"
+    arch = f" ({s['architecture']})" if "architecture" in s else ""
+    return (f"{s['kind']} baseline{arch} on {s['dataset']}: {s['epochs_run']} epochs (best epoch {s['best_epoch']}); "
+            f"test accuracy {100 * s['test_accuracy']:.2f}%, under PGD Linf eps {s['eps']:g} ({s['pgd_steps']} "
+            f"steps of {s['pgd_step_size']:g}) {100 * s['test_robust_accuracy']:.2f}% ({s['n_test']} test samples)\n"
             f"wrote {s['path']}")
 
 
-def run_export_onnx(model_path, out, *, quantize: str | None = None, check_samples: int = 64, seed: int = 0) -> dict:
-    """``ebm export-onnx``: a feedforward model file (distilled, standard or pgd-at) -> ONNX, with its provenance in
-    the ONNX metadata; ``quantize="int8"`` writes onnxruntime's dynamically quantized int8 model instead of the float
-    one. Then onnxruntime is run on ``check_samples`` random inputs in [0, 1] and compared with torch.
-    An EBM (ebm-network file) has no static graph to export: its relaxation stops on a tolerance."""
-    import tempfile
+def _layers_metadata(model) -> dict:
+    """The model's layers for the ONNX metadata: {"layer_sizes"} of a FeedForward, {"layer_shapes"} of a
+    LayeredFeedForward."""
+    if hasattr(model, "layer_sizes"):
+        return {"layer_sizes": [int(n) for n in model.layer_sizes]}
+    return {"layer_shapes": [[int(n) for n in shape] for shape in model.layer_shapes]}
 
+
+def run_export_onnx(model_path, out, *, quantize: str | None = None, check_samples: int = 64, seed: int = 0,
+                    dataset: str | None = None, data_dir=None) -> dict:
+    """``ebm export-onnx``: a feedforward model file (distilled, standard or pgd-at; a dense FeedForward or a
+    convolutional LayeredFeedForward) -> ONNX, with its provenance in the ONNX metadata; ``quantize="int8"`` writes
+    onnxruntime's dynamically quantized int8 model instead of the float one. Then onnxruntime is run on
+    ``check_samples`` inputs and compared with torch (``onnx_export.measure_export``: max |difference| of the
+    logits, prediction agreement): random inputs in [0, 1], or with ``dataset`` a seeded, class-stratified subsample
+    of its test split, reshaped to the model's input shape, which adds both sides' accuracies.
+    An EBM (ebm-network file) has no static graph to export: its relaxation stops on a tolerance."""
     import numpy as np
-    import torch
 
     from .io import artifact_format, load_model
-    from .onnx_export import OnnxClassifier, compare_with_torch, export_onnx, quantize_onnx
+    from .onnx_export import QUANTIZATIONS, export_onnx, measure_export, quantize_onnx
 
     model_path, out = Path(model_path), Path(out)
+    if isinstance(check_samples, bool) or not isinstance(check_samples, int) or check_samples < 1:
+        raise ValueError(f"check_samples must be a positive integer, got {check_samples!r}")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
     if artifact_format(model_path) == "ebm-network":
         raise ValueError(f"{model_path} is an EBM (ebm-network): its relaxation is not a static graph; export its "
                          f"distilled student (ebm distill) instead")
     model = load_model(model_path)
+    shape = tuple(model.input_shape)
+    if dataset is None:
+        x, y = np.random.default_rng(seed).random((check_samples,) + shape, dtype=np.float32), None
+    else:
+        from ebm_sim import datasets
+
+        data = datasets.load_dataset(dataset, data_dir, limit_test=check_samples, seed=seed)
+        x, y = dataset_inputs(data, "test", shape, model.num_classes, f"{model_path.name}'s {_shape_text(model)}")
     record = model.provenance
     metadata = {"source_file": model_path.name, "source_content_hash": record.content_hash, "kind": record.kind,
                 "dataset": record.dataset, "network_hash": record.network_hash,
-                "fixed_points_hash": record.fixed_points_hash, "layer_sizes": list(model.layer_sizes)}
+                "fixed_points_hash": record.fixed_points_hash, **_layers_metadata(model)}
     if quantize is None:
-        export_onnx(model, out, input_shape=model.layer_sizes[0], metadata=metadata)
+        export_onnx(model, out, input_shape=shape, metadata=metadata)
     else:
+        import tempfile
+
         with tempfile.TemporaryDirectory() as tmp:
-            float_path = export_onnx(model, Path(tmp) / "float.onnx", input_shape=model.layer_sizes[0],
-                                     metadata=metadata)
+            float_path = export_onnx(model, Path(tmp) / "float.onnx", input_shape=shape, metadata=metadata)
             quantize_onnx(float_path, out, quantize)
-    x = np.random.default_rng(seed).random((check_samples, model.layer_sizes[0]), dtype=np.float32)
-    difference = compare_with_torch(model, out, x)
-    agreement = float(np.mean(OnnxClassifier(out).predict(x) == model(torch.from_numpy(x)).argmax(1).numpy()))
-    return {"path": str(out), "source": str(model_path), "kind": record.kind, "layer_sizes": list(model.layer_sizes),
-            "quantization": quantize or "none", "max_abs_difference": difference, "prediction_agreement": agreement,
-            "samples": check_samples}
+    measured = measure_export(model, out, x, y)
+    return {"path": str(out), "source": str(model_path), "kind": record.kind, "layers": _shape_text(model),
+            **_layers_metadata(model), "quantization": quantize or "none",
+            "check_data": "random" if dataset is None else f"{data.name} test", "samples": len(x),
+            **{k: v for k, v in measured.items() if k not in ("n", "quantization")}}
+
+
+def format_export_summary(s: dict) -> str:
+    """One line: what was written and how onnxruntime compares with torch (and, on a dataset, their accuracies)."""
+    quantized = "" if s["quantization"] == "none" else f" ({s['quantization']}-quantized)"
+    inputs = "random inputs" if s["check_data"] == "random" else f"{s['check_data']} images"
+    text = (f"wrote {s['path']}: {s['kind']} model{quantized} {s['layers']} from {s['source']}; onnxruntime vs "
+            f"torch on {s['samples']} {inputs}: max |difference| {s['max_abs_difference']:.2e}, same prediction on "
+            f"{100 * s['prediction_agreement']:.1f}%")
+    if "accuracy_onnx" in s:
+        text += f", accuracy {100 * s['accuracy_onnx']:.1f}% (onnxruntime) / {100 * s['accuracy_torch']:.1f}% (torch)"
+    return text
 
 
 def parse_model_argument(text: str) -> tuple:
@@ -234,21 +342,39 @@ def cmd_distill(args) -> int:
 
 
 def cmd_export_onnx(args) -> int:
-    summary = run_export_onnx(args.model, args.output, quantize=args.quantize)
-    quantized = "" if args.quantize is None else f" ({args.quantize}-quantized)"
-    sizes = "-".join(map(str, summary["layer_sizes"]))
-    print(f"wrote {summary['path']}: {summary['kind']} model{quantized} {sizes} from "
-          f"{summary['source']}; onnxruntime vs torch on {summary['samples']} random inputs: max |difference| "
-          f"{summary['max_abs_difference']:.2e}, same prediction on {100 * summary['prediction_agreement']:.1f}%")
+    summary = run_export_onnx(args.model, args.output, quantize=args.quantize, check_samples=args.check_samples,
+                              dataset=args.dataset, data_dir=args.data_dir)
+    print(format_export_summary(summary))
     return 0
 
 
+#: the PGD options of ``ebm baseline`` (argparse dest = BaselineConfig field); not given: the dataset's budget
+PGD_OPTIONS = ("eps", "pgd_steps", "pgd_step_size")
+
+
+def baseline_architecture(args) -> tuple:
+    """(architecture, provenance) ``ebm baseline`` trains: the network of ``--like NET.h5`` (dense or layered; its
+    architecture, not its weights; ``--activation`` may not contradict it), or the one ``ebm init`` builds from
+    ``--layers``, ``--arch`` or ``--preset`` (``ebm_sim.commands._architecture_network``)."""
+    if args.like is None:
+        return _architecture_network(args), {}
+    from ebm_sim import storage
+
+    network = storage.load_network(args.like)
+    if args.activation is not None and args.activation != network.activation:
+        raise ValueError(f"--activation {args.activation} contradicts {args.like}, whose network uses "
+                         f"{network.activation}: drop --activation (--like copies the architecture)")
+    return network, {"like_network_file": Path(args.like).name, "like_network_hash": network.content_hash()}
+
+
 def cmd_baseline(args) -> int:
-    summary = run_baseline(args.kind, args.dataset, args.layers, args.output, data_dir=args.data_dir,
-                           limit_train=args.limit_train, limit_test=args.limit_test, activation=args.activation,
-                           resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-                           log=lambda msg: print(msg, flush=True), eps=args.eps, pgd_steps=args.pgd_steps,
-                           pgd_step_size=args.pgd_step_size, **_fit_options(args))
+    architecture, provenance = baseline_architecture(args)
+    pgd = {name: getattr(args, name) for name in PGD_OPTIONS if getattr(args, name) is not None}
+    summary = run_baseline(args.kind, args.dataset, architecture, args.output, data_dir=args.data_dir,
+                           limit_train=args.limit_train, limit_test=args.limit_test, resume=args.resume,
+                           overwrite=args.overwrite, progress=not args.no_progress,
+                           log=lambda msg: print(msg, flush=True), provenance=provenance, **pgd,
+                           **_fit_options(args))
     print(format_baseline_summary(summary))
     return 0
 
@@ -351,7 +477,8 @@ def _add_distill_commands(sub) -> None:
     from ebm_sim.datasets import DATASET_NAMES
     from ebm_sim.network import ACTIVATIONS
 
-    from .config import BASELINE_KINDS, OUTPUT_TARGETS, SCHEDULES, BaselineConfig, DistillConfig
+    from .config import (BASELINE_KINDS, DATASET_FAMILIES, OUTPUT_TARGETS, PGD_PRESETS, SCHEDULES, BaselineConfig,
+                         DistillConfig)
 
     def fit_arguments(p, d):
         p.add_argument("--epochs", type=int, default=d.epochs, help=f"maximum epochs (default {d.epochs})")
@@ -368,13 +495,15 @@ def _add_distill_commands(sub) -> None:
 
     d = DistillConfig()
     p = sub.add_parser("distill", help="train a feedforward student on a network's fixed points",
-                       description="Distill an EBM into a feedforward network with its layer sizes: per-layer MSE "
-                                   "to the fixed-point states plus a cross-entropy output term, Adam, early stopping "
-                                   "on a held-out split; the student file (ebm-feedforward) is rewritten after every "
-                                   "epoch and records the network's and the fixed points' hashes.")
-    p.add_argument("network", metavar="NET.h5", help="the EBM's network file")
+                       description="Distill an EBM into a feedforward network with its layers (dense sizes, or a "
+                                   "layered network's convolutions, pooling, normalization and readout): per-layer "
+                                   "MSE to the fixed-point states plus a cross-entropy output term, Adam, early "
+                                   "stopping on a held-out split; the student file (ebm-feedforward) is rewritten "
+                                   "after every epoch and records the network's and the fixed points' hashes.")
+    p.add_argument("network", metavar="NET.h5", help="the EBM's network file (dense or layered, e.g. convolutional)")
     p.add_argument("fixed_points", metavar="FIXED_POINTS.h5",
-                   help="its fixed points (ebm relax NET.h5 --split train); refused if made by another network")
+                   help="its fixed points (ebm relax NET.h5 --split train); refused if made by another network or "
+                        "if their shapes do not fit it")
     p.add_argument("--test-fixed-points", metavar="TEST.h5", default=None,
                    help="fixed points of held-out data (ebm relax --split test) to report accuracy and agreement")
     p.add_argument("--layer-weight", type=parse_rates, default=d.layer_weight, metavar="W[,W...]",
@@ -393,23 +522,32 @@ def _add_distill_commands(sub) -> None:
 
     b = BaselineConfig()
     p = sub.add_parser("baseline", help="train a standard or PGD-adversarially trained feedforward baseline",
-                       description="Train a feedforward network (hard-sigmoid hidden layers) by standard backprop or "
-                                   "PGD adversarial training (Madry et al. 2018, Linf, random start) and report its "
-                                   "test accuracy, clean and under that PGD.")
+                       description="Train a feedforward network with an EBM's architecture (dense --layers with "
+                                   "hard-sigmoid hidden layers, or the layers of --arch, --preset or --like NET.h5: "
+                                   "the same convolutions, pooling, normalization and readout, fresh weights) by "
+                                   "standard backprop or PGD adversarial training (Madry et al. 2018, Linf, random "
+                                   "start) and report its test accuracy, clean and under that PGD. The dataset's "
+                                   "images are reshaped to the architecture's input shape.",
+                       epilog="Default PGD budgets per dataset (pixel units): " + "; ".join(
+                           f"{', '.join(n for n in DATASET_NAMES if DATASET_FAMILIES.get(n) == family)}: "
+                           f"eps {v['eps']:.4g}, {v['pgd_steps']} steps of {v['pgd_step_size']:.4g}"
+                           for family, v in PGD_PRESETS.items()))
     p.add_argument("--kind", choices=BASELINE_KINDS, required=True,
                    help="standard: backprop on clean images; pgd-at: PGD adversarial training (Madry et al. 2018)")
     p.add_argument("--dataset", required=True, metavar="NAME", help=f"one of {', '.join(DATASET_NAMES)}")
     p.add_argument("--data-dir", metavar="DIR", default=None, help="folder with the dataset files")
     p.add_argument("--limit-train", type=int, default=None, metavar="N", help="seeded subsample of N training samples")
     p.add_argument("--limit-test", type=int, default=None, metavar="N", help="seeded subsample of N test samples")
-    p.add_argument("--layers", type=parse_layers, required=True, metavar="N0,...,NL",
-                   help="layer sizes, input first and classes last (e.g. the EBM's: 784,512,512,10)")
-    p.add_argument("--activation", choices=sorted(ACTIVATIONS), default="hard_sigmoid", help=ACTIVATION_HELP)
-    p.add_argument("--eps", type=float, default=b.eps, help=f"PGD Linf budget in pixels (default {b.eps:g})")
-    p.add_argument("--pgd-steps", type=int, default=b.pgd_steps, help=f"default {b.pgd_steps}")
-    p.add_argument("--pgd-step-size", type=float, default=b.pgd_step_size,
-                   help=f"default {b.pgd_step_size:g}")
+    _add_architecture_arguments(p, "784,512,512,10 (an EBM's, input first and classes last)").add_argument(
+        "--like", metavar="NET.h5", default=None,
+        help="the architecture of this network file (dense or layered; its weights are not used)")
+    p.add_argument("--activation", choices=sorted(ACTIVATIONS), default=None,
+                   help=ACTIVATION_HELP + "; with --arch or --preset it overrides theirs, --like keeps its network's")
+    p.add_argument("--eps", type=float, default=None, help="PGD Linf budget in pixels (default: the dataset's)")
+    p.add_argument("--pgd-steps", type=int, default=None, help="default: the dataset's")
+    p.add_argument("--pgd-step-size", type=float, default=None, help="default: the dataset's")
     fit_arguments(p, b)
+    p.set_defaults(dtype="float32", gain=1.0)  # what _architecture_network builds the architecture with
     add_output_argument(p, "-o", "--output", policy="resume", required=True, metavar="MODEL.h5",
                         help="model file to write (rewritten every epoch; --resume continues it)")
     p.set_defaults(func=cmd_baseline)
@@ -419,9 +557,16 @@ def add_parsers(sub) -> None:
     """Register ``ebm export-onnx``, ``distill``, ``baseline`` and ``robustness`` on the ``ebm`` subparsers ``sub``
     (torch is imported only when they run)."""
     p = sub.add_parser("export-onnx", help="export a feedforward model (distilled or baseline) to ONNX",
-                       description="Export a distilled or baseline model to ONNX (provenance in its metadata), run "
-                                   "it with onnxruntime on random inputs and report the difference to torch.")
+                       description="Export a distilled or baseline model (dense or convolutional) to ONNX "
+                                   "(provenance in its metadata), run it with onnxruntime on random inputs (or a "
+                                   "dataset's test images: --dataset) and report the difference to torch: max "
+                                   "|difference| of the logits, prediction agreement (and both accuracies).")
     p.add_argument("model", metavar="MODEL.h5", help="an ebm-feedforward file (ebm distill, ebm baseline)")
+    p.add_argument("--dataset", metavar="NAME", default=None,
+                   help="check on a seeded subsample of this dataset's test images (reshaped to the model's input) "
+                        "and report the accuracies too; default: random inputs in [0, 1]")
+    p.add_argument("--data-dir", metavar="DIR", default=None, help="folder with the dataset files")
+    p.add_argument("--check-samples", type=int, default=64, metavar="N", help="inputs compared (default 64)")
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="write onnxruntime's dynamically quantized int8 model (int8 weights, uint8 activations "
                         "quantized at run time) instead of the float32 one")

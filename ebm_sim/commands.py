@@ -193,7 +193,9 @@ def cmd_demo(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- parsers
-def _add_architecture_arguments(p, example: str) -> None:
+def _add_architecture_arguments(p, example: str):
+    """--layers / --arch / --preset, one of them required; returns their mutually exclusive group (a command may add
+    another way to give the architecture to it)."""
     from .model.presets import PRESETS
 
     group = p.add_mutually_exclusive_group(required=True)
@@ -204,6 +206,7 @@ def _add_architecture_arguments(p, example: str) -> None:
     group.add_argument("--preset", choices=sorted(PRESETS),
                        help="a named recipe: its architecture, normalization and (ebm train) training settings; "
                             "flags given beside it override them")
+    return group
 
 
 def preset_train_defaults(argv) -> dict | None:
