@@ -213,3 +213,11 @@ def test_an_unknown_version_of_another_format_is_unsupported(tmp_path):
         storage.load_fixed_points(tmp_path / "fp.h5")
     with pytest.raises(ValueError, match="ebm-fixed-points has versions 1, 2, not 3"):
         write_artifact(tmp_path / "x.h5", "ebm-fixed-points", {}, {}, version=3)
+
+
+def test_a_loaded_network_reinitializes_its_biases_as_init_does(tmp_path):
+    network = LayeredNetwork.init("3x8x8, conv 4 k3 p1 maxpool, dense 12, readout 3", seed=0)
+    save_network(tmp_path / "net.h5", network)
+    loaded = load_network(tmp_path / "net.h5")
+    assert [getattr(i, "fan_in_units", None) for i in loaded.interactions] == \
+        [getattr(i, "fan_in_units", None) for i in network.interactions] == [None, 27, None, 64]

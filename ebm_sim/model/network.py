@@ -240,7 +240,8 @@ class LayeredNetwork:
         ({name: array}) for the i-th interaction, ``cost_params`` for the cost. Classes come from the registries
         (``INTERACTIONS``, ``COSTS``) by kind; every kind is looked up before anything is built. ValueError names an
         unknown kind, a missing or unexpected parameter or anything the network itself refuses. (A Bias's
-        ``fan_in_units``, which only sets its initialization bound, is not part of the description: it is 1.)"""
+        ``fan_in_units``, which only sets its initialization bound, is not part of the description: it is the fan-in
+        of the interaction feeding its layer, as ``init`` sets it.)"""
         entries = list(description["interactions"])
         if len(entries) != len(interaction_params):
             raise ValueError(f"{len(entries)} interactions are described but {len(interaction_params)} parameter "
@@ -249,6 +250,7 @@ class LayeredNetwork:
         cost_class = _registered(COSTS, description["cost"]["kind"], "cost")
         interactions = [_interaction_from(c, entry, params)
                         for c, entry, params in zip(classes, entries, interaction_params)]
+        _feed_bias_fan_in(interactions, [tuple(shape) for shape in description["layers"]])
         cost = _cost_from(cost_class, description["cost"], description["layers"][-1], cost_params)
         return cls(tuple(description["layers"]), interactions, cost, description["activation"], dict(history or {}),
                    description.get("normalization"))
@@ -267,6 +269,19 @@ def _interaction_from(interaction_class, entry: dict, params: dict):
     settings = {k: v for k, v in entry.items() if k not in ("kind", "pre", "post")}
     layers = (entry["post"],) if interaction_class.unary else (entry["pre"], entry["post"])
     return interaction_class(*layers, dict(params), **settings)
+
+
+def _feed_bias_fan_in(interactions: list, shapes: list) -> None:
+    """Give each Bias the fan-in of the first interaction that feeds its layer from below (``init``'s rule: the bias
+    shares its layer's weights' initialization bound), so that a network rebuilt from a file re-initializes as
+    ``init`` would; a layer fed by none keeps 1."""
+    feeding = {}
+    for i in interactions:
+        if not i.unary and i.post not in feeding:
+            feeding[i.post] = i.fan_in(shapes[i.pre])
+    for i in interactions:
+        if i.unary and hasattr(i, "fan_in_units"):
+            i.fan_in_units = int(feeding.get(i.post, 1))
 
 
 def _cost_from(cost_class, entry: dict, last_shape, params: dict):
