@@ -245,6 +245,7 @@ def ep_gradient(network: Network, x, target, config: TrainConfig, sign: float = 
     if config.backend == "torch":
         from .torch_twin import ep_gradient as torch_ep_gradient
         return torch_ep_gradient(network, x, target, config, sign, config.device)
+    from .blas import single_threaded
     from .ep import merge
     from .numba_backend import KernelArrays, shared_pool, worker_count
 
@@ -255,8 +256,9 @@ def ep_gradient(network: Network, x, target, config: TrainConfig, sign: float = 
         return _dense_ep_step(network, arrays, x, target, config, sign)
     bounds = np.linspace(0, x.shape[0], shards + 1).astype(int)
     parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-    steps = list(shared_pool(shards).map(
-        lambda rows: _dense_ep_step(network, arrays, x[rows], target[rows], config, sign, threads=1), parts))
+    with single_threaded:  # held across the shards: their own scopes never hand BLAS its threads back midway
+        steps = list(shared_pool(shards).map(
+            lambda rows: _dense_ep_step(network, arrays, x[rows], target[rows], config, sign, threads=1), parts))
     return merge(steps, [part.stop - part.start for part in parts])
 
 
