@@ -131,8 +131,7 @@ def relax_numba(network: Network, x, settings: RelaxSettings, target, initial, r
         if workers == 1:
             run_chunk(chunks[0])
         else:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                list(pool.map(run_chunk, chunks))  # list(): re-raise a worker's exception here
+            list(shared_pool(workers).map(run_chunk, chunks))  # list(): re-raise a worker's exception here
     out_states, out_steps, out_residual, out_converged, out_diverged = outputs
     result = RelaxResult(unpack_states(out_states, network), out_steps, out_residual, out_converged,
                          out_diverged, settings)
