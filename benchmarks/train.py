@@ -6,6 +6,10 @@ Accuracy (the trained networks are written, without optimizer state, to benchmar
   digits          64-256-10        RECIPES["digits"]
   fashion         784-512-10       RECIPES["fashion"]
   fashion_deep    784-512-512-10   RECIPES["fashion_deep"]
+Breakdown ("breakdown" group): the issue's epoch (784-512-10, batch 50, T1 30 / T2 10, tol 0, one-sided nudging,
+Adam 5e-4) on one core with the seconds of each phase (input projection, free and nudged relaxations, gradient
+contrast, optimizer, other) and on every core (minibatch shards in threads); fashion_epoch_s is the faster, and
+epoch_gemm_fraction its FLOP/s (the epoch's matrix products) over numpy's float32 GEMM rate in the same process.
 Speed: seconds per Fashion-MNIST epoch of this trainer against the torch implementation of the same algorithm written
 the way the reference EP code bases do it (autograd on Phi, benchmarks/torch_ep_reference.py): 784-512-10, batch 50,
 T1 = 30 free and T2 = 10 nudged steps with no early stopping on either side (same steps), Adam 5e-4, beta 0.5,
@@ -119,10 +123,90 @@ def torch_speed_group(quick: bool, networks_dir=None) -> dict:
             "train_acc": stats["train_acc"], "torch_threads": torch.get_num_threads()}
 
 
+PHASES = ("input_projection", "free", "nudged", "gradient", "optimizer")
+
+
+def epoch_flops(layers, batch: int, samples: int, free: int, nudged: int) -> float:
+    """FLOPs of the matrix products of one one-sided EP epoch at fixed step counts (tol 0): per minibatch the input
+    projection (2 B n_0 n_1), each step's couplings (every W_k, k >= 1, applied forward and transposed: 4 B n_k n_{k+1}
+    per step, free and nudged), and the contrast (2 B n_0 n_1 for the input layer, two products for the others)."""
+    pairs = list(zip(layers[:-1], layers[1:]))
+    couplings = sum(4 * batch * a * b for a, b in pairs[1:])
+    contrast = 2 * batch * pairs[0][0] * pairs[0][1] + sum(4 * batch * a * b for a, b in pairs[1:])
+    per_batch = 2 * batch * pairs[0][0] * pairs[0][1] + (free + nudged) * couplings + contrast
+    return per_batch * samples / batch
+
+
+def breakdown_group(quick: bool, networks_dir=None) -> dict:
+    """The issue's epoch (784-512-10, batch 50, T1 30 / T2 10, tol 0, one-sided nudging, Adam) on the Numba
+    trainer: seconds per 60,000-image epoch on one core (the minibatch in one piece) with its breakdown per phase
+    (input projection, free and nudged relaxations, the gradient contrast, the optimizer, other), and on every core
+    (the minibatch's shards in threads: ``training.MIN_ROWS_PER_SHARD``); the GEMM rate of the same process and the
+    fraction of it the epoch reaches. 784-512-512-10 too (seconds per epoch, both ways)."""
+    import relax as relax_benchmark  # benchmarks/relax.py: the GEMM rates
+
+    from ebm_sim import numba_backend, optimizers, training
+
+    x, y = speed_inputs(quick)
+    timers = dict.fromkeys(PHASES, 0.0)
+
+    def timed(name_of, function):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                timers[name_of(*args)] += time.perf_counter() - start
+        return wrapper
+
+    def epoch(layers, shards: bool, instrument: bool) -> float:
+        network = Network.init(layers, seed=0)
+        config = TrainConfig(epochs=1, batch_size=SPEED["batch_size"], beta=SPEED["beta"], lr=SPEED["lr"],
+                             nudging="positive", free_steps=SPEED["T1"], nudged_steps=SPEED["T2"], tol=0.0)
+        saved = (training.MIN_ROWS_PER_SHARD, numba_backend.relax_numba, training.energy_parameter_contrast,
+                 numba_backend.KernelArrays.input_projection, optimizers.Adam.step)
+        try:
+            training.MIN_ROWS_PER_SHARD = saved[0] if shards else 10 ** 9
+            if instrument:
+                numba_backend.relax_numba = timed(lambda net, x, settings, *a: "nudged" if settings.beta else "free",
+                                                  saved[1])
+                training.energy_parameter_contrast = timed(lambda *a: "gradient", saved[2])
+                numba_backend.KernelArrays.input_projection = timed(lambda *a: "input_projection", saved[3])
+                optimizers.Adam.step = timed(lambda *a: "optimizer", saved[4])
+            optimizer = training.make_optimizer(network, config)
+            training.train_epoch(network, optimizer, x[:200], y[:200], config, epoch=0)  # warm-up
+            for key in timers:
+                timers[key] = 0.0
+            start = time.perf_counter()
+            training.train_epoch(network, optimizer, x, y, config, epoch=0)
+            return time.perf_counter() - start
+        finally:
+            (training.MIN_ROWS_PER_SHARD, numba_backend.relax_numba, training.energy_parameter_contrast,
+             numba_backend.KernelArrays.input_projection, optimizers.Adam.step) = saved
+
+    scale = 60000 / len(y)
+    plain = epoch(SPEED["layers"], False, False)
+    instrumented = epoch(SPEED["layers"], False, True)
+    phases = {k: v * scale for k, v in timers.items()}
+    phases["other"] = instrumented * scale - sum(phases.values())
+    sharded = epoch(SPEED["layers"], True, False)
+    deep = (784, 512, 512, 10)
+    deep_plain, deep_sharded = epoch(deep, False, False), epoch(deep, True, False)
+    rates = relax_benchmark.gemm_rates(5 if quick else 20)
+    gemm = rates["numpy_gflops_batch256"]
+    best = min(plain, sharded) * scale
+    flops = epoch_flops(SPEED["layers"], SPEED["batch_size"], 60000, SPEED["T1"], SPEED["T2"])
+    return {"samples": int(len(y)), "epoch_s_one_core": plain * scale, "epoch_s_all_cores": sharded * scale,
+            "epoch_s": best, "phases_one_core_s": phases, "instrumented_epoch_s": instrumented * scale,
+            "deep_784-512-512-10": {"epoch_s_one_core": deep_plain * scale, "epoch_s_all_cores": deep_sharded * scale},
+            "epoch_gflop": flops / 1e9, "gemm_gflops": gemm, "gemm_rates": rates,
+            "epoch_gemm_fraction": flops / best / 1e9 / gemm}
+
+
 GROUPS = {"digits": lambda q, d: accuracy_group("digits", q, d),
           "fashion": lambda q, d: accuracy_group("fashion", q, d),
           "fashion_deep": lambda q, d: accuracy_group("fashion_deep", q, d), "numba_speed": numba_speed_group,
-          "torch_speed": torch_speed_group}
+          "torch_speed": torch_speed_group, "breakdown": breakdown_group}
 
 
 def run(args) -> dict:
@@ -136,16 +220,24 @@ def run(args) -> dict:
         "digits_test_acc": groups["digits"]["test_acc"],
         "fashion_test_acc": groups["fashion"]["test_acc"],
         "fashion_deep_test_acc": groups["fashion_deep"]["test_acc"],
-        # seconds per 60,000-image epoch (the quick run trains on a subset: scaled, and marked quick)
-        "fashion_epoch_s": groups["fashion"]["epoch_s_mean"] * 60000 / groups["fashion"]["train_samples"],
+        # seconds per 60,000-image epoch at the speed settings (784-512-10, batch 50, T1 30 / T2 10, tol 0,
+        # one-sided nudging, Adam: the issue's), the faster of one core and every core; its breakdown per phase
+        "fashion_epoch_s": groups["breakdown"]["epoch_s"],
+        "fashion_epoch_phases_s": groups["breakdown"]["phases_one_core_s"],
+        "epoch_gemm_fraction": groups["breakdown"]["epoch_gemm_fraction"],
+        "deep_epoch_s": min(groups["breakdown"]["deep_784-512-512-10"].values()),
+        # the accuracy recipe's own epochs (symmetric nudging, early stopping at tol 1e-4), per 60,000 images
+        "fashion_recipe_epoch_s": groups["fashion"]["epoch_s_mean"] * 60000 / groups["fashion"]["train_samples"],
         "fashion_budget": {"epochs": groups["fashion"]["config"]["epochs"],
                            "epoch_s": groups["fashion"]["epoch_s_mean"], "total_s": groups["fashion"]["total_s"]},
         "numba_over_torch_epoch": groups["torch_speed"]["epoch_s_60k"] / same["epoch_s_60k"],
         "numba_early_stopping_over_torch_epoch": (groups["torch_speed"]["epoch_s_60k"]
                                                   / groups["numba_speed"]["early_stopping"]["epoch_s_60k"]),
-        "speed": {"setting": SPEED, "numba": groups["numba_speed"], "torch_autograd": groups["torch_speed"]},
+        "speed": {"setting": SPEED, "numba": groups["numba_speed"], "torch_autograd": groups["torch_speed"],
+                  "breakdown": groups["breakdown"]},
         "runs": {name: groups[name] for name in ("digits", "fashion", "fashion_deep")},
-        "targets": {"digits_test_acc": 0.97, "fashion_test_acc": 0.88, "numba_over_torch_epoch": 2.0},
+        "targets": {"digits_test_acc": 0.97, "fashion_test_acc": 0.88, "numba_over_torch_epoch": 2.0,
+                    "fashion_epoch_s": 2.0},
     }
     return results
 
