@@ -12,7 +12,8 @@ Names are imported lazily (torch loads only when an attack or model is used, not
 import importlib
 
 _EXPORTS = {"ATTACKS": "attacks", "AttackSpec": "attacks", "craft": "attacks",
-            "DATASET_BUDGETS": "config", "RobustnessConfig": "config", "evaluate": "evaluation",
+            "DATASET_BUDGETS": "config", "RobustnessConfig": "config", "SIDE_SOURCES": "config",
+            "evaluate": "evaluation",
             "ImplicitEBM": "implicit", "Deployment": "models", "EBMUnderTest": "models",
             "FeedForwardUnderTest": "models", "ModuleUnderTest": "models", "load_model_under_test": "models",
             "run_audit": "audit", "write_report": "report", "markdown_table": "report"}

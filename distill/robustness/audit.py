@@ -20,10 +20,16 @@ says which check failed next to the numbers. The checks (tolerance: ``slack`` on
   relaxation: valid adversarial examples against what is deployed, since BPTT differentiates the truncated
   relaxation itself, but implicit gradients there are not those of the function deployed). The residuals
   themselves are reported beside the check.
+- a side source (the "as published" truncated BPTT, ``config.SIDE_SOURCES``) is no stronger than the worst case over
+  the protocol's sources in any column (a failure: the headline leaves out the side source, so it would miss the
+  adversarial examples that only the side source finds); its gradient checks are warnings (they concern its own
+  row, not the headline).
 """
 from __future__ import annotations
 
 import math
+
+from .config import SIDE_SOURCES
 
 # The table's adversarial columns: key -> (label, norm, the attack groups whose per-example worst case it is).
 # "pgd_l2" and "autoattack" are the headline numbers of their norm: the adaptive and minimum-norm attacks with them.
@@ -97,20 +103,21 @@ def check_comparisons(result: dict, config) -> list:
 def check_gradients(result: dict, config) -> list:
     checks = []
     for source, g in sorted(result["gradients"].items()):
+        side = {"warning": True} if source in SIDE_SOURCES else {}
         passed = g["nan_fraction"] == 0 and g["zero_fraction"] <= config.max_zero_gradients
-        checks.append({"name": f"gradients_{source}", "passed": passed,
+        checks.append({"name": f"gradients_{source}", "passed": passed, **side,
                        "detail": f"{source}: NaN on {_pct(g['nan_fraction'])}, all-zero on {_pct(g['zero_fraction'])} "
                                  f"of {g['n']} clean examples (median L1 norm {g['median_l1']:.3g}"
                                  + (f"; adjoint iteration converged on {_pct(g['adjoint_converged'])}"
                                     if "adjoint_converged" in g else "") + ")"})
-        if source in ("bptt", "implicit"):
-            checks.append({"name": f"{source}_predicts_as_deployed", "passed": g["matches_deployed"] >= 0.99,
+        if source in ("bptt", "implicit") or source in SIDE_SOURCES:
+            checks.append({"name": f"{source}_predicts_as_deployed", "passed": g["matches_deployed"] >= 0.99, **side,
                            "detail": f"{source} logits' argmax equals the deployed prediction on "
                                      f"{_pct(g['matches_deployed'])} of clean examples"})
             adversarial = g.get("adversarial")
             if adversarial:
                 checks.append({"name": f"{source}_predicts_as_deployed_on_adversarial_points",
-                               "passed": adversarial["matches_deployed"] >= 0.99,
+                               "passed": adversarial["matches_deployed"] >= 0.99, **side,
                                "detail": f"as the attacks use them, {source} logits decide as deployed on "
                                          f"{_pct(adversarial['matches_deployed'])} of {adversarial['n']} PGD-Linf "
                                          f"adversarial points (raw logits, before agree_with_deployed: "
@@ -155,7 +162,25 @@ def check_relaxation(result: dict, config) -> list:
                        f"{clean['mean_steps']:.1f} / {adversarial['mean_steps']:.1f}"}]
 
 
-AUDIT_CHECKS = (check_monotone, check_comparisons, check_gradients, check_step_limited, check_relaxation)
+def check_side_sources(result: dict, config) -> list:
+    """A side source (e.g. the "as published" truncated BPTT) is not stronger than the worst case over the protocol's
+    sources, column by column (same examples)."""
+    checks = []
+    for source, side in sorted(result.get("side_sources", {}).items()):
+        stronger = [(column, entry, result["attacks"][column]) for column, entry in side["attacks"].items()
+                    if column in result.get("attacks", {})
+                    and entry["accuracy"] < result["attacks"][column]["accuracy"] - tolerance(config, entry["n"])]
+        compared = ", ".join(f"{COLUMNS[c][0]} {_pct(e['accuracy'])} vs {_pct(result['attacks'][c]['accuracy'])}"
+                             for c, e in side["attacks"].items() if c in result.get("attacks", {}))
+        detail = (f"{side['label']} ({source}) against the worst case: {compared or 'nothing compared'}"
+                  + ("" if not stronger else "; STRONGER in " + ", ".join(COLUMNS[c][0] for c, _, _ in stronger)
+                     + ": the truncated gradient finds adversarial examples the protocol's sources miss"))
+        checks.append({"name": f"{source}_not_stronger_than_worst_case", "passed": not stronger, "detail": detail})
+    return checks
+
+
+AUDIT_CHECKS = (check_monotone, check_comparisons, check_gradients, check_step_limited, check_relaxation,
+                check_side_sources)
 
 
 def run_audit(result: dict, config) -> dict:

@@ -7,6 +7,33 @@ from dataclasses import asdict, dataclass, replace
 
 EBM_GRADIENTS = ("bptt", "implicit", "transfer")  # an EBM's gradient sources (see distill.robustness.models)
 
+# The "as published" protocol (lanl/AdvEP on convolutional EBMs): predict with every deployed step, backpropagate
+# through the first K unrolled steps only (``LayeredEBMClassifier(attack_steps=K)``); the published code used 29.
+PUBLISHED_ATTACK_STEPS = 29
+# Checkpointing rule of ``checkpoint_steps="auto"``: a BPTT source that differentiates through more than
+# CHECKPOINT_ABOVE steps is checkpointed in pieces of CHECKPOINT_PIECE steps (same gradient; memory figures in
+# README.md, "Robustness evaluation": 128 images x 250 steps of the cifar10-cpu preset 7.9 GiB plain, 1.3 GiB in
+# pieces of 10).
+CHECKPOINT_ABOVE, CHECKPOINT_PIECE = 50, 10
+
+
+@dataclass(frozen=True)
+class SideSource:
+    """A gradient source reported beside a model's worst case, never in it (its own row in the report):
+    ``label`` (``{steps}``: its attack steps), ``paired_with``, the source whose random draws (PGD starts,
+    restarts, AutoAttack's seed) it shares, so that the two differ by the gradient alone, and ``paired_label``, the
+    label of that source's own row beside it."""
+
+    label: str
+    paired_with: str
+    paired_label: str
+
+
+#: side sources by name (distill.robustness.models builds them; the report keeps them out of the worst case)
+AS_PUBLISHED_SOURCE = "bptt-truncated"
+SIDE_SOURCES = {AS_PUBLISHED_SOURCE: SideSource("as published (first {steps} unrolled steps)", "bptt",
+                                                "full BPTT alone")}
+
 # Budgets in pixel units (images in [0, 1]). (Fashion-)MNIST: Linf 0.1 and L2 1.5 are the usual budgets for 28x28
 # grayscale images (Madry et al. 2018 used Linf 0.3 on MNIST); CIFAR-10: Linf 8/255 and L2 0.5 (RobustBench).
 # The 8x8 digits (64 pixels) get budgets scaled to their size.
@@ -42,6 +69,14 @@ class RobustnessConfig:
     go the wrong way before an audit check fails (e.g. PGD above FGSM by more than slack); zero_accuracy: the
     largest-eps accuracy at or below which "reaches 0" holds; max_zero_gradients: the largest share of examples
     with an all-zero input gradient a gradient source may have.
+    as_published: also attack a layered (convolutional) EBM "as published": the gradient source "bptt-truncated"
+    (every deployed step predicts, the gradient is that of the first ``as_published_steps`` unrolled steps, K = 29
+    by default as in the published code), reported in its own row beside full BPTT and *not* in the worst case over
+    the EBM's sources (the audit fails the model if it is stronger than that worst case; README.md, "Robustness
+    evaluation"). checkpoint_steps: memory of the layered EBMs' BPTT sources: "auto" (checkpoint pieces of
+    CHECKPOINT_PIECE steps when a source differentiates through more than CHECKPOINT_ABOVE steps), an integer C
+    (pieces of C steps always), or None / "none" (never); the gradient is the same either way. A dense EBM's BPTT
+    (the Torch twin) has neither option: as_published refuses it, checkpoint_steps does not apply.
     """
 
     eps_linf: float = 0.1
@@ -70,6 +105,9 @@ class RobustnessConfig:
     slack: float = 0.02
     zero_accuracy: float = 0.02
     max_zero_gradients: float = 0.01
+    as_published: bool = False
+    as_published_steps: int = PUBLISHED_ATTACK_STEPS
+    checkpoint_steps: int | str | None = "auto"
 
     def __post_init__(self):
         for name in ("eps_linf", "eps_l2"):
@@ -84,7 +122,7 @@ class RobustnessConfig:
             object.__setattr__(self, name, tuple(sorted(set(values) | {0.0, float(table)})))
         for name, low in (("pgd_steps", 1), ("pgd_restarts", 1), ("audit_steps", 1), ("audit_restarts", 1),
                           ("audit_samples", 1), ("square_queries", 1), ("autoattack_iterations", 1), ("min_norm_steps", 1), ("samples", 1), ("square_samples", 1),
-                          ("batch_size", 1)):
+                          ("batch_size", 1), ("as_published_steps", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -104,6 +142,15 @@ class RobustnessConfig:
                 raise ValueError(f"unknown corruption(s) {', '.join(map(repr, unknown)) or '(none given)'}; valid "
                                  f"names: {', '.join(CORRUPTIONS)}")
             object.__setattr__(self, "corruptions", names)
+        if not isinstance(self.as_published, bool):
+            raise ValueError(f"as_published must be True or False, got {self.as_published!r}")
+        if isinstance(self.checkpoint_steps, str) and self.checkpoint_steps.lower() in ("none", "never"):
+            object.__setattr__(self, "checkpoint_steps", None)  # (TOML has no None)
+        if self.checkpoint_steps != "auto" and self.checkpoint_steps is not None and (
+                isinstance(self.checkpoint_steps, bool) or not isinstance(self.checkpoint_steps, numbers.Integral)
+                or self.checkpoint_steps < 1):
+            raise ValueError(f"checkpoint_steps must be 'auto', None (never) or an integer >= 1, got "
+                             f"{self.checkpoint_steps!r}")
         for name in ("slack", "zero_accuracy", "max_zero_gradients"):
             value = getattr(self, name)
             if not (isinstance(value, numbers.Real) and 0 <= value <= 1):
@@ -113,6 +160,13 @@ class RobustnessConfig:
     def for_dataset(cls, dataset: str, **overrides) -> "RobustnessConfig":
         """The defaults with the dataset's budgets (DATASET_BUDGETS), then ``overrides``."""
         return cls(**{**DATASET_BUDGETS.get(dataset, {}), **overrides})
+
+    def checkpoint_for(self, steps: int) -> int | None:
+        """The ``checkpoint_steps`` of a BPTT source that differentiates through ``steps`` steps (None: plain
+        BPTT), by this configuration's rule (see the class docstring)."""
+        if self.checkpoint_steps == "auto":
+            return CHECKPOINT_PIECE if steps > CHECKPOINT_ABOVE else None
+        return None if self.checkpoint_steps is None else int(self.checkpoint_steps)
 
     def with_(self, **changes) -> "RobustnessConfig":
         return replace(self, **changes)

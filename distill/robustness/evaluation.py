@@ -10,7 +10,15 @@ the first ``square_samples`` of them by Square, the first ``audit_samples`` by t
 gradient check, the first ``corruption_samples`` (all by default) are corrupted. An example misclassified clean
 counts as non-robust and is not attacked. For each white-box attack and each gradient source of a model, the
 example stays robust only if the deployed prediction survives every restart; the model's result is the worst case
-over its sources (robust only if robust against all), and each source's own accuracy is kept beside it.
+over its sources (robust only if robust against all), and each source's own accuracy is kept beside it. A side
+source (``config.SIDE_SOURCES``: the "as published" truncated BPTT of a layered EBM, ``config.as_published``) runs
+every attack but the audit's stronger PGD, with the random draws of the source it is paired with, and is reported
+beside the worst case, not in it (:mod:`distill.robustness.report`).
+
+Images: x_test is flattened (N, D), or (N, *image_shape); ``image_shape`` is what the attacks see. A convolutional
+model (layered EBM or ``LayeredFeedForward`` file) takes its own (C, H, W) or the flattened (D,); Square needs
+(C, H, W) and the corruptions (H, W) or (C, H, W) with C in {1, 3}; AutoAttack needs at least 4 classes: all checked
+before any work.
 
 Every chunk of ``batch_size`` examples of every task is written to ``out_dir/parts`` as soon as it is done (see
 :mod:`distill.robustness.store`); running the same evaluation again skips what is there. ``results.json`` in
@@ -30,7 +38,7 @@ import torch
 
 from ..fitting import fingerprint
 from .attacks import AttackSpec, craft, perturbation_norms
-from .config import RobustnessConfig
+from .config import SIDE_SOURCES, RobustnessConfig
 from .models import EBMUnderTest, ModelUnderTest
 from .report import assemble, write_report
 from .store import PartStore, bits
@@ -86,9 +94,10 @@ def plan(model: ModelUnderTest, config: RobustnessConfig) -> list:
                   for eps in c.sweep_linf if eps > 0]
         tasks += [Task(model.name, "attack", "pgd-l2", "samples", AttackSpec("pgd-l2", eps, **pgd), source)
                   for eps in c.sweep_l2 if eps > 0]
-        tasks.append(Task(model.name, "attack", "pgd-audit", "audit",
-                          AttackSpec("pgd-linf", c.eps_linf, c.audit_steps, c.pgd_step_size, c.audit_restarts),
-                          source))
+        if source not in SIDE_SOURCES:  # the audit's stronger PGD checks the worst case's sources
+            tasks.append(Task(model.name, "attack", "pgd-audit", "audit",
+                              AttackSpec("pgd-linf", c.eps_linf, c.audit_steps, c.pgd_step_size, c.audit_restarts),
+                              source))
     if c.min_norm:
         for norm in ("Linf", "L2"):
             spec = AttackSpec("fmn", 0.0, steps=c.min_norm_steps, norm=norm)
@@ -135,6 +144,8 @@ def part_key(task: Task, model: ModelUnderTest, indices: np.ndarray, data_hash: 
         key["attack"] = task.spec.as_dict()
     if task.source is not None:
         key["source"] = task.source
+        if model.source_options(task.source):
+            key["source_options"] = model.source_options(task.source)
     if task.kind == "corruption":
         key["corruption"] = [task.corruption, task.severity]
     return key
@@ -142,12 +153,18 @@ def part_key(task: Task, model: ModelUnderTest, indices: np.ndarray, data_hash: 
 
 def part_seed(key: dict) -> int:
     """The seed of one part's randomness (random starts, Square's squares): from the evaluation's seed, the attack's
-    budget, the gradient source and the examples, never from the model, so every model meets the same draws."""
+    budget, the gradient source and the examples, never from the model, so every model meets the same draws; a side
+    source takes the draws of the source it is paired with (SIDE_SOURCES: the comparison differs by the gradient)."""
     seeded = {k: key.get(k) for k in ("seed", "attack", "source", "indices", "corruption")}
+    if seeded["source"] in SIDE_SOURCES:
+        seeded["source"] = SIDE_SOURCES[seeded["source"]].paired_with
     return int(hashlib.sha256(json.dumps(seeded, sort_keys=True).encode()).hexdigest()[:8], 16) % (2 ** 31)
 
 
 # ---------------------------------------------------------------------------------------------- running one part
+RELAXATION_SOURCES = ("bptt", "implicit") + tuple(SIDE_SOURCES)  # an EBM's sources whose logits are its relaxation's
+
+
 def _images(x: np.ndarray, image_shape) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32).reshape((len(x),) + tuple(image_shape)))
 
@@ -182,7 +199,7 @@ def run_attack(model: ModelUnderTest, task: Task, x: np.ndarray, y: np.ndarray, 
         record["adversarial_relaxation"] = {"converged": bits(stats["converged"]),
                                             "residual": [float(r) for r in stats["residual"]],
                                             "steps": [int(s) for s in stats["steps"]]}
-        if task.source in ("bptt", "implicit"):  # do the logits decide as deployed where the attack went?
+        if task.source in RELAXATION_SOURCES:  # do the logits decide as deployed where the attack went?
             deployed, images = model.predict(points), _images(points, model.image_shape)
             with torch.no_grad():
                 used = model.sources[task.source](images).argmax(1).numpy()
@@ -258,6 +275,19 @@ def run_corruption(model: ModelUnderTest, task: Task, x: np.ndarray, y: np.ndarr
     return {"correct": bits(model.predict(flat) == y)}
 
 
+def check_image_shape(image_shape: tuple, config: RobustnessConfig) -> None:
+    """ValueError, before any work, for an image shape that Square (it needs (C, H, W)) or the corruptions ((H, W)
+    or (C, H, W) with C in {1, 3}) cannot take, when the configuration runs them."""
+    if config.square and len(image_shape) != 3:
+        raise ValueError(f"Square attacks images (C, H, W); got image shape {image_shape}: pass the images' shape, "
+                         f"or run without Square (square=False, --no-square)")
+    if config.corruption_samples != 0 and not (len(image_shape) == 2 or (len(image_shape) == 3
+                                                                        and image_shape[0] in (1, 3))):
+        raise ValueError(f"corruptions need images (H, W) or (C, H, W) with C in {{1, 3}}; got image shape "
+                         f"{image_shape}: pass the images' shape, or run without corruptions (corruption_samples=0, "
+                         f"--no-corruptions)")
+
+
 def to_hwc(x: np.ndarray, image_shape: tuple) -> np.ndarray:
     """Flattened images (N, D) -> (N, H, W) grayscale or (N, H, W, C), the layout the corruptions take; image_shape
     is (H, W), (1, H, W) or channels-first (C, H, W)."""
@@ -307,6 +337,9 @@ def evaluate(models: list, x_test: np.ndarray, y_test: np.ndarray, image_shape: 
     refused before any work unless ``overwrite`` (``check_report_owner``)."""
     from tqdm import tqdm
 
+    if np.ndim(x_test) > 2 and tuple(np.shape(x_test)[1:]) != tuple(image_shape):  # e.g. (N, H, W, C) images
+        raise ValueError(f"test images have shape {tuple(np.shape(x_test)[1:])} per sample but image_shape is "
+                         f"{tuple(image_shape)}: pass them in that layout (channels first), or flattened (N, D)")
     x_test = np.ascontiguousarray(x_test, dtype=np.float32).reshape(len(x_test), -1)
     y_test = np.asarray(y_test, dtype=np.int64)
     if len(x_test) != len(y_test):
@@ -321,7 +354,13 @@ def evaluate(models: list, x_test: np.ndarray, y_test: np.ndarray, image_shape: 
             raise ValueError(f"{model.name} takes {model.input_size} inputs but the test images have {x_test.shape[1]}")
         if int(np.prod(image_shape)) != x_test.shape[1]:
             raise ValueError(f"image shape {tuple(image_shape)} does not hold {x_test.shape[1]} pixels")
-        model.image_shape = tuple(image_shape)
+        model.set_image_shape(image_shape, model.input_size)  # a conv model's own (C, H, W) or flattened
+        if config.autoattack and model.num_classes is not None and model.num_classes < 4:
+            raise ValueError(f"{model.name} has {model.num_classes} classes: AutoAttack's targeted attacks (APGD-T's "
+                             f"DLR loss, FAB-T) need at least 4; run without AutoAttack (autoattack=False, "
+                             f"--no-autoattack)")
+        model.configure(config)
+    check_image_shape(tuple(image_shape), config)
     if x_test.size and (x_test.min() < 0 or x_test.max() > 1 or not np.isfinite(x_test).all()):
         raise ValueError("test images must be finite and lie in [0, 1]")
     out_dir = Path(out_dir)

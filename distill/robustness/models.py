@@ -24,6 +24,11 @@ kernels, attacked through the Torch twin) or a ``LayeredNetwork`` (e.g. convolut
 ``ebm_sim.model.dynamics`` on the Numba interaction backend, attacked through ``ebm_sim.model.classifier``'s
 ``LayeredEBMClassifier`` and ``LayeredImplicitEBM``).
 - ``relaxation_stats(x)`` (EBMs): residuals, convergence and steps of the deployed relaxation, for the audit.
+- ``configure(config)``: the evaluation's options that change a model's sources (``evaluate`` calls it first). For a
+  layered EBM: ``config.as_published`` adds the side source ``"bptt-truncated"`` (``LayeredEBMClassifier`` with
+  ``attack_steps=K``: the published truncated attack; reported beside the worst case, not in it: ``SIDE_SOURCES``),
+  and ``config.checkpoint_steps`` sets the BPTT sources' checkpointing. ``source_options(source)``: what besides its
+  name identifies a source's attacks (e.g. {"attack_steps": 29}), recorded in the keys of its results.
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from ebm_sim import storage
 from ebm_sim.deployment import Deployment
 from ebm_sim.model.network import LayeredNetwork
 
-from .config import EBM_GRADIENTS
+from .config import AS_PUBLISHED_SOURCE, EBM_GRADIENTS, SIDE_SOURCES
 
 
 def _batches(n: int, size: int):
@@ -46,11 +51,13 @@ def _batches(n: int, size: int):
 
 class ModelUnderTest:
     """Common part: name, kind ("ebm", "distilled", "standard", "pgd-at"), the file and its content hash, the
-    input size, and ``image_shape`` (the per-sample shape attacks see, e.g. (1, 28, 28))."""
+    input size, ``image_shape`` (the per-sample shape attacks see, e.g. (1, 28, 28)) and ``native_shape`` (the image
+    shape a convolutional model needs, None for a model that takes any shape with its input size)."""
 
     kind: str
     sources: dict
     black_box: torch.nn.Module
+    native_shape: tuple | None = None
 
     def __init__(self, name: str, path, content_hash: str):
         self.name = name
@@ -58,13 +65,36 @@ class ModelUnderTest:
         self.content_hash = content_hash
         self.parameters_hash = content_hash  # subclasses: a hash of the parameters alone
 
-    def _set_image_shape(self, image_shape, input_size: int) -> None:
-        shape = (input_size,) if image_shape is None else tuple(int(n) for n in image_shape)
+    def set_image_shape(self, image_shape, input_size: int) -> None:
+        """image_shape (None: ``native_shape``, else (input_size,)) with input_size pixels, and for a model with a
+        ``native_shape`` that shape or the flattened (input_size,); ValueError otherwise."""
+        default = self.native_shape or (input_size,)
+        shape = default if image_shape is None else tuple(int(n) for n in image_shape)
         if int(np.prod(shape)) != input_size:
             raise ValueError(f"{self.name}: image shape {shape} has {int(np.prod(shape))} pixels but the model takes "
                              f"{input_size} inputs")
+        if self.native_shape is not None and shape not in (tuple(self.native_shape), (input_size,)):
+            raise ValueError(f"{self.name}: the model takes images {tuple(self.native_shape)} (or flattened, "
+                             f"({input_size},)), got image shape {shape}")
         self.image_shape = shape
         self.input_size = input_size
+
+    @property
+    def num_classes(self) -> int | None:
+        """The number of classes (None where unknown: a user's module without a ``num_classes``)."""
+        return getattr(self, "_num_classes", None)
+
+    def configure(self, config) -> None:
+        """Apply an evaluation's ``RobustnessConfig`` to the sources (nothing to do but for an EBM)."""
+
+    def source_options(self, source: str) -> dict:
+        """What besides its name identifies the attacks of ``source`` ({} unless a side source's settings)."""
+        return {}
+
+    def side_sources(self) -> dict:
+        """{source: {"label", "paired_with", "paired_label", ...}} of the side sources (``config.SIDE_SOURCES``:
+        reported beside the worst case, not in it); none but for a configured EBM."""
+        return {}
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -88,9 +118,10 @@ class ModuleUnderTest(ModelUnderTest):
         self.kind = kind
         self.parameters_hash = state_hash(module)
         self.content_hash = content_hash or self.parameters_hash
-        self._set_image_shape(image_shape, int(input_size))
+        self.set_image_shape(image_shape, int(input_size))
         self.sources = {"backprop": self.model}
         self.black_box = self.model
+        self._num_classes = getattr(module, "num_classes", None)
         self.batch_size = batch_size
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -112,13 +143,16 @@ def state_hash(module: torch.nn.Module) -> str:
 
 
 class FeedForwardUnderTest(ModuleUnderTest):
-    """A distilled student or a baseline (``distill.models.FeedForward``) from its file: deployed and attacked as
-    itself."""
+    """A distilled student or a baseline from its file (``ebm-feedforward`` version 1: a dense
+    ``distill.models.FeedForward``; version 2: a convolutional ``LayeredFeedForward``, whose images are
+    (C, H, W): its ``native_shape``): deployed and attacked as itself."""
 
     def __init__(self, name: str, path, image_shape: tuple | None = None, batch_size: int = 4096):
         from distill.io import load_model
         model = load_model(path)
-        super().__init__(name, model, model.layer_sizes[0], image_shape, model.provenance.kind,
+        shape = tuple(int(n) for n in model.input_shape)
+        self.native_shape = shape if len(shape) > 1 else None
+        super().__init__(name, model, int(np.prod(shape)), image_shape, model.provenance.kind,
                          model.provenance.content_hash, batch_size)
         self.path = Path(path)
 
@@ -135,11 +169,13 @@ class EBMUnderTest(ModelUnderTest):
         super().__init__(name, path, info["content_hash"])
         self.network = storage.load_network(path)
         self.layered = isinstance(self.network, LayeredNetwork)
+        self._num_classes = self.network.num_classes if self.layered else self.network.layer_sizes[-1]
         self.parameters_hash = self.network.content_hash()  # architecture and parameters (not the history)
         if self.layered:
-            self._set_image_shape(image_shape or self.network.input_shape, int(np.prod(self.network.input_shape)))
+            self.native_shape = tuple(self.network.input_shape)
+            self.set_image_shape(image_shape, int(np.prod(self.network.input_shape)))
         else:
-            self._set_image_shape(image_shape, self.network.layer_sizes[0])
+            self.set_image_shape(image_shape, self.network.layer_sizes[0])
         self.deployment = deployment or Deployment.of_network_file(path, info)
         gradients = tuple(gradients) if gradients is not None else (
             ("bptt", "implicit") + (("transfer",) if student is not None else ()))
@@ -153,11 +189,53 @@ class EBMUnderTest(ModelUnderTest):
                for g in gradients if g in modules}
         self.raw_sources = dict(raw)
         self.sources = {name: AgreeWithDeployed(module, self) for name, module in raw.items()}
+        self._source_options = {}
         self.student_path = None
         if "transfer" in gradients:  # the student's own logits: a transfer attack is judged on the EBM afterwards
             self.sources["transfer"] = self.raw_sources["transfer"] = self._load_student(student)
         self.batch_size = batch_size
         self.black_box = DeployedLogits(self)
+
+    def configure(self, config) -> None:
+        """The evaluation's EBM options (``RobustnessConfig``): with ``as_published`` the side source
+        "bptt-truncated" (``LayeredEBMClassifier(attack_steps=config.as_published_steps)``; layered networks only,
+        ValueError for a dense one), without it none; each layered BPTT source's ``checkpoint_steps`` from
+        ``config.checkpoint_for`` of the steps it differentiates through. Configuring again replaces both."""
+        for table in (self.sources, self.raw_sources):
+            table.pop(AS_PUBLISHED_SOURCE, None)
+        self._source_options = {}
+        if config.as_published:
+            if not self.layered:
+                raise ValueError(f"{self.name}: the 'as published' truncated attack (as_published) exists for layered "
+                                 f"(convolutional) EBMs; {self.path} holds a dense network, whose BPTT (the Torch "
+                                 f"twin) is never truncated")
+            steps = int(config.as_published_steps)
+            module = attack_modules(self.network)["bptt"](self.network, logits="update", deployment=self.deployment,
+                                                          attack_steps=steps).eval()
+            self.raw_sources[AS_PUBLISHED_SOURCE] = module
+            self.sources[AS_PUBLISHED_SOURCE] = AgreeWithDeployed(module, self)
+            self._source_options[AS_PUBLISHED_SOURCE] = {"attack_steps": steps}
+        for module in self.raw_sources.values():
+            if hasattr(module, "checkpoint_steps") and hasattr(module, "attack_steps"):  # a LayeredEBMClassifier
+                steps = min(module.attack_steps or self.deployment.max_steps, self.deployment.max_steps)
+                module.checkpoint_steps = config.checkpoint_for(steps)
+
+    def source_options(self, source: str) -> dict:
+        return dict(self._source_options.get(source, {}))
+
+    def side_sources(self) -> dict:
+        """{source: {"label", "attack_steps", "deployed_steps", "paired_with", "paired_label"}} of the side sources
+        (reported beside the worst case, not in it)."""
+        found = {}
+        for source in sorted(set(self.sources) & set(SIDE_SOURCES)):
+            steps = self._source_options[source]["attack_steps"]
+            label = SIDE_SOURCES[source].label.format(steps=steps)
+            if steps >= self.deployment.max_steps:
+                label += f" = full BPTT (the deployment has {self.deployment.max_steps} steps)"
+            found[source] = {"label": label, "attack_steps": steps, "deployed_steps": self.deployment.max_steps,
+                             "paired_with": SIDE_SOURCES[source].paired_with,
+                             "paired_label": SIDE_SOURCES[source].paired_label}
+        return found
 
     def _load_student(self, student) -> torch.nn.Module:
         from distill.io import load_model
@@ -195,8 +273,11 @@ class EBMUnderTest(ModelUnderTest):
         return {key: np.concatenate([getattr(r, key) for r in results]) for key in ("residual", "converged", "steps")}
 
     def describe(self) -> dict:
+        checkpointed = {name: module.checkpoint_steps for name, module in sorted(self.raw_sources.items())
+                        if getattr(module, "checkpoint_steps", None)}
         return {**super().describe(), "deployment": self.deployment.as_dict(),
-                "student": None if self.student_path is None else str(self.student_path)}
+                "student": None if self.student_path is None else str(self.student_path),
+                "side_sources": self.side_sources(), "checkpoint_steps": checkpointed}
 
 
 @dataclass

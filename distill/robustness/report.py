@@ -21,10 +21,21 @@ results.json (format "ebm-robustness-results", version 1):
       "relaxation" (EBMs): {"clean" | "adversarial": {converged_fraction, median_residual, max_residual, mean_steps}},
       "corruptions": {accuracy (mean over corruptions and severities), n, per_corruption:
                       {name: {mean, severities: {s: accuracy}}}},
+      "side_sources" (an EBM with a side source, e.g. "bptt-truncated" with ``as_published``): {source: {label,
+                  attack_steps, deployed_steps, paired_with (the source it is compared with, "bptt"), paired_label,
+                  attacks: {column: {accuracy, ci95, n, budget}} of the side source alone, paired: {column: the same
+                  of the paired source alone}, sweeps: {"linf" | "l2": [{eps, accuracy, paired}]} (PGD alone)}},
       "audit": {passed, checks: [{name, passed, detail}], failed, verdict},
       "seconds": compute time of this model's parts}},
    "table": the rows of table.md}
 Accuracies are shares in [0, 1]; ci95 is the 95 % Wilson interval.
+
+Side sources (``config.SIDE_SOURCES``) are kept out of every worst case above ("attacks", "sweeps", "min_norm",
+"comparisons"): the headline is the protocol's (BPTT through every step, implicit differentiation, transfer), the
+same whether or not the side source ran, and the side source is reported in its own rows ("side_sources", and in
+table.md "<model>: full BPTT alone" and "<model>: as published (first K unrolled steps)"). The audit fails a model
+whose side source is stronger than the worst case (audit.check_side_sources): the headline would then miss
+adversarial examples that the truncated gradient finds.
 """
 from __future__ import annotations
 
@@ -36,6 +47,7 @@ import numpy as np
 from ebm_sim.storage import save_figure
 
 from .audit import ATTACK_COLUMNS, COLUMN_LABELS, COLUMNS, run_audit
+from .config import SIDE_SOURCES
 from .stats import accuracy
 from .store import flags_of, unbits, values_of
 
@@ -44,11 +56,14 @@ FORMAT_VERSION = 1
 NORM_GROUPS = {"linf": ("pgd-linf", "min-norm-linf", "autoattack"), "l2": ("pgd-l2", "min-norm-l2", "autoattack-l2")}
 
 
-def _tasks_of(parts: dict, model: str, group: str, eps: float | None = None) -> dict:
+def _tasks_of(parts: dict, model: str, group: str, eps: float | None = None, sources=None) -> dict:
     """{source: (task, [(chunk, record), ...])} of a model's tasks in ``group`` (at ``eps``; a minimum-norm attack
-    has no eps and serves every one)."""
+    has no eps and serves every one) from ``sources`` (None: those of the worst case, every source but the side
+    sources)."""
     found = {}
     for (name, task), items in parts.items():
+        if sources is None and task.source in SIDE_SOURCES or sources is not None and task.source not in sources:
+            continue
         if name == model and task.group == group and (eps is None or task.spec.minimum_norm
                                                        or math.isclose(task.spec.eps, eps)):
             found[task.source] = (task, items)
@@ -67,12 +82,12 @@ def _flags(task, items, indices, eps: float) -> np.ndarray:
     return flags_of(items, "robust", indices)
 
 
-def _robust_result(parts, model, groups, eps, indices) -> dict | None:
-    """Worst case per example over the attack ``groups`` and the sources at ``eps`` on ``indices``, with each
-    source's (worst over the groups) and each group's (worst over the sources) accuracy."""
+def _robust_result(parts, model, groups, eps, indices, sources=None) -> dict | None:
+    """Worst case per example over the attack ``groups`` and the sources (``_tasks_of``) at ``eps`` on ``indices``,
+    with each source's (worst over the groups) and each group's (worst over the sources) accuracy."""
     worst, per_source, per_attack, budgets = np.ones(len(indices), dtype=bool), {}, {}, {}
     for group in groups:
-        tasks = _tasks_of(parts, model, group, eps)
+        tasks = _tasks_of(parts, model, group, eps, sources)
         group_worst = np.ones(len(indices), dtype=bool)
         for source, (task, items) in sorted(tasks.items()):
             flags = _flags(task, items, indices, eps)
@@ -179,7 +194,7 @@ def assemble_model(model, parts: dict, clean: dict, draw: dict, y_test: np.ndarr
         column.pop("_flags")
 
     gradients = {}
-    for source, (task, items) in _tasks_of(parts, name, "gradients").items():
+    for source, (task, items) in _tasks_of(parts, name, "gradients", sources=model.sources).items():
         nan, zero = flags_of(items, "nan", audit_set), flags_of(items, "zero", audit_set)
         matches = flags_of(items, "matches_deployed", audit_set)
         l1 = np.concatenate([r["l1"] for _, r in items])
@@ -188,8 +203,8 @@ def assemble_model(model, parts: dict, clean: dict, draw: dict, y_test: np.ndarr
         adjoint = [r["adjoint_converged"] for _, r in items if "adjoint_converged" in r]
         if adjoint:
             gradients[source]["adjoint_converged"] = float(np.mean(adjoint))
-        records = [r for _, r in _tasks_of(parts, name, "pgd-linf", config.eps_linf).get(source, (None, []))[1]
-                   if "matches_deployed_adversarial" in r]
+        records = [r for _, r in _tasks_of(parts, name, "pgd-linf", config.eps_linf, model.sources).get(
+            source, (None, []))[1] if "matches_deployed_adversarial" in r]
         if records:
             used = np.concatenate([unbits(r["matches_deployed_adversarial"]) for r in records])
             raw = np.concatenate([unbits(r["raw_matches_deployed_adversarial"]) for r in records])
@@ -218,10 +233,40 @@ def assemble_model(model, parts: dict, clean: dict, draw: dict, y_test: np.ndarr
                  for c, sev in per_corruption.items()}
         all_values = [v for sev in per_corruption.values() for v in sev.values()]
         result["corruptions"] = {"accuracy": float(np.mean(all_values)), "n": n_corrupted, "per_corruption": table}
+    sides = side_results(model, parts, samples, config)
+    if sides:
+        result["side_sources"] = sides
     result["seconds"] = float(clean.get("seconds", 0.0) + sum(
         r.get("seconds", 0.0) for (m, _), items in parts.items() if m == name for _, r in items))
     result["audit"] = run_audit(result, config)
     return result
+
+
+def side_results(model, parts: dict, samples, config) -> dict:
+    """The "side_sources" entry of a model (see the module docstring; {} without side sources): per side source its
+    accuracy alone in each white-box column and along the PGD sweeps, beside the paired source's, same examples and
+    same random draws."""
+    found = {}
+    for source, info in model.side_sources().items():
+        paired = info["paired_with"]
+        entry = {**info, "attacks": {}, "paired": {}, "sweeps": {}}
+        for column, (_, norm, groups) in COLUMNS.items():
+            eps = config.eps_l2 if norm == "l2" else config.eps_linf
+            for key, which in (("attacks", source), ("paired", paired)):
+                value = _robust_result(parts, model.name, groups, eps, samples, sources=(which,))
+                if value is not None:
+                    entry[key][column] = {k: value[k] for k in ("accuracy", "ci95", "n", "budget")}
+        for norm, values in (("linf", config.sweep_linf), ("l2", config.sweep_l2)):
+            curve = []
+            for eps in (e for e in values if e > 0):
+                own, other = (_robust_result(parts, model.name, (NORM_GROUPS[norm][0],), eps, samples, sources=(s,))
+                              for s in (source, paired))
+                if own is not None:
+                    curve.append({"eps": float(eps), "accuracy": own["accuracy"],
+                                  "paired": None if other is None else other["accuracy"]})
+            entry["sweeps"][norm] = curve
+        found[source] = entry
+    return found
 
 
 def _budget_text(budget: dict) -> str:
@@ -255,6 +300,8 @@ def table_rows(results: dict) -> list:
             row[f"min_norm_{norm}_median"] = r.get("min_norm", {}).get(norm, {}).get("median")
         row["audit_passed"] = r["audit"]["passed"]
         row["audit_failed"] = r["audit"]["failed"]
+        row["side_sources"] = {source: {"label": side["label"], **{column: side["attacks"].get(column, {}).get(
+            "accuracy") for column in ATTACK_COLUMNS}} for source, side in r.get("side_sources", {}).items()}
         rows.append(row)
     return rows
 
@@ -278,7 +325,11 @@ def markdown_table(results: dict) -> str:
     lines = [f"# Robustness on {results.get('dataset') or 'the test set'}", "",
              "Accuracy in % with its 95 % Wilson interval. Adversarial columns: the worst case per example over the "
              "model's gradient sources (EBM: BPTT through the deployed relaxation, implicit differentiation, "
-             "transfer from its distilled student), judged by the deployed prediction.", "",
+             "transfer from its distilled student), judged by the deployed prediction."
+             + (" Rows \"full BPTT alone\" and \"as published (first K unrolled steps)\": one gradient source "
+                "each, same examples and random starts; the truncated one is *not* in the worst case (the audit "
+                "fails the model if it is stronger)." if any(r.get("side_sources") for r in results["models"].values())
+                else ""), "",
              "| model | clean | " + " | ".join(COLUMN_LABELS) + " | corruption mean | median min. norm Linf / L2 "
              "| audit |",
              "|---|---|" + "---|" * len(COLUMN_LABELS) + "---|---|---|"]
@@ -292,6 +343,13 @@ def markdown_table(results: dict) -> str:
         cells.append("—" if corruption is None else f"{100 * corruption['accuracy']:.1f}")
         cells.append(" / ".join(_norm_cell(r.get("min_norm", {}).get(norm)) for norm in ("linf", "l2")))
         lines.append(f"| {name} ({r['info']['kind']}) | " + " | ".join(cells) + f" | {audit} |")
+        for source, side in r.get("side_sources", {}).items():
+            for label, columns, note in ((f"{side['paired_label']} ({side['paired_with']})", side["paired"],
+                                          "one source of the worst case"),
+                                         (f"{side['label']} ({source})", side["attacks"], "not in the worst case")):
+                if columns:
+                    cells = [_cell(r["clean"])] + [_cell(columns.get(col)) for col in ATTACK_COLUMNS] + ["—", "—"]
+                    lines.append(f"| {name}: {label} | " + " | ".join(cells) + f" | {note} |")
     lines += ["", "## Budgets", "",
               f"- examples: {results['examples']['samples']} attacked (FGSM, PGD, AutoAttack), "
               f"{results['examples']['square']} for Square, {results['examples']['audit']} for the audit's stronger "
