@@ -385,7 +385,9 @@ def cmd_robustness(args) -> int:
     options = {name: getattr(args, name) for name in (
         "eps_linf", "eps_l2", "sweep_linf", "sweep_l2", "pgd_steps", "pgd_restarts", "audit_steps", "audit_restarts",
         "audit_samples", "samples", "square_samples", "square_queries", "autoattack_iterations", "corruption_samples",
-        "corruptions", "seed", "batch_size", "min_norm_steps")}
+        "corruptions", "seed", "batch_size", "min_norm_steps", "as_published_steps", "checkpoint_steps")}
+    if args.as_published:
+        options["as_published"] = True
     if args.no_autoattack:
         options["autoattack"] = False
     if args.no_min_norm:
@@ -463,6 +465,15 @@ def _add_robustness_command(sub) -> None:
     p.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack, Linf and L2")
     p.add_argument("--no-square", action="store_true", help="skip the Square black-box attack")
     p.add_argument("--no-corruptions", action="store_true", help="skip the 15 corruptions x 5 severities")
+    p.add_argument("--as-published", action="store_true",
+                   help="also attack a convolutional EBM as the published code did: every deployed step predicts, "
+                        "the gradient is that of the first K unrolled steps (source bptt-truncated, reported beside "
+                        "full BPTT, outside the worst case)")
+    p.add_argument("--as-published-steps", type=int, default=None, metavar="K",
+                   help=f"K of --as-published (default {d.as_published_steps}, as published)")
+    p.add_argument("--checkpoint-steps", type=_checkpoint_steps, default=None, metavar="auto|none|C",
+                   help="memory of a convolutional EBM's BPTT: checkpoint pieces of C steps; auto (default) does so "
+                        "in pieces of 10 beyond 50 steps; none never")
     p.add_argument("--seed", type=int, default=None, help="draw of the examples and the attacks' randomness")
     p.add_argument("--batch-size", type=int, default=None, help=f"examples per chunk (default {d.batch_size})")
     p.add_argument("--overwrite", action="store_true",
@@ -470,6 +481,19 @@ def _add_robustness_command(sub) -> None:
                         "evaluation may share a folder without it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_robustness)
+
+
+def _checkpoint_steps(text: str):
+    """--checkpoint-steps: "auto", "none" or a positive number of steps per checkpointed piece."""
+    if text in ("auto", "none"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, none or a number of steps, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"checkpoint pieces need at least 1 step, got {value}")
+    return value
 
 
 def _add_distill_commands(sub) -> None:

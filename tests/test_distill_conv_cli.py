@@ -207,3 +207,18 @@ def test_baseline_and_export_refusals(files, fake_cifar, tmp_path, capsys):
     assert main(["export-onnx", str(files["net"]), "-o", str(onnx_path)]) == 2
     assert "not a static graph" in _error(capsys)
     assert not onnx_path.exists()
+
+
+def test_robustness_command_parses_the_published_protocol_options(capsys):
+    from ebm_cli.main import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["robustness", "net.h5", "--dataset", "digits", "--out-dir", "out", "--as-published",
+                              "--as-published-steps", "4", "--checkpoint-steps", "none"])
+    assert args.as_published and args.as_published_steps == 4 and args.checkpoint_steps == "none"
+    assert parser.parse_args(["robustness", "net.h5", "--dataset", "digits", "--out-dir", "out",
+                              "--checkpoint-steps", "12"]).checkpoint_steps == 12
+    with pytest.raises(SystemExit):
+        parser.parse_args(["robustness", "net.h5", "--dataset", "digits", "--out-dir", "out", "--checkpoint-steps",
+                           "0"])
+    assert "checkpoint pieces need at least 1 step" in capsys.readouterr().err
