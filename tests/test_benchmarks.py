@@ -99,6 +99,29 @@ def test_robustness_benchmark_quick(tmp_path):
     assert printed["models"]["EBM"]["clean"] > 0.9 and printed["cost_minutes"]["total_this_run"] > 0
 
 
+def test_cifar_benchmark_quick(tmp_path):
+    import pytest
+    data = ROOT.parent / "shared" / "data"
+    if not (data / "cifar-10-batches-py").is_dir():
+        pytest.skip("no CIFAR-10 images beside the repository (the benchmark's default --data-dir)")
+    out = tmp_path / "cifar.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cifar.py"), "--quick", "--no-progress",
+                           "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert printed == json.loads(out.read_text()) and printed["quick"] is True
+    assert set(printed["models"]) == {"EBM", "distilled", "standard", "pgd-at"}
+    for name, model in printed["models"].items():
+        for key in ("clean", "pgd_linf", "pgd_l2", "square", "corruption_mean"):
+            assert 0.0 <= model[key] <= 1.0, (name, key)
+        assert isinstance(model["audit_passed"], bool) and model["pgd_linf"] <= model["clean"]
+    assert set(printed["models"]["EBM"]["per_source"]["pgd_linf"]) == {"bptt", "implicit", "transfer"}
+    assert 0.0 <= printed["ebm_truncated_pgd_linf"] <= 1.0
+    assert printed["truncation"]["attack_steps"] < printed["truncation"]["deployed_steps"]
+    assert printed["speedup_batch1"] > 0 and "EP-CNN (published)" in printed["side_by_side"]
+    assert printed["lava_float_agreement"] is None and "max-pools" in printed["lava"]["reason"]
+
+
 def test_a_quick_run_never_writes_over_the_recorded_results(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
@@ -111,7 +134,7 @@ def test_a_quick_run_never_writes_over_the_recorded_results(tmp_path):
     assert output_path("relax", quick=True, out=tmp_path / "r.json") == tmp_path / "r.json"
     with pytest.raises(SystemExit, match="never writes over the recorded full results"):
         output_path("relax", quick=True, out=RESULTS / "relax.json")
-    for script in ("relax", "train", "distill", "hardware", "robustness", "conv"):
+    for script in ("relax", "train", "distill", "hardware", "robustness", "conv", "cifar"):
         recorded = RESULTS / f"{script}.json"
         before = recorded.read_bytes() if recorded.exists() else None
         done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", "--out",
