@@ -87,3 +87,18 @@ class FixedPointAdjoint:
         self.last_steps = steps
         self.last_converged = float(done.double().mean()) if done.numel() else 1.0
         return v
+
+
+class AdjointStatistics:
+    """How a module's last backward pass through its ``adjoint`` (a FixedPointAdjoint) ended: ``last_adjoint_steps``
+    and ``last_adjoint_converged`` (share of samples), for the implicit EBM modules, dense and layered."""
+
+    adjoint: FixedPointAdjoint
+
+    @property
+    def last_adjoint_steps(self) -> int:
+        return self.adjoint.last_steps
+
+    @property
+    def last_adjoint_converged(self) -> float:
+        return self.adjoint.last_converged

@@ -12,11 +12,11 @@ import torch
 
 from ebm_sim import torch_twin
 from ebm_sim.deployment import Deployment
-from ebm_sim.implicit import FixedPointAdjoint
+from ebm_sim.implicit import AdjointStatistics, FixedPointAdjoint
 from ebm_sim.network import Network
 
 
-class ImplicitEBM(torch.nn.Module):
+class ImplicitEBM(AdjointStatistics, torch.nn.Module):
     """forward(images in [0, 1], (B, n_0) or (B, ...)) -> logits (B, C) of the EBM at its deployed fixed point, with
     input gradients by implicit differentiation (see the module docstring).
 
@@ -47,14 +47,6 @@ class ImplicitEBM(torch.nn.Module):
                          torch.nn.ParameterList([torch.nn.Parameter(p, requires_grad=False) for p in net.readout]))
         self.slope = net.slope
         self.layer_sizes = network.layer_sizes
-
-    @property
-    def last_adjoint_steps(self) -> int:
-        return self.adjoint.last_steps
-
-    @property
-    def last_adjoint_converged(self) -> float:
-        return self.adjoint.last_converged
 
     def twin(self) -> torch_twin.TorchNetwork:
         readout = None if self._readout is None else (self._readout[0], self._readout[1])

@@ -48,7 +48,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..deployment import Deployment
-from ..implicit import FixedPointAdjoint
+from ..implicit import AdjointStatistics, FixedPointAdjoint
 from ..torch_twin import LOGITS, twin_deployment
 from .dynamics import relax_clamped
 from .energy import Parameters, local_fields, output, parameters
@@ -232,7 +232,7 @@ class LayeredEBMClassifier(_LayeredModule):
         return head_logits + (full_logits - head_logits).detach()
 
 
-class LayeredImplicitEBM(_LayeredModule):
+class LayeredImplicitEBM(AdjointStatistics, _LayeredModule):
     """A layered EBM as a classifier with input gradients by implicit differentiation at the deployed fixed point
     (:mod:`ebm_sim.implicit`): forward value the deployed relaxation's logits (as ``LayeredEBMClassifier``); the
     gradient that of the fixed point s* = F(s*, x0), F(s, x0) = clip(a h(s, x0), 0, 1) (one synchronous update of
@@ -250,14 +250,6 @@ class LayeredImplicitEBM(_LayeredModule):
         super().__init__(network, deployment, logits, device, "LayeredImplicitEBM")
         self.adjoint = adjoint
         self.last_progress = None
-
-    @property
-    def last_adjoint_steps(self) -> int:
-        return self.adjoint.last_steps
-
-    @property
-    def last_adjoint_converged(self) -> float:
-        return self.adjoint.last_converged
 
     def step(self, states: list, x0, params: Parameters) -> list:
         """F(s, x0): one synchronous update clip(a h_k, 0, 1) of every layer."""
