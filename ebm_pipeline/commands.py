@@ -11,21 +11,36 @@ from ebm_sim.commands import parse_names
 def cmd_pipeline(args) -> int:
     from . import PipelineConfig, run_pipeline
 
-    top = {"dataset": args.dataset, "data_dir": args.data_dir, "seed": args.seed, "limit_train": args.limit_train,
-           "limit_test": args.limit_test}
+    network = {"arch": args.arch} if args.arch else {"preset": args.preset} if args.preset else None
+    dataset = args.dataset
+    if dataset is None and args.preset and not args.config:  # a preset names the dataset it was made for
+        from ebm_sim.model.presets import get
+        dataset = get(args.preset).dataset
+    top = {"dataset": dataset, "data_dir": args.data_dir, "seed": args.seed, "limit_train": args.limit_train,
+           "limit_test": args.limit_test, "quick": True if args.quick else None}
     if args.config:
-        config = PipelineConfig.from_file(args.config, **top)
+        config = PipelineConfig.from_file(args.config, network=network, **top)
     else:
-        config = PipelineConfig(**{k: v for k, v in top.items() if v is not None})
-    out = Path(args.out_dir or f"runs/pipeline-{config.dataset}")
-    print(f"ebm pipeline on {config.dataset}: artifacts and report in {out}", flush=True)
+        config = PipelineConfig(**{k: v for k, v in top.items() if v is not None},
+                                sections={"network": network} if network else {})
+    out = Path(args.out_dir or f"runs/pipeline-{config.dataset}{'-conv' if config.layered else ''}")
+    print(f"ebm pipeline on {config.dataset} ({config.architecture_text()}): artifacts and report in {out}",
+          flush=True)
     results = run_pipeline(config, out, progress=not args.no_progress, log=lambda msg: print(msg, flush=True),
                            force=args.force or ())
     print(results["budget_note"])
-    for row in results["robustness"]["table"]:
+    for row in (results["robustness"] or {}).get("table", []):
         print(f"  {row['model']:<10} clean {100 * row['clean']:.1f}%  PGD-Linf "
               f"{100 * row['pgd_linf']:.1f}%  AutoAttack {100 * row['autoattack']:.1f}%  corruptions "
               f"{100 * row['corruption_mean']:.1f}%  audit {'passed' if row['audit_passed'] else 'FAILED'}")
+    for name, stage in results["stages"].items():
+        summary = stage["summary"]
+        if stage.get("incomplete"):
+            print(f"  [{name}] INCOMPLETE: {summary['incomplete']}")
+            for model, reason in summary.get("not_evaluated", {}).items():
+                print(f"    {model}: {reason}")
+        elif summary.get("skipped"):
+            print(f"  [{name}] skipped: {summary['skipped']}")
     print(f"report: {out / 'report.html'} ({results['total_seconds'] / 60:.1f} min)")
     return 0
 
@@ -44,12 +59,27 @@ def add_parsers(sub) -> None:
                    help=f"one of {', '.join(DATASET_NAMES)} (default digits, or the config file's)")
     p.add_argument("--config", metavar="FILE", default=None,
                    help="a TOML or YAML file with the dataset and any section overrides (see ebm_pipeline/config.py)")
+    from ebm_sim.model.presets import PRESETS
+
+    arch = p.add_mutually_exclusive_group()
+    arch.add_argument("--arch", metavar="SPEC", default=None,
+                      help="a convolutional (layered) EBM, e.g. '3x32x32, conv 16 k3 p1 avgpool, conv 32 k3 p1 "
+                           "avgpool, readout 10' (grammar: docs/architecture.md): the convolutional study, trained "
+                           "with the cifar10-cpu-lava recipe at the pipeline's budget (replaces the config file's "
+                           "network)")
+    arch.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                      help="a named convolutional recipe (ebm_sim.model.presets): its architecture, normalization "
+                           "and training settings, cut to the pipeline's budget; its dataset unless --dataset")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke-test budget (2 epochs per model, 20 attacked images, the CIFAR sets subsampled "
+                        "to 1,000 / 200 images): minutes, meaningless figures")
     p.add_argument("--data-dir", metavar="DIR", default=None, help="folder with the dataset files")
     p.add_argument("--seed", type=int, default=None, help="seed of every stage (default 0)")
     p.add_argument("--limit-train", type=int, default=None, metavar="N",
                    help="a seeded, class-stratified subsample of N training images (a quick look at a large dataset)")
     p.add_argument("--limit-test", type=int, default=None, metavar="N", help="the same for the test split")
-    p.add_argument("--out-dir", metavar="DIR", default=None, help="default runs/pipeline-<dataset>")
+    p.add_argument("--out-dir", metavar="DIR", default=None,
+                   help="default runs/pipeline-<dataset> (runs/pipeline-<dataset>-conv for --arch / --preset)")
     p.add_argument("--force", type=parse_names, default=None, metavar="STAGE[,STAGE...]",
                    help="run these stages again even if their artifacts are up to date")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

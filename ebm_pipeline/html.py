@@ -80,7 +80,14 @@ def robustness_section(results: dict) -> str:
     return "\n".join(parts)
 
 
+def skipped_note(what: str, reason: str) -> str:
+    """The paragraph of a stage that did not run its work here, with the reason recorded in its results."""
+    return f'<p class="bad">{esc(what)} skipped: {esc(reason)}</p>'
+
+
 def hardware_section(compare: dict) -> str:
+    if compare.get("skipped"):
+        return skipped_note("Hardware targets", compare["skipped"])
     rows = []
     for row in compare["targets"]:
         if not row["measured"] and not row.get("estimated"):
@@ -102,24 +109,37 @@ def hardware_section(compare: dict) -> str:
 def render(context: dict, images: dict) -> str:
     """The page. context: the pipeline's results (results.json); images: {name: PNG path}."""
     cfg = context["config"]
-    blocks = [f"<h1>ebm-toolkit pipeline: {esc(cfg['dataset'])}</h1>",
+    blocks = [f"<h1>ebm-toolkit pipeline: {esc(cfg['dataset'])}"
+              f"{' (convolutional EBM)' if context.get('kind') == 'conv' else ''}</h1>",
               f'<p class="note">Written {esc(context["finished"])} by ebm-toolkit {esc(context["toolkit_version"])}; '
               f'{context["total_seconds"] / 60:.1f} min in this run. {esc(context["budget_note"])}</p>']
-    stage_rows = [[name, "skipped (artifact up to date)" if s["skipped"] else "ran", f"{s['seconds']:.1f}",
-                   ", ".join(s["outputs"])] for name, s in context["stages"].items()]
+    def status(s):
+        if s["skipped"]:
+            return "skipped (artifact up to date)"
+        if s.get("incomplete"):
+            return "INCOMPLETE: " + s["summary"]["incomplete"]
+        return "ran" + (" (work skipped, see below)" if s["summary"].get("skipped") else "")
+    stage_rows = [[name, status(s), f"{s['seconds']:.1f}", ", ".join(s["outputs"])]
+                  for name, s in context["stages"].items()]
     blocks += ["<h2>Stages</h2>", table(["stage", "this run", "seconds (when it ran)", "artifacts"], stage_rows,
                                          text_columns=(0, 1, 3))]
     train = context["stages"]["train"]["summary"]
+    layers = (f"Architecture {train['architecture']} (layer shapes "
+              f"{'-'.join('x'.join(map(str, s)) for s in train['layer_shapes'])}, {train['parameters']:,} "
+              f"parameters)" if "layer_shapes" in train else f"Layers {'-'.join(map(str, train['layer_sizes']))}")
     blocks += ["<h2>EBM trained with equilibrium propagation</h2>",
-               f"<p>Layers {esc('-'.join(map(str, train['layer_sizes'])))}, {train['epochs']} epochs: test accuracy "
+               f"<p>{esc(layers)}, {train['epochs']} epochs: test accuracy "
                f"{pct(train['test_acc'])} % (deployed relaxation: {esc(json.dumps(context['deployment']))}).</p>",
                image(images["training"], "training curves")]
     dynamics = context["stages"]["dynamics"]["summary"]
     blocks += ["<h2>Relaxation dynamics</h2>", image(images["dynamics"], "energy and residual per integrator"),
-               table(["integrator", "mean steps", "converged %", "seconds"],
-                     [[m, f"{t['steps_mean']:.1f}", pct(t["converged"]), f"{t['seconds']:.3f}"]
+               table(["integrator", "mean steps", "converged %", "seconds", "trajectory"],
+                     [[m, f"{t['steps_mean']:.1f}", pct(t["converged"]), f"{t['seconds']:.3f}",
+                       "every step" if t.get("recorded", True) else "start and end only"]
                       for m, t in dynamics["integrators"].items()]),
-               f'<p class="note">{dynamics["samples"]} test images, tolerance {dynamics["tol"]:g}.</p>']
+               f'<p class="note">{dynamics["samples"]} test images, tolerance {dynamics["tol"]:g}'
+               + (f' (the EBM is deployed with a fixed count of {context["deployment"]["max_steps"]} steps, '
+                  f'tol 0)' if dynamics.get("deployed_tol") == 0 else "") + '.</p>']
     d = context["stages"]["distill"]["summary"]
     test = d.get("test", {})
     blocks += ["<h2>Distillation</h2>", table(
@@ -132,17 +152,27 @@ def render(context: dict, images: dict) -> str:
             for name in ("standard", "pgd_at")]
     blocks += ["<h3>Baselines (same architecture)</h3>",
                table(["baseline", "test accuracy %", "under the training PGD %"], base)]
-    blocks += ["<h2>Robustness</h2>", robustness_section(context["robustness"]),
-               image(images["sweeps"], "accuracy against eps"),
-               image(images["corruptions"], "corruption accuracy heatmap") if "corruptions" in images else ""]
+    refused = context["stages"]["robustness"]["summary"].get("not_evaluated", {})
+    blocks += ["<h2>Robustness</h2>"]
+    blocks += [f'<p class="bad">Not evaluated: {esc(name)}: {esc(reason)}</p>' for name, reason in refused.items()]
+    if context["robustness"] is not None:
+        blocks += [robustness_section(context["robustness"]), image(images["sweeps"], "accuracy against eps"),
+                   image(images["corruptions"], "corruption accuracy heatmap") if "corruptions" in images else ""]
     lava = context["stages"]["lava"]["summary"]
-    blocks += ["<h2>Lava (neuromorphic mapping)</h2>", table(
-        ["Lava model", "samples", "accuracy %", "agreement with Numba %", "ms per step", "mean steps"],
-        [[kind, r["samples"], pct(r["accuracy"]), pct(r.get("numba", {}).get("agreement")), f"{r['ms_per_step']:.3f}",
-          f"{r['steps_mean']:.1f}"] for kind, r in lava["runs"].items()]),
-        f'<p class="note">{esc(lava["estimate"]["summary"])}</p>' if lava.get("estimate") else ""]
+    blocks += ["<h2>Lava (neuromorphic mapping)</h2>"]
+    if lava.get("skipped"):
+        blocks += [skipped_note("The Lava mapping", lava["skipped"])]
+    else:
+        blocks += [table(
+            ["Lava model", "samples", "accuracy %", "agreement with the simulator's relaxation %", "ms per step",
+             "mean steps"],
+            [[kind, r["samples"], pct(r["accuracy"]), pct(r.get("numba", {}).get("agreement")),
+              f"{r['ms_per_step']:.3f}", f"{r['steps_mean']:.1f}"] for kind, r in lava["runs"].items()]),
+            f'<p class="note">{esc(lava["estimate"]["summary"])}</p>' if lava.get("estimate") else "",
+            f'<p class="note">{esc(lava["export"])}</p>' if lava.get("export") else ""]
     blocks += ["<h2>Latency and energy across hardware targets</h2>", hardware_section(context["hardware"]),
-               image(images["hardware"], "latency and energy per target (log scale)")]
+               image(images["hardware"], "latency and energy per target (log scale)")
+               if "hardware" in images else ""]
     blocks += ["<h2>Full configuration</h2>", f"<pre>{esc(json.dumps(cfg, indent=2, default=str))}</pre>"]
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>ebm-toolkit pipeline: "
             f"{esc(cfg['dataset'])}</title><style>{STYLE}</style></head><body>" + "\n".join(blocks)

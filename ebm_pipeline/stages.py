@@ -5,7 +5,9 @@ fingerprint and the hashes of the artifacts it reads) and output files. When it 
 (``<out_dir>/pipeline.json``, rewritten atomically) records its key, the hash of each output (an artifact's stored
 content hash, else the file's SHA-256), its summary and its duration. On the next run a stage is skipped when its
 key is the same and every output is still there with the recorded hash; otherwise it runs again (and resumes its
-own partial work where it has any: training checkpoints, ``ebm relax``'s partial file, the robustness parts).
+own partial work where it has any: training checkpoints, ``ebm relax``'s partial file, the robustness parts). A stage
+whose summary says it is ``incomplete`` (part of its work refused, e.g. a model the robustness evaluation cannot take
+yet) is not recorded: the next run tries it again.
 """
 from __future__ import annotations
 
@@ -65,10 +67,14 @@ class Ledger:
                 return None
         return entry
 
-    def record(self, name: str, key: str, outputs, summary: dict, seconds: float) -> dict:
+    def entry(self, key: str, outputs, summary: dict, seconds: float) -> dict:
+        """What ``record`` stores for a stage: its key, its outputs' hashes, summary, duration and end time."""
         base = self.path.parent
-        entry = {"key": key, "outputs": {str(Path(p).relative_to(base)): file_hash(p) for p in outputs},
-                 "summary": summary, "seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        return {"key": key, "outputs": {str(Path(p).relative_to(base)): file_hash(p) for p in outputs},
+                "summary": summary, "seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    def record(self, name: str, key: str, outputs, summary: dict, seconds: float) -> dict:
+        entry = self.entry(key, outputs, summary, seconds)
         self.entries[name] = entry
         write_json(self.path, {"stages": self.entries})
         return entry
