@@ -116,7 +116,7 @@ def _architecture_of(layers, activation: str) -> tuple:
     (itself: its layers, interactions, normalization, readout and activation), a dense ``Network`` (its layer sizes,
     activation and readout) or dense layer sizes (with ``activation``, no readout). A network gives its architecture
     only, never its weights."""
-    from ebm_sim.batch_relax import is_layered
+    from ebm_sim.model.network import is_layered
 
     if is_layered(layers):
         return layers, "hard_sigmoid", False

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .model.network import is_layered
 from .outputs import atomic_path, check_output, exclusive, require_space
 
 PARTIAL_SUFFIX = ".partial.npz"
@@ -93,12 +94,6 @@ def _check_stored(path: Path) -> None:
 UNTRAINED_RELAX = {"method": "fixed_point", "tol": 1e-4, "max_steps": 1000, "dt": None}
 
 
-def is_layered(network) -> bool:
-    """A LayeredNetwork (layers and interactions, e.g. convolutional) rather than a dense Network."""
-    from .model.network import LayeredNetwork
-    return isinstance(network, LayeredNetwork)
-
-
 def sample_shape(network) -> tuple:
     """The shape of one input: (n_0,) for a dense network, its input layer's (C, H, W) or (n,) for a layered one."""
     return tuple(network.input_shape) if is_layered(network) else (network.layer_sizes[0],)
@@ -137,14 +132,6 @@ def relax_batch(network, x, method: str, tol: float, max_steps: int, dt) -> Batc
     diverged = ~np.isfinite(residual) | ~np.all([np.isfinite(s.reshape(len(s), -1)).all(axis=1) for s in r.states],
                                                 axis=0)
     return BatchRelaxation(r.states, residual, np.asarray(r.steps), np.asarray(r.converged), diverged)
-
-
-def predictions(network, states) -> np.ndarray:
-    """argmax of the readout's logits, or of s_L."""
-    if is_layered(network):
-        from .model.energy import output
-        return np.argmax(output(network, states), axis=1)
-    return np.argmax(network.logits(states), axis=1)
 
 
 def relax_to_file(network, x, labels, out, *, method: str = "fixed_point", tol: float = 1e-4,
@@ -204,6 +191,7 @@ def _relax_batches(network, run_net, x, labels, out: Path, settings: dict, key: 
     """The work of ``relax_to_file`` once its inputs are checked: batches, partial saves, the final file."""
     from . import storage
     from .relax import divergence_remedy
+    from .training import predictions
 
     method, tol, max_steps, dt = (settings[k] for k in ("method", "tol", "max_steps", "dt"))
     batch_size, source_hash = settings["batch_size"], network.content_hash()

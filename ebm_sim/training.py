@@ -31,6 +31,7 @@ import numpy as np
 
 from . import energy
 from .deployment import Deployment
+from .model.network import is_layered
 from .network import Network
 from .ep import EPStep, ep_estimate, estimator_nudging
 from .optimizers import SGD, Adam
@@ -133,12 +134,6 @@ class TrainConfig:
 # ------------------------------------------------------------------------------------------------ costs
 def one_hot(labels, num_classes: int, dtype) -> np.ndarray:
     return np.eye(num_classes, dtype=dtype)[labels]
-
-
-def is_layered(network) -> bool:
-    """A network of layers and interactions (:mod:`ebm_sim.model`), e.g. convolutional, rather than a dense Network."""
-    from .model.network import LayeredNetwork
-    return isinstance(network, LayeredNetwork)
 
 
 def batch_loss(network: Network, states, target) -> np.ndarray:

@@ -256,6 +256,11 @@ class LayeredNetwork:
                    description.get("normalization"))
 
 
+def is_layered(network) -> bool:
+    """A network of layers and interactions (this module), e.g. convolutional, rather than a dense Network."""
+    return isinstance(network, LayeredNetwork)
+
+
 def _registered(registry: dict, kind, what: str):
     """``registry[kind]``, or ValueError naming the unknown kind and the known ones."""
     if kind not in registry:
