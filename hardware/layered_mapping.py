@@ -34,7 +34,7 @@ from ebm_sim.model.network import LayeredNetwork
 
 from .conv_ops import conv_output_size, fold_avg_pool
 from .layered_program import LayeredProgram, link_matrix
-from .mapping import (DEPLOYED, MAX_SYNAPSES, MAX_UNITS, MAX_WEIGHT_ERROR, MAX_ZEROED, _check_relaxation,
+from .mapping import (DEPLOYED, MAX_WEIGHT_ERROR, MAX_ZEROED, _check_relaxation, check_chip_capacity,
                       _largest_frac_bits, check_fixed_options, choose_frac_bits, field_extra_bits, quantize_all,
                       slope_shift)
 from .program import DT_BITS, PAYLOAD_BITS
@@ -73,14 +73,9 @@ def check_layered_mappable(network: LayeredNetwork) -> None:
         raise ValueError(f"the {network.cost.kind!r} cost has no Lava mapping (mappable: {', '.join(MAPPABLE_COSTS)})")
     slope_shift(network)
     shapes = network.layer_shapes
-    units = sum(int(np.prod(s)) for s in shapes[1:])
-    synapses = sum(_link_synapses(link, shapes) * (2 if link["pre"] >= 1 else 1) for link, _ in _links(network))
-    if units > MAX_UNITS:
-        raise ValueError(f"{network!r} has {units:,} neurons, over the {MAX_UNITS:,} of one Loihi 2 chip (the limit "
-                         f"of this mapping)")
-    if synapses > MAX_SYNAPSES:
-        raise ValueError(f"{network!r} needs {synapses:,} synapses (forward and feedback), over the "
-                         f"{MAX_SYNAPSES:,} of one Loihi 2 chip (the limit of this mapping)")
+    check_chip_capacity(repr(network), sum(int(np.prod(s)) for s in shapes[1:]),
+                        sum(_link_synapses(link, shapes) * (2 if link["pre"] >= 1 else 1)
+                            for link, _ in _links(network)), "forward and feedback")
 
 
 def _link_synapses(link: dict, shapes: tuple) -> int:

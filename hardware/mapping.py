@@ -23,6 +23,7 @@ import math
 import numpy as np
 
 from ebm_sim.deployment import Deployment
+from ebm_sim.model.network import is_layered
 from ebm_sim.network import Network
 
 from .program import (ACCUMULATOR_BITS, DT_BITS, PAYLOAD_BITS, WEIGHT_EXP_RANGE, WEIGHT_MANTISSA_RANGE, LavaProgram)
@@ -70,7 +71,7 @@ def slope_shift(network: Network) -> int:
 def check_mappable(network: Network) -> None:
     """Refuse a network the Lava graph cannot carry: a readout outside the dynamics, or over one chip's capacity
     (a ``LayeredNetwork``: :func:`hardware.layered_mapping.check_layered_mappable`)."""
-    if _is_layered(network):
+    if is_layered(network):
         from .layered_mapping import check_layered_mappable
         return check_layered_mappable(network)
     if not isinstance(network, Network):
@@ -80,19 +81,20 @@ def check_mappable(network: Network) -> None:
                          "dynamics; the Lava mapping carries MSE-trained networks whose output layer relaxes")
     slope_shift(network)
     sizes = network.layer_sizes
-    units = sum(sizes[1:])
-    synapses = sum(a * b for a, b in zip(sizes[:-1], sizes[1:])) + sum(a * b for a, b in zip(sizes[1:-1], sizes[2:]))
+    check_chip_capacity('-'.join(map(str, sizes)), sum(sizes[1:]),
+                        sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+                        + sum(a * b for a, b in zip(sizes[1:-1], sizes[2:])), "W_k and W_k^T")
+
+
+def check_chip_capacity(name: str, units: int, synapses: int, synapse_note: str) -> None:
+    """ValueError when a network (``name``) needs more neurons or synapses (counted as ``synapse_note`` says) than
+    one Loihi 2 chip has: the limit of this mapping."""
     if units > MAX_UNITS:
-        raise ValueError(f"{'-'.join(map(str, sizes))} has {units:,} neurons, over the {MAX_UNITS:,} of one Loihi 2 "
-                         f"chip (the limit of this mapping)")
+        raise ValueError(f"{name} has {units:,} neurons, over the {MAX_UNITS:,} of one Loihi 2 chip (the limit of "
+                         f"this mapping)")
     if synapses > MAX_SYNAPSES:
-        raise ValueError(f"{'-'.join(map(str, sizes))} needs {synapses:,} synapses (W_k and W_k^T), over the "
-                         f"{MAX_SYNAPSES:,} of one Loihi 2 chip (the limit of this mapping)")
-
-
-def _is_layered(network) -> bool:
-    from ebm_sim.model.network import LayeredNetwork
-    return isinstance(network, LayeredNetwork)
+        raise ValueError(f"{name} needs {synapses:,} synapses ({synapse_note}), over the {MAX_SYNAPSES:,} of one "
+                         f"Loihi 2 chip (the limit of this mapping)")
 
 
 def _check_relaxation(dt: float, steps: int, tol: float) -> None:
@@ -279,7 +281,7 @@ def to_program(network: Network, kind: str = "float", deployment: Deployment | N
     and tol (``relaxation_with``) apply where options do not give them."""
     if deployment is not None:
         options = {**options, **relaxation_with(deployment, options)}
-    if _is_layered(network):
+    if is_layered(network):
         from .layered_mapping import to_layered_program
         return to_layered_program(network, kind, **options)
     if kind == "float":

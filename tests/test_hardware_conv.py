@@ -85,11 +85,10 @@ def test_bad_options_and_networks_over_one_chip_are_refused(monkeypatch):
         mapping.to_program(net, "fixed", steps=3, forward_process="dense")
     with pytest.raises(ValueError, match="kind must be 'float' or 'fixed'"):
         mapping.to_program(net, "half", steps=3)
-    from hardware import layered_mapping
-    monkeypatch.setattr(layered_mapping, "MAX_SYNAPSES", 1000)
+    monkeypatch.setattr(mapping, "MAX_SYNAPSES", 1000)  # the one chip limit, shared with the dense mapping
     with pytest.raises(ValueError, match="synapses .*over the 1,000 of one Loihi 2 chip"):
         mapping.to_program(net, "float", steps=3)
-    monkeypatch.setattr(layered_mapping, "MAX_UNITS", 50)
+    monkeypatch.setattr(mapping, "MAX_UNITS", 50)
     with pytest.raises(ValueError, match="74 neurons, over the 50"):
         mapping.check_mappable(net)
 
