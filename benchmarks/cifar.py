@@ -45,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 
 from _common import output_path, write_results  # noqa: E402
-from robustness import cost_by_attack, finished, summary, train_student  # noqa: E402  (benchmarks/robustness.py)
+from robustness import cost_minutes, finished, summary, train_student  # noqa: E402  (benchmarks/robustness.py)
 from distill.robustness.published import PUBLISHED_CIFAR10, side_by_side  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
@@ -126,8 +126,8 @@ def prepare_models(settings: dict, data, network_path: Path, models_dir: Path, p
              "standard": models_dir / "standard-cifar10.h5", "pgd-at": models_dir / "pgd-at-cifar10.h5"}
     if not finished(paths["distilled"]):
         start = time.perf_counter()
-        train_student(network_path, network, _Data(x_train, y_train), paths["distilled"], settings["distill_epochs"],
-                      progress, x_train=x_train)
+        train_student(network_path, network, x_train, y_train, "cifar10", paths["distilled"],
+                      settings["distill_epochs"], progress)
         timings["distilled"] = time.perf_counter() - start
     for kind in ("standard", "pgd-at"):
         if finished(paths[kind]):
@@ -139,15 +139,6 @@ def prepare_models(settings: dict, data, network_path: Path, models_dir: Path, p
                        dataset="cifar10")
         timings[kind] = time.perf_counter() - start
     return paths, timings
-
-
-class _Data:
-    """The two fields of a Dataset that ``train_student`` reads."""
-
-    name = "cifar10"
-
-    def __init__(self, x, y):
-        self.x_train, self.y_train = x, y
 
 
 def truncation_steps(deployed_steps: int) -> int:
@@ -354,12 +345,7 @@ def main(argv=None):
            "side_by_side": side_by_side({name: row for name, row in per_model.items()}, TOOLKIT_PROTOCOL),
            "config": results["config"], "examples": results["examples"], "cost_estimate": estimate,
            "report_dir": str(eval_dir), "torch_threads": args.threads,
-           "cost_minutes": {"training": sum(training_seconds.values()) / 60,
-                            "evaluation_this_run": (time.perf_counter() - evaluation_start) / 60,
-                            "evaluation_compute": sum(m["seconds"] for m in results["models"].values()) / 60,
-                            "total_this_run": (time.perf_counter() - start) / 60,
-                            "training_per_model": {k: v / 60 for k, v in training_seconds.items()},
-                            "per_attack": cost_by_attack(eval_dir)}}
+           "cost_minutes": cost_minutes(training_seconds, results, eval_dir, start, evaluation_start)}
     out["lava_float_agreement"] = out["lava"]["agreement"]
     write_results(out, out_path)
     if scratch:

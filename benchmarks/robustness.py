@@ -62,9 +62,10 @@ def finished(path: Path) -> bool:
     return path.exists() and load_feedforward(path).checkpoint is None
 
 
-def train_student(network_path: Path, network, data, path: Path, epochs: int, progress: bool, x_train=None) -> None:
-    """Relax the training set (``x_train``: data.x_train in the network's input shape; default the flat rows) at the
-    deployed settings, distill (resuming an interrupted run)."""
+def train_student(network_path: Path, network, x_train, y_train, dataset: str, path: Path, epochs: int,
+                  progress: bool) -> None:
+    """Relax the training set (x_train in the network's input shape: flat rows, or images for a layered network) at
+    the deployed settings, distill (resuming an interrupted run)."""
     from distill.config import DistillConfig
     from distill.io import stored_content_hash
     from ebm_sim.deployment import Deployment
@@ -73,11 +74,11 @@ def train_student(network_path: Path, network, data, path: Path, epochs: int, pr
     d = Deployment.of_network_file(network_path)
     with tempfile.TemporaryDirectory() as tmp:
         fp_path = Path(tmp) / "train_fixed_points.h5"
-        relax_to_file(network, data.x_train if x_train is None else x_train, data.y_train, fp_path, batch_size=2048,
-                      progress=progress, log=log, **d.relax_options())
+        relax_to_file(network, x_train, y_train, fp_path, batch_size=2048, progress=progress, log=log,
+                      **d.relax_options())
         distill(network, storage.load_fixed_points(fp_path, network), DistillConfig(epochs=epochs),
                 checkpoint_path=path, resume=path.exists(), fixed_points_hash=stored_content_hash(fp_path),
-                dataset=data.name, progress=progress, log=log)
+                dataset=dataset, progress=progress, log=log)
 
 
 def prepare_models(settings: dict, models_dir: Path, progress: bool) -> dict:
@@ -98,7 +99,8 @@ def prepare_models(settings: dict, models_dir: Path, progress: bool) -> dict:
     timings = {}
     if not finished(paths["distilled"]):
         start = time.perf_counter()
-        train_student(network_path, network, data, paths["distilled"], settings["distill_epochs"], progress)
+        train_student(network_path, network, data.x_train, data.y_train, data.name, paths["distilled"],
+                      settings["distill_epochs"], progress)
         timings["distilled"] = time.perf_counter() - start
     for kind in ("standard", "pgd-at"):
         if finished(paths[kind]):
@@ -146,6 +148,18 @@ def cost_by_attack(eval_dir: Path) -> dict:
     return dict(sorted(minutes.items()))
 
 
+def cost_minutes(training_seconds: dict, results: dict, eval_dir: Path, start: float, evaluation_start: float) -> dict:
+    """The run's cost in minutes: training (in all and per model), the evaluation's wall time in this run and its
+    compute over every part (also from earlier runs), the run's total, and per attack (``cost_by_attack``); start and
+    evaluation_start are ``time.perf_counter()`` values."""
+    return {"training": sum(training_seconds.values()) / 60,
+            "evaluation_this_run": (time.perf_counter() - evaluation_start) / 60,
+            "evaluation_compute": sum(m["seconds"] for m in results["models"].values()) / 60,
+            "total_this_run": (time.perf_counter() - start) / 60,
+            "training_per_model": {k: v / 60 for k, v in training_seconds.items()},
+            "per_attack": cost_by_attack(eval_dir)}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="digits, small budgets (under two minutes)")
@@ -183,12 +197,7 @@ def main(argv=None):
     out = {"quick": args.quick, "dataset": data.name, "network_file": str(paths["EBM"].relative_to(ROOT)),
            "models": summary(results), "config": results["config"], "examples": results["examples"],
            "report_dir": str(eval_dir), "torch_threads": args.threads,
-           "cost_minutes": {"training": sum(training_seconds.values()) / 60,
-                            "evaluation_this_run": (time.perf_counter() - evaluation_start) / 60,
-                            "evaluation_compute": sum(m["seconds"] for m in results["models"].values()) / 60,
-                            "total_this_run": (time.perf_counter() - start) / 60,
-                            "training_per_model": {k: v / 60 for k, v in training_seconds.items()},
-                            "per_attack": cost_by_attack(eval_dir)}}
+           "cost_minutes": cost_minutes(training_seconds, results, eval_dir, start, evaluation_start)}
     write_results(out, out_path)
     if scratch:
         scratch.cleanup()
