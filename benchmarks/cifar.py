@@ -9,8 +9,8 @@ Models (CPU preset, the real CIFAR-10 images of --data-dir: 10,000 training and 
   standard   the same architecture trained by backprop;  pgd-at  the same by PGD adversarial training (Linf 8/255,
              7 steps of 2/255: BaselineConfig.for_dataset("cifar10"))
 Evaluation (distill.robustness.evaluate, CIFAR budgets Linf 8/255 and L2 0.5): PGD Linf and L2 on 1,000 test images,
-AutoAttack standard and Square (5,000 queries) on 500, the audit's PGD and gradient check on 200, the 15 corruptions
-x 5 severities on 1,000. The EBM is attacked through BPTT over every deployed step, implicit differentiation and
+AutoAttack standard and Square (5,000 queries) on the first 500 of them (autoattack_samples, square_samples), the
+audit's PGD and gradient check on 200, the 15 corruptions x 5 severities on 1,000. The EBM is attacked through BPTT over every deployed step, implicit differentiation and
 transfer from its student (worst case per example), and, reported beside them and outside the worst case, through
 the published protocol's truncated gradient ("as published": the first K unrolled steps while predicting with all;
 the published code used K = 29 of 250 steps, here K keeps that share of the deployed steps, stated in the JSON).
@@ -55,7 +55,7 @@ PRESET = "cifar10-cpu"
 LAVA_PRESET = "cifar10-cpu-lava"
 PUBLISHED_TRUNCATION = (29, 250)  # lanl/AdvEP: attacked through 29 unrolled steps, predicted with 250
 FULL = dict(train=None, test=None, ebm_epochs=None, distill_epochs=20, baseline_epochs={"standard": 20, "pgd-at": 15},
-            budget=dict(samples=1000, square_samples=500, audit_samples=200, corruption_samples=1000, pgd_steps=20,
+            budget=dict(samples=1000, autoattack_samples=500, square_samples=500, audit_samples=200, corruption_samples=1000, pgd_steps=20,
                         min_norm=False, sweep_linf=(0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255),
                         sweep_l2=(0.0, 0.25, 0.5, 1.0), batch_size=250))
 #: --quick exercises every step on a small network (one 8-channel conv layer, 10 free / 4 nudged steps) and budgets:
@@ -186,9 +186,10 @@ def cost_estimate(times: dict, config) -> dict:
     out = {}
     for name, t in times.items():
         counts = gradient_counts(config)
-        gradients = (counts["pgd_and_sweeps"] + counts["fgsm"] + counts["autoattack_gradients"]) * config.samples \
-            + counts["audit"] * config.audit_samples
-        forwards = counts["autoattack_square_queries"] * config.samples \
+        autoattack_samples = min(config.autoattack_samples or config.samples, config.samples)
+        gradients = (counts["pgd_and_sweeps"] + counts["fgsm"]) * config.samples \
+            + counts["autoattack_gradients"] * autoattack_samples + counts["audit"] * config.audit_samples
+        forwards = counts["autoattack_square_queries"] * autoattack_samples \
             + counts["square_queries"] * config.square_samples \
             + counts["corruption_forwards"] * (config.corruption_samples or 10000)
         out[name] = {"gradient_s_per_image": t["gradient"], "forward_s_per_image": t["forward"],

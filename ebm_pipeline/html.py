@@ -71,13 +71,20 @@ def robustness_section(results: dict) -> str:
                  f'{c["square_queries"]} queries{" (REDUCED from the standard 100 / 5000)" if c["autoattack_iterations"] < 100 or c["square_queries"] < 5000 else ""}; '
                  f'FMN minimum-norm attack {c.get("min_norm_steps", "?")} steps; the Linf and L2 headline columns are '
                  f'the worst case per example over AutoAttack and FMN (and PGD for L2); '
-                 f'{results["examples"]["samples"]} attacked test images, {results["examples"]["square"]} for '
-                 f'Square, {results["examples"]["corruption"]} corrupted.</p>')
+                 f'{results["examples"]["samples"]} attacked test images'
+                 f'{_autoattack_subset(results["examples"])}, {results["examples"]["square"]} for Square, '
+                 f'{results["examples"]["corruption"]} corrupted.</p>')
     for name, r in results["models"].items():
         items = "".join(f'<li class="{"good" if ch["passed"] else "bad"}">{esc(ch["name"])}: {esc(ch["detail"])}'
                         f'</li>' for ch in r["audit"]["checks"])
         parts.append(f"<h3>Audit: {esc(name)}</h3><ul>{items}</ul>")
     return "\n".join(parts)
+
+
+def _autoattack_subset(examples: dict) -> str:
+    """", the first N of them by AutoAttack" when AutoAttack ran on fewer examples than the other attacks."""
+    n = examples.get("autoattack", examples["samples"])
+    return "" if n == examples["samples"] else f" (the first {n} of them by AutoAttack)"
 
 
 def skipped_note(what: str, reason: str) -> str:

@@ -423,6 +423,35 @@ def test_evaluation_of_the_four_models_is_complete_and_resumes(trained, digits, 
     assert strip(again) == strip(results)
 
 
+def test_autoattack_on_fewer_examples_than_pgd(trained, digits, tmp_path):
+    """autoattack_samples: AutoAttack attacks the first N of the attacked examples; its columns are measured on
+    them, the L2 column is the worst case per example over PGD (every example) and AutoAttack (where it ran), and the
+    audit compares PGD with AutoAttack on the same examples."""
+    with pytest.raises(ValueError, match="autoattack_samples must be None"):
+        small_config(autoattack_samples=0)
+    model = lambda: [load_model_under_test(trained["standard"], "standard", IMAGE)]  # noqa: E731
+    budget = dict(square=False, min_norm=False, corruption_samples=0, eps_l2=1.0)
+    half = evaluate(model(), digits.x_test, digits.y_test, IMAGE, small_config(autoattack_samples=20, **budget),
+                    tmp_path / "half", dataset="digits", **QUIET)
+    full = evaluate(model(), digits.x_test, digits.y_test, IMAGE, small_config(**budget), tmp_path / "full",
+                    dataset="digits", **QUIET)
+    assert half["examples"]["autoattack"] == 20 and full["examples"]["autoattack"] == half["examples"]["samples"] == 40
+    h, f = half["models"]["standard"]["attacks"], full["models"]["standard"]["attacks"]
+    assert h["autoattack"]["n"] == h["autoattack_l2"]["n"] == 20 and h["pgd_l2"]["n"] == h["pgd_linf"]["n"] == 40
+    assert h["pgd_linf"]["accuracy"] == f["pgd_linf"]["accuracy"]  # PGD alone: the same parts
+    assert h["pgd_l2"]["per_attack_n"] == 20 and f["pgd_l2"]["per_attack_n"] == 40
+    pgd_l2_alone = f["pgd_l2"]["per_attack"]["pgd-l2"]  # on all 40
+    assert f["pgd_l2"]["accuracy"] <= h["pgd_l2"]["accuracy"] <= pgd_l2_alone  # fewer AutoAttack examples, not more
+    assert set(h["autoattack"]["reference"]) == {"pgd-linf"}  # PGD alone on AutoAttack's 20 examples, for the audit
+    step_limited = next(c for c in half["models"]["standard"]["audit"]["checks"]
+                        if c["name"] == "pgd_not_step_limited_linf")
+    assert "on 20 examples" in step_limited["detail"]
+    autoattack = [p.name for p in (tmp_path / "half" / "parts").glob("*.json")
+                  if json.loads(p.read_text())["key"].get("attack", {}).get("name") == "autoattack"]
+    assert len(autoattack) == 2  # a chunk per norm: the same work as the first chunk of the full run (same key)
+    assert all((tmp_path / "full" / "parts" / name).exists() for name in autoattack)
+
+
 def test_evaluation_refuses_bad_input(trained, digits, tmp_path):
     model = load_model_under_test(trained["standard"], "standard", IMAGE)
     config = small_config()

@@ -131,13 +131,15 @@ def check_step_limited(result: dict, config) -> list:
     for column, pgd_group, eps in (("autoattack", "pgd-linf", config.eps_linf), ("pgd_l2", "pgd-l2", config.eps_l2)):
         attacks = result.get("attacks", {})
         entry = attacks.get(column)
-        pgd = attacks.get("pgd_linf") if pgd_group == "pgd-linf" else None
-        pgd_accuracy = pgd["accuracy"] if pgd else (entry or {}).get("per_attack", {}).get(pgd_group)
+        same_examples = {**(entry or {}).get("per_attack", {}), **(entry or {}).get("reference", {})}
+        pgd_accuracy = same_examples.get(pgd_group)  # PGD alone on the examples every attack of the column ran on
+        if pgd_accuracy is None and pgd_group == "pgd-linf" and "pgd_linf" in attacks:  # (results without it)
+            pgd_accuracy = attacks["pgd_linf"]["accuracy"]
         adaptive = {g: a for g, a in (entry or {}).get("per_attack", {}).items() if g != pgd_group}
-        if pgd_accuracy is None or not adaptive:
+        if pgd_accuracy is None or math.isnan(pgd_accuracy) or not adaptive:
             continue
         best = min(adaptive.values())
-        n = entry["n"]
+        n = entry.get("per_attack_n", entry["n"])
         passed = pgd_accuracy - best <= tolerance(config, n)
         label = "Linf" if pgd_group == "pgd-linf" else "L2"
         others = ", ".join(f"{g} {_pct(a)}" for g, a in sorted(adaptive.items()))

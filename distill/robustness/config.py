@@ -62,9 +62,12 @@ class RobustnessConfig:
     pgd_steps, pgd_restarts, pgd_step_size (None: 2.5 eps / steps): PGD's budget. audit_steps, audit_restarts,
     audit_samples: the stronger PGD of the audit (on the first audit_samples examples). autoattack / square: run them;
     square_queries: Square's budget (also AutoAttack's Square); autoattack_iterations: AutoAttack's APGD / FAB
-    iterations (standard: 100; fewer, or fewer than 5000 queries, is reported as a reduced AutoAttack). samples: test examples attacked (PGD, FGSM, AutoAttack); square_samples: those
-    for Square (the first ones of the same draw); corruption_samples: test examples corrupted (None: all);
-    corruptions (None: all 15) and severities. seed: draw of the examples and every attack's randomness.
+    iterations (standard: 100; fewer, or fewer than 5000 queries, is reported as a reduced AutoAttack). samples: test
+    examples attacked (PGD, FGSM, the minimum-norm attack); autoattack_samples: those attacked by AutoAttack (the first
+    ones of the same draw; None: all ``samples``); square_samples: those for Square (the first ones of the same draw);
+    a column that combines attacks run on different numbers of examples (L2: PGD on ``samples``, AutoAttack on
+    ``autoattack_samples``) takes the worst case per example over the attacks that ran on it; corruption_samples:
+    test examples corrupted (None: all); corruptions (None: all 15) and severities. seed: draw of the examples and every attack's randomness.
     batch_size: examples per attacked chunk (the unit of resume). slack: how far (accuracy, absolute) a result may
     go the wrong way before an audit check fails (e.g. PGD above FGSM by more than slack); zero_accuracy: the
     largest-eps accuracy at or below which "reaches 0" holds; max_zero_gradients: the largest share of examples
@@ -96,6 +99,7 @@ class RobustnessConfig:
     square: bool = True
     square_queries: int = 5000
     samples: int = 1000
+    autoattack_samples: int | None = None
     square_samples: int = 500
     corruption_samples: int | None = None
     corruptions: tuple | None = None
@@ -126,6 +130,10 @@ class RobustnessConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.autoattack_samples is not None and (isinstance(self.autoattack_samples, bool) or not isinstance(
+                self.autoattack_samples, numbers.Integral) or self.autoattack_samples < 1):
+            raise ValueError(f"autoattack_samples must be None (all samples) or an integer >= 1, got "
+                             f"{self.autoattack_samples!r}")
         if self.corruption_samples is not None and (isinstance(self.corruption_samples, bool) or not isinstance(
                 self.corruption_samples, numbers.Integral) or self.corruption_samples < 0):
             raise ValueError(f"corruption_samples must be None (all) or an integer >= 0, got "

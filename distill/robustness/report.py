@@ -8,7 +8,10 @@ results.json (format "ebm-robustness-results", version 1):
       "attacks": {fgsm | pgd_linf | pgd_l2 | autoattack | autoattack_l2 | square (audit.COLUMNS):
                   {accuracy, ci95, n (worst case over the column's attacks and the sources), budget (the first
                    attack's full budget), budgets {attack group: budget}, per_source: {source: {accuracy, ci95, n}},
-                   per_attack: {attack group: accuracy}}},
+                   per_attack: {attack group: accuracy} on the per_attack_n examples every attack of the column
+                   ran on, reference (autoattack): {"pgd-linf": PGD alone on those examples}}} (a column of attacks
+                   run on different subsets, e.g. L2 with AutoAttack on fewer examples than PGD: the worst case per
+                   example over the attacks that ran on it),
       "sweeps": {"linf" | "l2": [{eps, accuracy, ci95, n (worst case per example over every attack of the norm at
                                   or below eps: PGD, FMN, AutoAttack), pgd (PGD at eps alone), fmn (FMN alone),
                                   per_source (PGD)}]},
@@ -75,33 +78,61 @@ def _norms(items, indices) -> np.ndarray:
     return np.array([math.inf if v is None else float(v) for v in values_of(items, "norms", indices)])
 
 
+def covered(items, indices) -> np.ndarray:
+    """Which of ``indices`` a task's parts [(chunk indices, record)] ran on (an attack of a smaller subset, e.g.
+    AutoAttack on ``autoattack_samples``, covers the first ones of the attacked examples only)."""
+    done = {int(i) for chunk, _ in items for i in chunk}
+    return np.array([int(i) in done for i in indices], dtype=bool)
+
+
 def _flags(task, items, indices, eps: float) -> np.ndarray:
-    """Robust flags at ``eps``: a minimum-norm attack's smallest norm exceeds eps, else the part's flags."""
-    if task.spec.minimum_norm:
-        return _norms(items, indices) > eps
-    return flags_of(items, "robust", indices)
+    """Robust flags at ``eps`` on ``indices``: a minimum-norm attack's smallest norm exceeds eps, else the part's
+    flags; True where the task did not run (``covered``: the caller counts only examples some attack ran on)."""
+    ran = covered(items, indices)
+    flags = np.ones(len(indices), dtype=bool)
+    chosen = np.asarray(indices)[ran]
+    flags[ran] = _norms(items, chosen) > eps if task.spec.minimum_norm else flags_of(items, "robust", chosen)
+    return flags
 
 
-def _robust_result(parts, model, groups, eps, indices, sources=None) -> dict | None:
-    """Worst case per example over the attack ``groups`` and the sources (``_tasks_of``) at ``eps`` on ``indices``,
-    with each source's (worst over the groups) and each group's (worst over the sources) accuracy."""
-    worst, per_source, per_attack, budgets = np.ones(len(indices), dtype=bool), {}, {}, {}
-    for group in groups:
+def _robust_result(parts, model, groups, eps, indices, sources=None, reference_groups=()) -> dict | None:
+    """Worst case per example over the attack ``groups`` and the sources (``_tasks_of``) at ``eps`` on those of
+    ``indices`` that at least one of the groups ran on (an attack of a smaller subset counts where it ran), with each
+    source's (worst over the groups) accuracy and each group's (worst over the sources) accuracy on the examples
+    every group ran on (``per_attack``, comparable with one another; ``reference``: the same for
+    ``reference_groups``, outside the worst case)."""
+    indices = np.asarray(indices)
+    worst, per_source, budgets, flags_of_group = np.ones(len(indices), dtype=bool), {}, {}, {}
+    ran_any, ran_all = np.zeros(len(indices), dtype=bool), np.ones(len(indices), dtype=bool)
+    for group in tuple(groups) + tuple(reference_groups):
         tasks = _tasks_of(parts, model, group, eps, sources)
-        group_worst = np.ones(len(indices), dtype=bool)
+        if not tasks:
+            continue
+        group_worst, ran = np.ones(len(indices), dtype=bool), np.zeros(len(indices), dtype=bool)
         for source, (task, items) in sorted(tasks.items()):
             flags = _flags(task, items, indices, eps)
-            per_source[source] = per_source.get(source, True) & flags
+            ran |= covered(items, indices)
             group_worst &= flags
-            budgets[group] = task.spec.as_dict()
-        if tasks:
-            per_attack[group] = float(group_worst.mean()) if len(group_worst) else math.nan
+            if group in groups:
+                per_source[source] = per_source.get(source, True) & flags
+                budgets[group] = task.spec.as_dict()
+        flags_of_group[group] = group_worst
+        if group in groups:
             worst &= group_worst
+            ran_any |= ran
+        ran_all &= ran
     if not budgets:
         return None
-    return {**accuracy(worst), "budget": next(iter(budgets.values())), "budgets": budgets,
-            "per_source": {s: accuracy(f) for s, f in sorted(per_source.items())}, "per_attack": per_attack,
-            "_flags": worst}
+
+    def share(flags, where):
+        return float(flags[where].mean()) if where.any() else math.nan
+
+    per_attack = {g: share(f, ran_all) for g, f in flags_of_group.items() if g in groups}
+    reference = {g: share(f, ran_all) for g, f in flags_of_group.items() if g not in groups}
+    return {**accuracy(worst[ran_any]), "budget": next(iter(budgets.values())), "budgets": budgets,
+            "per_source": {s: accuracy(f[ran_any]) for s, f in sorted(per_source.items())}, "per_attack": per_attack,
+            **({"reference": reference} if reference_groups else {}),
+            "per_attack_n": int(ran_all.sum()), "_flags": worst[ran_any], "_indices": indices[ran_any]}
 
 
 def minimal_norm_bounds(parts, model, norm: str, indices, correct, config) -> np.ndarray | None:
@@ -118,7 +149,8 @@ def minimal_norm_bounds(parts, model, norm: str, indices, correct, config) -> np
     for group, values in ((pgd_group, sweep), (aa_group, (table_eps,))):
         for eps in (e for e in values if e > 0):
             for source, (task, items) in _tasks_of(parts, model, group, eps).items():
-                bound, seen = np.where(flags_of(items, "robust", indices), bound, np.minimum(bound, eps)), True
+                robust = _flags(task, items, indices, eps)  # True where the attack did not run
+                bound, seen = np.where(robust, bound, np.minimum(bound, eps)), True
     return bound if seen else None
 
 
@@ -133,6 +165,13 @@ def _relaxation_summary(records: list) -> dict | None:
             "max_residual": float(np.max(residual)), "mean_steps": float(np.mean(steps)), "n": int(len(converged))}
 
 
+def column_examples(column: str, draw: dict) -> np.ndarray:
+    """The examples a table column is measured on: Square's on the Square subset, AutoAttack's on AutoAttack's
+    (``autoattack_samples``), the others on the attacked examples."""
+    subset = {"square": "square", "autoattack": "autoattack", "autoattack_l2": "autoattack"}.get(column, "samples")
+    return draw.get(subset, draw["samples"])
+
+
 def assemble_model(model, parts: dict, clean: dict, draw: dict, y_test: np.ndarray, config) -> dict:
     """The result of one model (see the module docstring), audit included."""
     name = model.name
@@ -143,8 +182,8 @@ def assemble_model(model, parts: dict, clean: dict, draw: dict, y_test: np.ndarr
     attacks = {}
     for column, (_, norm, groups) in COLUMNS.items():
         eps = config.eps_l2 if norm == "l2" else config.eps_linf
-        subset = draw["square"] if column == "square" else samples
-        found = _robust_result(parts, name, groups, eps, subset)
+        reference = ("pgd-linf",) if column == "autoattack" else ()  # PGD alone on AutoAttack's examples (audit)
+        found = _robust_result(parts, name, groups, eps, column_examples(column, draw), reference_groups=reference)
         if found is not None:
             attacks[column] = found
     sweeps, min_norm = {}, {}
@@ -191,7 +230,7 @@ def assemble_model(model, parts: dict, clean: dict, draw: dict, y_test: np.ndarr
             "base_budget": _budget_text(base["budget"]), "strong_budget": _budget_text(strong["budget"])}
     result["comparisons"] = comparisons
     for column in attacks.values():
-        column.pop("_flags")
+        column.pop("_flags"), column.pop("_indices")
 
     gradients = {}
     for source, (task, items) in _tasks_of(parts, name, "gradients", sources=model.sources).items():
@@ -233,7 +272,7 @@ def assemble_model(model, parts: dict, clean: dict, draw: dict, y_test: np.ndarr
                  for c, sev in per_corruption.items()}
         all_values = [v for sev in per_corruption.values() for v in sev.values()]
         result["corruptions"] = {"accuracy": float(np.mean(all_values)), "n": n_corrupted, "per_corruption": table}
-    sides = side_results(model, parts, samples, config)
+    sides = side_results(model, parts, draw, config)
     if sides:
         result["side_sources"] = sides
     result["seconds"] = float(clean.get("seconds", 0.0) + sum(
@@ -242,7 +281,7 @@ def assemble_model(model, parts: dict, clean: dict, draw: dict, y_test: np.ndarr
     return result
 
 
-def side_results(model, parts: dict, samples, config) -> dict:
+def side_results(model, parts: dict, draw: dict, config) -> dict:
     """The "side_sources" entry of a model (see the module docstring; {} without side sources): per side source its
     accuracy alone in each white-box column and along the PGD sweeps, beside the paired source's, same examples and
     same random draws."""
@@ -253,13 +292,14 @@ def side_results(model, parts: dict, samples, config) -> dict:
         for column, (_, norm, groups) in COLUMNS.items():
             eps = config.eps_l2 if norm == "l2" else config.eps_linf
             for key, which in (("attacks", source), ("paired", paired)):
-                value = _robust_result(parts, model.name, groups, eps, samples, sources=(which,))
+                value = _robust_result(parts, model.name, groups, eps, column_examples(column, draw), sources=(which,))
                 if value is not None:
                     entry[key][column] = {k: value[k] for k in ("accuracy", "ci95", "n", "budget")}
         for norm, values in (("linf", config.sweep_linf), ("l2", config.sweep_l2)):
             curve = []
             for eps in (e for e in values if e > 0):
-                own, other = (_robust_result(parts, model.name, (NORM_GROUPS[norm][0],), eps, samples, sources=(s,))
+                own, other = (_robust_result(parts, model.name, (NORM_GROUPS[norm][0],), eps, draw["samples"],
+                                             sources=(s,))
                               for s in (source, paired))
                 if own is not None:
                     curve.append({"eps": float(eps), "accuracy": own["accuracy"],
@@ -351,7 +391,10 @@ def markdown_table(results: dict) -> str:
                     cells = [_cell(r["clean"])] + [_cell(columns.get(col)) for col in ATTACK_COLUMNS] + ["—", "—"]
                     lines.append(f"| {name}: {label} | " + " | ".join(cells) + f" | {note} |")
     lines += ["", "## Budgets", "",
-              f"- examples: {results['examples']['samples']} attacked (FGSM, PGD, AutoAttack), "
+              f"- examples: {results['examples']['samples']} attacked (FGSM, PGD, FMN), "
+              f"{results['examples'].get('autoattack', results['examples']['samples'])} of them by AutoAttack (a "
+              f"column of attacks run on different examples takes the worst case per example over those that ran "
+              f"on it), "
               f"{results['examples']['square']} for Square, {results['examples']['audit']} for the audit's stronger "
               f"PGD and the gradient check, {results['examples']['corruption']} corrupted; seed {c['seed']}",
               "- FGSM, PGD-Linf, AutoAttack-Linf (standard: APGD-CE, APGD-T, FAB-T, Square"
