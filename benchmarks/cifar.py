@@ -55,7 +55,7 @@ PRESET = "cifar10-cpu"
 LAVA_PRESET = "cifar10-cpu-lava"
 PUBLISHED_TRUNCATION = (29, 250)  # lanl/AdvEP: attacked through 29 unrolled steps, predicted with 250
 FULL = dict(train=None, test=None, ebm_epochs=None, distill_epochs=20, baseline_epochs={"standard": 20, "pgd-at": 15},
-            budget=dict(samples=1000, autoattack_samples=500, square_samples=500, audit_samples=200, corruption_samples=1000, pgd_steps=20,
+            budget=dict(samples=1000, autoattack_samples=500, autoattack_norms=("Linf",), square_samples=500, audit_samples=200, corruption_samples=1000, pgd_steps=20,
                         min_norm=False, sweep_linf=(0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255),
                         sweep_l2=(0.0, 0.25, 0.5, 1.0), batch_size=250))
 #: --quick exercises every step on a small network (one 8-channel conv layer, 10 free / 4 nudged steps) and budgets:
@@ -171,9 +171,10 @@ def gradient_counts(config) -> dict:
     and Square stop on an image once it is broken."""
     pgd = config.pgd_steps * config.pgd_restarts
     sweeps = (len([e for e in config.sweep_linf if e > 0]) + len([e for e in config.sweep_l2 if e > 0])) * pgd
-    aa_gradients = config.autoattack_iterations * (1 + 9 + 9) * 2 if config.autoattack else 0  # Linf and L2
-    return {"pgd_and_sweeps": sweeps, "fgsm": 1, "autoattack_gradients": aa_gradients,
-            "autoattack_square_queries": 2 * config.square_queries if config.autoattack else 0,
+    norms = len(config.autoattack_norms) if config.autoattack else 0
+    return {"pgd_and_sweeps": sweeps, "fgsm": 1,
+            "autoattack_gradients": config.autoattack_iterations * (1 + 9 + 9) * norms,
+            "autoattack_square_queries": config.square_queries * norms,
             "square_queries": config.square_queries if config.square else 0,
             "audit": config.audit_steps * config.audit_restarts,
             "corruption_forwards": len(config.severities) * len(config.corruptions or range(15))}

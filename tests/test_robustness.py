@@ -429,6 +429,11 @@ def test_autoattack_on_fewer_examples_than_pgd(trained, digits, tmp_path):
     audit compares PGD with AutoAttack on the same examples."""
     with pytest.raises(ValueError, match="autoattack_samples must be None"):
         small_config(autoattack_samples=0)
+    with pytest.raises(ValueError, match="autoattack_norms must be distinct names among Linf, L2"):
+        small_config(autoattack_norms=("Linf", "L1"))
+    linf_only = evaluation.plan(load_model_under_test(trained["standard"], "standard", IMAGE),
+                                small_config(autoattack_norms=["Linf"]))
+    assert {t.group for t in linf_only if t.spec and t.spec.name == "autoattack"} == {"autoattack"}
     model = lambda: [load_model_under_test(trained["standard"], "standard", IMAGE)]  # noqa: E731
     budget = dict(square=False, min_norm=False, corruption_samples=0, eps_l2=1.0)
     half = evaluate(model(), digits.x_test, digits.y_test, IMAGE, small_config(autoattack_samples=20, **budget),

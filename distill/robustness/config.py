@@ -5,6 +5,7 @@ import math
 import numbers
 from dataclasses import asdict, dataclass, replace
 
+AUTOATTACK_NORMS = ("Linf", "L2")  # AutoAttack's threat models (autoattack_norms)
 EBM_GRADIENTS = ("bptt", "implicit", "transfer")  # an EBM's gradient sources (see distill.robustness.models)
 
 # The "as published" protocol (lanl/AdvEP on convolutional EBMs): predict with every deployed step, backpropagate
@@ -58,7 +59,7 @@ class RobustnessConfig:
     PGD-L2 and AutoAttack-L2 at eps_l2); sweep_linf / sweep_l2: the eps sweeps (PGD at each eps, the minimum-norm
     attack's curve and AutoAttack at the table's eps, worst case per example; the table's values are included
     automatically). min_norm: run the minimum-norm attack (FMN, Linf and L2, ``min_norm_steps`` iterations) on the
-    attacked examples; autoattack runs AutoAttack in both norms.
+    attacked examples; autoattack runs AutoAttack in ``autoattack_norms`` ("Linf", "L2" or both, the default).
     pgd_steps, pgd_restarts, pgd_step_size (None: 2.5 eps / steps): PGD's budget. audit_steps, audit_restarts,
     audit_samples: the stronger PGD of the audit (on the first audit_samples examples). autoattack / square: run them;
     square_queries: Square's budget (also AutoAttack's Square); autoattack_iterations: AutoAttack's APGD / FAB
@@ -93,6 +94,7 @@ class RobustnessConfig:
     audit_restarts: int = 3
     audit_samples: int = 200
     autoattack: bool = True
+    autoattack_norms: tuple = ("Linf", "L2")
     autoattack_iterations: int = 100
     min_norm: bool = True
     min_norm_steps: int = 100
@@ -130,6 +132,11 @@ class RobustnessConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        norms = (self.autoattack_norms,) if isinstance(self.autoattack_norms, str) else tuple(self.autoattack_norms)
+        if not norms or any(n not in AUTOATTACK_NORMS for n in norms) or len(set(norms)) != len(norms):
+            raise ValueError(f"autoattack_norms must be distinct names among {', '.join(AUTOATTACK_NORMS)}, got "
+                             f"{self.autoattack_norms!r}")
+        object.__setattr__(self, "autoattack_norms", tuple(n for n in AUTOATTACK_NORMS if n in norms))
         if self.autoattack_samples is not None and (isinstance(self.autoattack_samples, bool) or not isinstance(
                 self.autoattack_samples, numbers.Integral) or self.autoattack_samples < 1):
             raise ValueError(f"autoattack_samples must be None (all samples) or an integer >= 1, got "
