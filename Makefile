@@ -9,6 +9,7 @@ STAMP  := $(VENV)/.ebm-installed
 LAVA_VERSION := 0.10.0
 TORCHATTACKS_VERSION := 3.5.1
 AUTOATTACK_VERSION := 0.2.0
+RAY_VERSION := 2.60.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install demo test browser bench-quick data clean
@@ -20,6 +21,9 @@ $(STAMP): Makefile requirements.txt setup.cfg pyproject.toml hardware/lava_compa
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade "pip>=23" "setuptools>=68" wheel
 	$(PIP) install -r requirements.txt
+	# Ray runs the sharded work of --cluster (docs/scaling.md). Optional for users (pip install -e .[cluster], the
+	# same pin in setup.cfg); installed here so that `make test` covers it. Its wheel leaves numpy<2 alone.
+	$(PIP) install ray==$(RAY_VERSION)
 	# torchattacks declares torchvision (GBs of CUDA wheels) and an old requests it never imports; pyautoattack
 	# (the official AutoAttack code) declares nothing: both are installed without dependencies.
 	$(PIP) install --no-deps torchattacks==$(TORCHATTACKS_VERSION) pyautoattack==$(AUTOATTACK_VERSION)

@@ -44,18 +44,30 @@ def _interruption_note(out: Path, log):
 
 
 def run_distill(network_path, fixed_points_path, out, *, test_fixed_points=None, resume: bool = False,
-                overwrite: bool = False, progress: bool = True, log=print, **config) -> dict:
+                overwrite: bool = False, progress: bool = True, log=print, nproc: int = 1, world=None,
+                **config) -> dict:
     """Distill the network of ``network_path`` from the fixed points of ``fixed_points_path`` (refused unless
     they were computed by that network: stored network hash) into ``out``. config: DistillConfig fields.
     test_fixed_points: optional fixed points of held-out data (e.g. ``ebm relax --split test``) to measure the
-    student's accuracy and agreement with the EBM. Returns a summary dict."""
+    student's accuracy and agreement with the EBM. Returns a summary dict.
+    nproc > 1 (or a torchrun launch): data parallel over that many local processes (``ebm_sim.distributed.run``;
+    each rank reads the files itself, rank 0 writes ``out``; the caller holds ``out``'s lock, as ``ebm`` does);
+    returns rank 0's summary (None on torchrun's other ranks). world: the process group of this rank (internal)."""
     from ebm_sim import storage
+    from ebm_sim.distributed import check_nprocs, env_launched, run
 
     from .io import stored_content_hash
     from .train import DistillConfig, compare_with_ebm, distill
 
     out = Path(out)
     config = DistillConfig(**config)  # validated before any work
+    if world is None and (nproc != 1 or env_launched()):
+        check_nprocs(nproc, config.batch_size)
+        check_output(out, overwrite=overwrite, resume=resume)
+        options = {"test_fixed_points": test_fixed_points, "resume": resume, "overwrite": overwrite,
+                   "progress": progress, **config.as_dict()}
+        with _interruption_note(out, log):
+            return run(_distill_rank, nproc, (str(network_path), str(fixed_points_path), str(out), options))
     check_output(out, overwrite=overwrite, resume=resume)
     network = storage.load_network(network_path)  # dense or layered
     fixed_points = _fixed_points_of(network, fixed_points_path)
@@ -65,9 +77,10 @@ def run_distill(network_path, fixed_points_path, out, *, test_fixed_points=None,
     log(f"distilling {_shape_text(network)} (network {network.content_hash()[:12]}) from "
         f"{len(fixed_points)} fixed points of {fixed_points.settings.get('dataset', 'unknown data')} "
         f"({config.val_fraction:.0%} held out); checkpoints in {out}")
-    with exclusive(out), _interruption_note(out, log):
+    with (exclusive(out) if world is None else world.output_lock(out)), _interruption_note(out, log):
         student, history = distill(network, fixed_points, config, checkpoint_path=out, resume=resume,
-                                   progress=progress, log=log, fixed_points_hash=fp_hash, provenance=provenance)
+                                   progress=progress, log=log, fixed_points_hash=fp_hash, provenance=provenance,
+                                   world=world)
     summary = {"path": str(out), "epochs_run": len(history.get("epoch", [])), "best_epoch": int(history["best_epoch"][0]),
                "network_hash": network.content_hash(), "fixed_points_hash": fp_hash,
                "train": compare_with_ebm(student, network, fixed_points)}
@@ -77,6 +90,15 @@ def run_distill(network_path, fixed_points_path, out, *, test_fixed_points=None,
     if test is not None:
         summary["test"] = compare_with_ebm(student, network, test)
     return summary
+
+
+def _distill_rank(world, network_path, fixed_points_path, out, options):
+    """One rank of a data-parallel ``run_distill`` (``ebm_sim.distributed.run``): its summary on rank 0, else None."""
+    from ebm_sim.distributed import log_on_main
+
+    summary = run_distill(network_path, fixed_points_path, out, world=world,
+                          log=log_on_main(world, lambda msg: print(msg, flush=True)), **options)
+    return summary if world is None or world.is_main else None
 
 
 def _fixed_points_of(network, path):
@@ -290,10 +312,12 @@ def parse_model_argument(text: str) -> tuple:
 
 
 def run_robustness(model_arguments, dataset: str, out_dir, *, data_dir=None, student=None, ebm_gradients=None,
-                   progress: bool = True, log=print, overwrite: bool = False, **config) -> dict:
+                   progress: bool = True, log=print, overwrite: bool = False, cluster: str | None = None,
+                   **config) -> dict:
     """``ebm robustness``: evaluate the models (``NAME=PATH`` or ``PATH``; EBM networks and feedforward files) on the
     test split of ``dataset``. student: the EBMs' distilled student (transfer attack); ebm_gradients: EBM gradient
-    sources; config: RobustnessConfig fields over the dataset's default budgets. Writes results.json, table.md,
+    sources; cluster: run the parts as Ray tasks (``evaluate``'s cluster; None: here); config: RobustnessConfig
+    fields over the dataset's default budgets. Writes results.json, table.md,
     sweeps.png, corruptions.png into out_dir (resumable: parts/). Returns {"results", "paths", "seconds"}."""
     from ebm_sim import datasets
 
@@ -301,7 +325,10 @@ def run_robustness(model_arguments, dataset: str, out_dir, *, data_dir=None, stu
     from .robustness import RobustnessConfig, evaluate, load_model_under_test
     from .robustness.report import report_files
 
+    from ebm_sim.cluster import check_cluster
+
     start = time.time()
+    cluster = check_cluster(cluster)  # before any work
     cfg = RobustnessConfig.for_dataset(dataset, **{k: v for k, v in config.items() if v is not None})
     out_dir = check_output(out_dir, kind="folder", log=log)  # created, writable: before any work
     parsed = [parse_model_argument(a) for a in model_arguments]
@@ -320,7 +347,7 @@ def run_robustness(model_arguments, dataset: str, out_dir, *, data_dir=None, stu
     log(f"evaluating {', '.join(m.name for m in models)} on {data.name} ({len(data.y_test)} test images): "
         f"Linf eps {cfg.eps_linf:g}, L2 eps {cfg.eps_l2:g}, {cfg.samples} attacked, results in {out_dir}")
     results = evaluate(models, data.x_test, data.y_test, image_shape, cfg, out_dir, dataset=data.name,
-                       progress=progress, log=log, overwrite=overwrite)
+                       progress=progress, log=log, overwrite=overwrite, cluster=cluster)
     return {"results": results, "paths": {k: str(v) for k, v in report_files(out_dir).items()},
             "seconds": time.time() - start}
 
@@ -336,8 +363,9 @@ def cmd_distill(args) -> int:
                           resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
                           log=lambda msg: print(msg, flush=True), layer_weight=args.layer_weight,
                           output_weight=args.output_weight, output_target=args.output_target,
-                          init_from_ebm=args.init_from_ebm, **_fit_options(args))
-    print(format_distill_summary(summary))
+                          init_from_ebm=args.init_from_ebm, nproc=args.nproc, **_fit_options(args))
+    if summary is not None:  # None on torchrun's ranks > 0
+        print(format_distill_summary(summary))
     return 0
 
 
@@ -384,7 +412,7 @@ def cmd_robustness(args) -> int:
 
     options = {name: getattr(args, name) for name in (
         "eps_linf", "eps_l2", "sweep_linf", "sweep_l2", "pgd_steps", "pgd_restarts", "audit_steps", "audit_restarts",
-        "audit_samples", "samples", "square_samples", "square_queries", "autoattack_iterations", "corruption_samples",
+        "audit_samples", "samples", "autoattack_samples", "autoattack_norms", "square_samples", "square_queries", "autoattack_iterations", "corruption_samples",
         "corruptions", "seed", "batch_size", "min_norm_steps", "as_published_steps", "checkpoint_steps")}
     if args.as_published:
         options["as_published"] = True
@@ -398,7 +426,7 @@ def cmd_robustness(args) -> int:
         options["corruption_samples"] = 0
     summary = run_robustness(args.models, args.dataset, args.out_dir, data_dir=args.data_dir, student=args.student,
                              ebm_gradients=args.ebm_gradients, progress=not args.no_progress, overwrite=args.overwrite,
-                             log=lambda msg: print(msg, flush=True), **options)
+                             log=lambda msg: print(msg, flush=True), cluster=args.cluster, **options)
     table = markdown_table(summary["results"])
     print(table.split("\n## Budgets")[0].rstrip())
     for name, result in summary["results"]["models"].items():
@@ -446,6 +474,8 @@ def _add_robustness_command(sub) -> None:
     p.add_argument("--sweep-linf", type=floats, default=None, metavar="E,E,...", help="Linf eps sweep")
     p.add_argument("--sweep-l2", type=floats, default=None, metavar="E,E,...", help="L2 eps sweep")
     p.add_argument("--samples", type=int, default=None, help=f"test images attacked (default {d.samples})")
+    p.add_argument("--autoattack-samples", type=int, default=None,
+                   help="of those, the first N attacked by AutoAttack (default: all of them)")
     p.add_argument("--square-samples", type=int, default=None, help=f"default {d.square_samples}")
     p.add_argument("--audit-samples", type=int, default=None, help=f"default {d.audit_samples}")
     p.add_argument("--corruption-samples", type=int, default=None, help="test images corrupted (default: all)")
@@ -463,6 +493,8 @@ def _add_robustness_command(sub) -> None:
                    help=f"iterations of the minimum-norm attack FMN, Linf and L2 (default {d.min_norm_steps})")
     p.add_argument("--no-min-norm", action="store_true", help="skip the minimum-norm attack (FMN)")
     p.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack, Linf and L2")
+    p.add_argument("--autoattack-norms", type=parse_names, default=None, metavar="Linf[,L2]",
+                   help="AutoAttack's threat models (default: Linf,L2)")
     p.add_argument("--no-square", action="store_true", help="skip the Square black-box attack")
     p.add_argument("--no-corruptions", action="store_true", help="skip the 15 corruptions x 5 severities")
     p.add_argument("--as-published", action="store_true",
@@ -479,6 +511,11 @@ def _add_robustness_command(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the report of another evaluation in --out-dir (processes running the same "
                         "evaluation may share a folder without it)")
+    from ebm_sim.cluster import CLUSTER_HELP, cluster_argument
+
+    p.add_argument("--cluster", type=cluster_argument, default=None, metavar="local|auto|ADDRESS",
+                   help=CLUSTER_HELP + ". Every part (model, attack, budget, chunk) still to do is one Ray task that "
+                        "stores its own part: the same results as without --cluster")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_robustness)
 
@@ -540,6 +577,10 @@ def _add_distill_commands(sub) -> None:
                         f"{d.output_target})")
     p.add_argument("--init-from-ebm", action="store_true", help="start from the EBM's forward weights W_k, b_k")
     fit_arguments(p, d)
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel processes on this machine (torch.distributed, gloo), each taking a slice of "
+                        "every minibatch; the result equals one process up to float rounding (default 1; under "
+                        "torchrun leave it out)")
     add_output_argument(p, "-o", "--output", policy="resume", required=True, metavar="STUDENT.h5",
                         help="student file to write (rewritten every epoch; --resume continues it)")
     p.set_defaults(func=cmd_distill)

@@ -85,7 +85,8 @@ def _set_parameters(model: torch.nn.Module, values: list) -> None:
 # ---------------------------------------------------------------------------------------------- the loop
 def fit_model(model: torch.nn.Module, num_train: int, batch_loss: Callable, validate: Callable, config: FitConfig,
               settings: dict, save: Callable | None = None, checkpoint_path=None, resume: bool = False,
-              progress: bool = True, log=print, desc: str = "train", load_record: Callable | None = None):
+              progress: bool = True, log=print, desc: str = "train", load_record: Callable | None = None,
+              world=None):
     """Train ``model`` in place; return (model with the best validation parameters, history). ``model``: a student
     (``FeedForward`` or ``LayeredFeedForward``: ``parameter_state``/``load_parameter_state``, ``architecture``).
 
@@ -96,8 +97,32 @@ def fit_model(model: torch.nn.Module, num_train: int, batch_loss: Callable, vali
     checkpoint, checkpoint_state): writes the output file (checkpoint None for the final one).
     load_record(path) -> distill.io.ModelRecord, to resume from ``checkpoint_path``.
     History: one entry per epoch of epoch, train_loss, every key of validate(), lr, seconds.
+
+    world: None (one process) or an ``ebm_sim.distributed.World``: data parallel over its processes, every rank
+    calling fit_model with the same model, data and configuration. Each rank takes its contiguous slice of every
+    global minibatch (``World.share``), backpropagates its own batch_loss and the parameter gradients are averaged
+    weighted by the slices' rows, with the loss sums, in one explicit all_reduce per minibatch (a batch mean loss
+    then gives the gradient of the global minibatch's mean loss); every rank applies the same Adam step. Explicit
+    rather than DistributedDataParallel: batch_loss is a closure, not the forward() of one wrapped module, the
+    models are small (DDP's bucketing and overlap buy nothing), the checkpoints keep the module's own parameter
+    names, and ranks with an empty slice of a short last minibatch still take part. Validation runs on every rank
+    (identical parameters, identical early stopping); rank 0 alone logs and writes ``checkpoint_path``, every rank
+    reads it on resume. In-batch randomness (``generator``: PGD's random start) is drawn per slice, so a PGD baseline
+    differs from one process by its random draws; distillation has none.
     """
     from tqdm import tqdm
+
+    from ebm_sim.distributed import log_on_main, single
+
+    if not single(world):
+        if config.batch_size < world.size:
+            raise ValueError(f"a minibatch of {config.batch_size} samples cannot give each of {world.size} processes "
+                             f"a slice: use a batch size of at least {world.size} or fewer processes")
+        log, progress = log_on_main(world, log), progress and world.is_main
+        writes = world.is_main
+    else:
+        writes = True
+    params = list(model.parameters())
 
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history: dict = {}
@@ -145,11 +170,14 @@ def fit_model(model: torch.nn.Module, num_train: int, batch_loss: Callable, vali
                   disable=not progress, leave=False, dynamic_ncols=True) as bar:
             for begin in range(0, num_train, config.batch_size):
                 rows = order[begin:begin + config.batch_size]
-                loss = batch_loss(rows, generator)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                value = float(loss.detach())
+                if single(world):
+                    loss = batch_loss(rows, generator)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    value = float(loss.detach())
+                else:
+                    value = _distributed_step(world, model, params, optimizer, batch_loss, rows, generator)
                 if not math.isfinite(value):
                     kept = (f"{checkpoint_path} keeps the checkpoint of epoch {epoch}" if checkpoint_path is not None
                             and epoch > 0 else "no checkpoint was written")
@@ -183,7 +211,8 @@ def fit_model(model: torch.nn.Module, num_train: int, batch_loss: Callable, vali
             state = {"epoch": epoch + 1, "bad_epochs": bad_epochs, "best_epoch": best_epoch,
                      "best_loss": best_loss if math.isfinite(best_loss) else None, "settings": settings}
             try:
-                save(checkpoint_path, model, history, flat, state)
+                _save_on_main(world, writes, lambda: save(checkpoint_path, model, history, flat, state),
+                              f"writing the checkpoint of epoch {epoch + 1}")
             finally:
                 _set_parameters(model, current)
         if stopped:
@@ -193,5 +222,44 @@ def fit_model(model: torch.nn.Module, num_train: int, batch_loss: Callable, vali
     history["best_epoch"] = [float(best_epoch)]
     model.eval()
     if save is not None and checkpoint_path is not None:
-        save(checkpoint_path, model, history, None, None)
+        _save_on_main(world, writes, lambda: save(checkpoint_path, model, history, None, None),
+                      "writing the final model")
     return model, history
+
+
+def _save_on_main(world, writes: bool, write: Callable, what: str) -> None:
+    """write() in one process, or on rank 0 with every rank waiting for it (a failed write stops them all)."""
+    from ebm_sim.distributed import single
+
+    if single(world):
+        write()
+        return
+    try:
+        if writes:
+            write()
+    except Exception:
+        world.agree(False, what)
+        raise
+    world.agree(True, what)
+
+
+def _distributed_step(world, model, params: list, optimizer, batch_loss: Callable, rows, generator) -> float:
+    """One minibatch of ``fit_model`` on ``world``: this rank's slice, the row-weighted all_reduce of the gradients
+    and loss sums, the same Adam step on every rank; returns the global minibatch's mean loss."""
+    mine = rows[world.share(len(rows))]
+    optimizer.zero_grad(set_to_none=True)
+    like = [p.detach() for p in params]
+    try:
+        loss = batch_loss(mine, generator) if len(mine) else None
+        if loss is not None:
+            loss.backward()
+    except Exception:
+        world.average(None, 0.0, like=like, extras=[0.0], failed=True)  # the other ranks stop instead of waiting
+        raise
+    grads = None if loss is None else [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    local_sum = float(loss.detach()) * len(mine) if loss is not None else 0.0
+    reduced, (loss_sum,) = world.average(grads, len(mine) / len(rows), like=like, extras=[local_sum])
+    for p, g in zip(params, reduced):
+        p.grad = g.to(device=p.device, dtype=p.dtype)
+    optimizer.step()
+    return loss_sum / len(rows)

@@ -139,7 +139,7 @@ def compare_with_ebm(model: torch.nn.Module, network, fixed_points, batch_size: 
 # ---------------------------------------------------------------------------------------------- training
 def distill(network, fixed_points, config: DistillConfig | None = None, *, checkpoint_path=None,
             resume: bool = False, progress: bool = True, log=print, fixed_points_hash: str | None = None,
-            dataset: str | None = None, provenance: dict | None = None):
+            dataset: str | None = None, provenance: dict | None = None, world=None):
     """Distill ``network`` (ebm_sim Network or LayeredNetwork) from its fixed points (storage.FixedPointDataset);
     return (student -- ``student_for(network)``: FeedForward or LayeredFeedForward -- in eval mode with the best
     validation parameters, history).
@@ -148,6 +148,8 @@ def distill(network, fixed_points, config: DistillConfig | None = None, *, check
     lr, seconds; best_epoch. checkpoint_path: the student's ebm-feedforward file, rewritten atomically after every
     epoch (needs ``fixed_points_hash``, the fixed-point file's content hash, for the provenance); resume=True
     continues an interrupted run from it exactly. dataset / provenance: stored with the model.
+    world: None (one process) or an ``ebm_sim.distributed.World`` (data parallel over its processes, every rank
+    calling distill with the same arguments; see ``distill.fitting.fit_model``).
     """
     config = config or DistillConfig()
     check_fixed_points(network, fixed_points)
@@ -208,4 +210,4 @@ def distill(network, fixed_points, config: DistillConfig | None = None, *, check
     from .io import load_feedforward
     return fit_model(model, len(train_rows), batch_loss, validate, config, settings, save=save,
                      checkpoint_path=checkpoint_path, resume=resume, progress=progress, log=log, desc="distill",
-                     load_record=load_feedforward)
+                     load_record=load_feedforward, world=world)

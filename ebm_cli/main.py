@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import sys
+from contextlib import nullcontext
 
 import distill.commands
 import ebm_pipeline.commands
@@ -25,6 +26,7 @@ import ebm_sim.commands
 import hardware.commands
 from ebm_sim.batch_relax import RunError
 from ebm_sim.commands import PROG, preset_train_defaults
+from ebm_sim.distributed import env_secondary_rank
 from ebm_sim.outputs import DiskFullError, claim_outputs
 
 __all__ = ["PROG", "build_parser", "console_main", "main", "preset_train_defaults"]
@@ -74,7 +76,8 @@ def main(argv=None) -> int:
     except SystemExit as e:  # --help, or a usage error already printed by argparse
         return e.code if isinstance(e.code, int) else 2
     try:
-        with claim_outputs(args, log=_note):
+        # under torchrun (ebm_sim.distributed) rank 0 claims and writes the outputs; the other ranks only compute
+        with (nullcontext() if env_secondary_rank() else claim_outputs(args, log=_note)):
             return args.func(args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -17,7 +17,7 @@ def cmd_pipeline(args) -> int:
         from ebm_sim.model.presets import get
         dataset = get(args.preset).dataset
     top = {"dataset": dataset, "data_dir": args.data_dir, "seed": args.seed, "limit_train": args.limit_train,
-           "limit_test": args.limit_test, "quick": True if args.quick else None}
+           "limit_test": args.limit_test, "quick": True if args.quick else None, "cluster": args.cluster}
     if args.config:
         config = PipelineConfig.from_file(args.config, network=network, **top)
     else:
@@ -82,5 +82,9 @@ def add_parsers(sub) -> None:
                    help="default runs/pipeline-<dataset> (runs/pipeline-<dataset>-conv for --arch / --preset)")
     p.add_argument("--force", type=parse_names, default=None, metavar="STAGE[,STAGE...]",
                    help="run these stages again even if their artifacts are up to date")
+    from ebm_sim.cluster import CLUSTER_HELP, cluster_argument
+
+    p.add_argument("--cluster", type=cluster_argument, default=None, metavar="local|auto|ADDRESS",
+                   help=CLUSTER_HELP + " (the relax and robustness stages; or the config file's cluster key)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_pipeline)

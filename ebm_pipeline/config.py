@@ -9,7 +9,9 @@ TOML / YAML file, recorded in full in the report.
 
 A file holds top-level keys (dataset, data_dir, seed, torch_threads: torch's intra-op threads, 0 for its default;
 the digits default is 1, faster for tiny models; limit_train / limit_test: seeded class-stratified subsamples of the
-splits, for a quick look at a large dataset; quick: the QUICK budget below, for smoke tests) and sections, each
+splits, for a quick look at a large dataset; quick: the QUICK budget below, for smoke tests; cluster: "local", "auto"
+or a Ray address, to run the relax and robustness stages' parallel work on Ray, with the same results: see
+docs/scaling.md) and sections, each
 optional and holding only what differs from the dataset's defaults:
   [network]      layers, gain, activation (a dense EBM), or arch (a spec of ebm_sim.model.spec, e.g.
                  "3x32x32, conv 16 k3 p1 avgpool, readout 10") or preset (ebm_sim.model.presets) for a
@@ -39,7 +41,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TOP_KEYS = ("dataset", "data_dir", "seed", "torch_threads", "limit_train", "limit_test", "quick")
+TOP_KEYS = ("dataset", "data_dir", "seed", "torch_threads", "limit_train", "limit_test", "quick", "cluster")
 SECTIONS = ("network", "train", "distill", "standard", "pgd_at", "robustness", "hardware", "report")
 HARDWARE_KEYS = {"limit": None, "lava_limit": 100, "latency_samples": 100, "repeats": 5, "batch": 256,
                  "targets": None}
@@ -209,6 +211,7 @@ class PipelineConfig:
     limit_train: int | None = None
     limit_test: int | None = None
     quick: bool = False
+    cluster: str | None = None
     sections: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -217,6 +220,8 @@ class PipelineConfig:
                              f"{', '.join(DEFAULTS)}")
         if not isinstance(self.quick, bool):
             raise ValueError(f"quick must be true or false, got {self.quick!r}")
+        from ebm_sim.cluster import check_cluster
+        self.cluster = check_cluster(self.cluster)  # not in any stage's digest: the results are the same
         unknown = sorted(set(self.sections) - set(SECTIONS))
         if unknown:
             raise ValueError(f"unknown configuration section(s) {', '.join(unknown)}; the sections are "

@@ -167,7 +167,8 @@ class Pipeline:
                 out = self.path(f"fixed_points_{split}.h5")
                 limit = self.config.limit_train if split == "train" else self.config.limit_test
                 s = run_relax(self.path("network.h5"), self.config.dataset, out, data_dir=self.config.data_dir,
-                              split=split, limit=limit, progress=self.progress, log=self.log, **d.relax_options())
+                              split=split, limit=limit, progress=self.progress, log=self.log,
+                              cluster=self.config.cluster, **d.relax_options())
                 outputs.append(out)
                 summary[split] = {k: s[k] for k in ("samples", "accuracy", "converged") if k in s}
             return outputs, summary
@@ -242,7 +243,7 @@ class Pipeline:
                 try:
                     results = evaluate(models, self.data.x_test, self.data.y_test, shape,
                                        self.config.section("robustness"), folder, dataset=self.data.name,
-                                       progress=self.progress, log=self.log,
+                                       progress=self.progress, log=self.log, cluster=self.config.cluster,
                                        overwrite=True)  # the pipeline owns its folder: a stale report is replaced
                 except Exception as error:  # noqa: BLE001 (reported, see refused)
                     reason = refused(error)

@@ -3,6 +3,10 @@
 Finished batches are saved atomically to ``<OUT>.partial.npz`` (every ``checkpoint_every`` batches and on Ctrl-C);
 a later call with the same network, data and settings continues from there. The partial file is deleted once the
 final ``ebm-fixed-points`` artifact is written, and nothing is ever written under the final name before the end.
+
+With ``cluster`` (``ebm relax --cluster``) the batches are grouped into shards, one Ray task each (``ebm_sim.cluster``),
+each shard written to its own file in ``OUT.shards/`` and the shards merged into the same OUT as without it
+(``relax_to_file``; docs/scaling.md).
 """
 from __future__ import annotations
 
@@ -118,12 +122,15 @@ class BatchRelaxation:
     diverged: np.ndarray
 
 
-def relax_batch(network, x, method: str, tol: float, max_steps: int, dt) -> BatchRelaxation:
+def relax_batch(network, x, method: str, tol: float, max_steps: int, dt, threads: int | None = None) -> BatchRelaxation:
     """Relax one batch of a dense Network (``ebm_sim.relax``, Numba kernels) or a LayeredNetwork
-    (``ebm_sim.model.dynamics.relax`` with the Numba interaction backend) and flag divergence."""
+    (``ebm_sim.model.dynamics.relax`` with the Numba interaction backend) and flag divergence. threads: how many
+    threads a dense network's batch is split between (default: one per available core); the split decides the last
+    bits of the result (each thread's rows retire on their own), so runs that must agree bit for bit use the same."""
     if not is_layered(network):
         from .relax import relax
-        r = relax(network, x, method=method, tol=tol, max_steps=max_steps, dt=dt, on_divergence="flag")
+        r = relax(network, x, method=method, tol=tol, max_steps=max_steps, dt=dt, on_divergence="flag",
+                  threads=threads)
         return BatchRelaxation(r.states, r.residual, r.steps, r.converged, r.diverged)
     from .model.dynamics import relax as relax_layered
     from .model.energy import parameters
@@ -137,7 +144,8 @@ def relax_batch(network, x, method: str, tol: float, max_steps: int, dt) -> Batc
 def relax_to_file(network, x, labels, out, *, method: str = "fixed_point", tol: float = 1e-4,
                   max_steps: int = 1000, dt: float | None = None, batch_size: int = 256, dtype=None,
                   meta: dict | None = None, checkpoint_every: int = 10, resume: bool = True,
-                  progress: bool = True, log=None) -> dict:
+                  progress: bool = True, log=None, threads: int | None = None, cluster: str | None = None,
+                  shard_size: int | None = None) -> dict:
     """Relax every sample of x in batches and write an ``ebm-fixed-points`` file to ``out``.
 
     network: a dense Network (x (N, n_0)) or a LayeredNetwork (x (N, *input_shape), e.g. (N, 3, 32, 32) images in
@@ -146,8 +154,17 @@ def relax_to_file(network, x, labels, out, *, method: str = "fixed_point", tol: 
     Resumable: finished batches go to ``partial_path(out)`` every ``checkpoint_every`` batches and on Ctrl-C
     (KeyboardInterrupt is re-raised); a later call with the same network, data and settings continues from it.
     dtype: run in float32/float64 (default: the network's). meta: extra entries for the stored settings (dataset,
-    split, limit). Returns a summary dict (samples, converged, steps, residual, accuracy, time, paths).
+    split, limit). threads: the threads each batch is split between (``relax_batch``; default one per core).
+    Returns a summary dict (samples, converged, steps, residual, accuracy, time, paths).
     Raises ValueError for bad settings and RunError if the dynamics diverge (finished batches are kept).
+
+    cluster: None (this process), or "local" / "auto" / a Ray address (``ebm_sim.cluster``): the samples are cut
+    into shards of ``shard_size`` samples (a multiple of batch_size; default: about two shards per CPU of the
+    cluster), one Ray task per shard relaxes its range into its own file in ``shard_folder(out)`` (with
+    ``relax_to_file`` itself: atomic, resumable), shards already there are skipped, and the shards are merged into
+    ``out``. The shards split every batch between as many threads as this process would (``threads``, default this
+    machine's cores), so ``out`` equals the single-process file bit for bit: every dataset, and every attribute but
+    ``created`` (the time of writing); ``content_hash`` included. The shard folder must be visible to every node.
     """
     from . import integrators
     from .relax import RelaxSettings
@@ -158,6 +175,17 @@ def relax_to_file(network, x, labels, out, *, method: str = "fixed_point", tol: 
         raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
     if not (isinstance(checkpoint_every, (int, np.integer)) and checkpoint_every >= 1):
         raise ValueError(f"checkpoint interval must be a positive number of batches, got {checkpoint_every!r}")
+    if threads is not None and not (isinstance(threads, (int, np.integer)) and threads >= 1):
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    from .cluster import check_cluster
+    cluster = check_cluster(cluster)
+    if shard_size is not None and not (isinstance(shard_size, (int, np.integer)) and shard_size >= 1
+                                       and shard_size % batch_size == 0):
+        raise ValueError(f"shard size must be a positive multiple of the batch size {batch_size} (a shard relaxes "
+                         f"whole batches, as the single-process run does), got {shard_size!r}")
+    if shard_size is not None and cluster is None:
+        raise ValueError("a shard size needs a cluster (--cluster): without one the samples are relaxed here in "
+                         "batches")
     source_hash = network.content_hash()
     run_net = network if dtype is None else network.astype(dtype)
     relax_settings = RelaxSettings(method=method, tol=tol, max_steps=max_steps, dt=dt)  # validates early
@@ -182,19 +210,20 @@ def relax_to_file(network, x, labels, out, *, method: str = "fixed_point", tol: 
                 "on_divergence": "flag", **(meta or {})}
     key = _run_key(source_hash, x, labels, settings)
     with exclusive(out):  # one writer of OUT (and of its partial file) at a time
+        if cluster is not None:
+            return _relax_sharded(network, run_net, x, labels, out, settings, key, cluster, shard_size, threads,
+                                  resume, checkpoint_every, progress, log)
         return _relax_batches(network, run_net, x, labels, out, settings, key, resume, checkpoint_every, progress,
-                              log)
+                              log, threads)
 
 
 def _relax_batches(network, run_net, x, labels, out: Path, settings: dict, key: str, resume: bool,
-                   checkpoint_every: int, progress: bool, log) -> dict:
+                   checkpoint_every: int, progress: bool, log, threads: int | None = None) -> dict:
     """The work of ``relax_to_file`` once its inputs are checked: batches, partial saves, the final file."""
-    from . import storage
     from .relax import divergence_remedy
-    from .training import predictions
 
     method, tol, max_steps, dt = (settings[k] for k in ("method", "tol", "max_steps", "dt"))
-    batch_size, source_hash = settings["batch_size"], network.content_hash()
+    batch_size = settings["batch_size"]
     num, num_layers = x.shape[0], len(state_units(run_net))  # layers that relax (no readout)
     ppath = partial_path(out)
 
@@ -219,7 +248,7 @@ def _relax_batches(network, run_net, x, labels, out: Path, settings: dict, key: 
     try:
         while done < num:
             stop = min(done + batch_size, num)
-            result = relax_batch(run_net, x[done:stop], method, tol, max_steps, dt)
+            result = relax_batch(run_net, x[done:stop], method, tol, max_steps, dt, threads)
             if np.any(result.diverged):
                 bad = done + np.nonzero(result.diverged)[0]
                 if done > resumed_from:
@@ -251,14 +280,155 @@ def _relax_batches(network, run_net, x, labels, out: Path, settings: dict, key: 
     states = [np.concatenate(parts[f"s{k}"]) for k in range(1, num_layers + 1)]
     residuals, steps = np.concatenate(parts["residuals"]), np.concatenate(parts["steps"])
     converged = np.concatenate(parts["converged"])
-    storage.save_fixed_points(out, x, labels, states, residuals, steps, converged, settings, source_hash)
+    summary = _write_result(network, run_net, x, labels, out, settings, states, residuals, steps, converged,
+                            elapsed(), resumed_from)
     ppath.unlink(missing_ok=True)
+    return summary
+
+
+def _write_result(network, run_net, x, labels, out: Path, settings: dict, states: list, residuals, steps,
+                  converged, time_s: float, resumed_from: int) -> dict:
+    """Write the ``ebm-fixed-points`` file of a finished relaxation (states list of (N, *shape_k), residuals,
+    steps, converged (N,)) and return ``relax_to_file``'s summary."""
+    from . import storage
+    from .training import predictions
+
+    source_hash = network.content_hash()
+    storage.save_fixed_points(out, x, labels, states, residuals, steps, converged, settings, source_hash)
+    num = x.shape[0]
     return {"path": str(out), "samples": num, "converged": int(np.count_nonzero(converged)),
             "converged_fraction": float(np.mean(converged)), "steps_mean": float(np.mean(steps)),
             "steps_max": int(np.max(steps)), "residual_max": float(np.max(residuals)),
-            "accuracy": float(np.mean(predictions(run_net, states) == labels)), "time_s": elapsed(),
+            "accuracy": float(np.mean(predictions(run_net, states) == labels)), "time_s": time_s,
             "resumed_from": resumed_from, "network_hash": source_hash, "settings": settings,
             "trained": bool(network.history)}
+
+
+# ---------------------------------------------------------------------------------------------- sharded (Ray)
+SHARD_SUFFIX = ".shards"
+
+
+def shard_folder(out) -> Path:
+    """Where a sharded ``ebm relax -o OUT --cluster ...`` keeps its shard files until OUT is written:
+    ``OUT.shards/`` (one ``ebm-fixed-points`` file per index range, removed once OUT is written)."""
+    out = Path(out)
+    return out.with_name(out.name + SHARD_SUFFIX)
+
+
+def plan_shards(num: int, shard_size: int) -> list:
+    """The index ranges [(start, stop)] of ``num`` samples cut into shards of ``shard_size`` (the last may be
+    shorter)."""
+    return [(start, min(start + shard_size, num)) for start in range(0, num, shard_size)]
+
+
+def default_shard_size(num: int, batch_size: int, workers: int) -> int:
+    """Whole batches per shard, about two shards per worker (a slow shard then delays the end less)."""
+    batches = -(-num // batch_size)
+    return max(1, -(-batches // (2 * max(1, workers)))) * batch_size
+
+
+def _shard_settings(settings: dict, key: str, start: int, stop: int) -> dict:
+    """The settings stored in a shard file: the run's, plus which run (a digest of its key) and which range."""
+    run = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return {**settings, "shard": {"run": run, "start": int(start), "stop": int(stop)}}
+
+
+def _shard_path(folder: Path, shard_settings: dict) -> Path:
+    shard = shard_settings["shard"]
+    return folder / f"{shard['run']}-{shard['start']:010d}-{shard['stop']:010d}.h5"
+
+
+def relax_shard(network, x, labels, start: int, stop: int, path: str, shard_settings: dict, threads: int,
+                resume: bool, checkpoint_every: int) -> int:
+    """One Ray task of a sharded relaxation: relax x[start:stop] (x (N, *sample_shape), labels (N,): the whole
+    arrays, shared read-only through the object store, so the range is copied) into the shard file ``path`` with
+    ``relax_to_file`` (atomic write, its own partial file: a retried task resumes it). Returns the samples done."""
+    from .relax import RelaxSettings
+
+    fields = set(RelaxSettings.__dataclass_fields__) | {"dtype", "batch_size", "on_divergence"}
+    meta = {k: v for k, v in shard_settings.items() if k not in fields}
+    relax_to_file(network, np.array(x[start:stop]), np.array(labels[start:stop]), path,
+                  method=shard_settings["method"], tol=shard_settings["tol"], max_steps=shard_settings["max_steps"],
+                  dt=shard_settings["dt"], batch_size=shard_settings["batch_size"], dtype=shard_settings["dtype"],
+                  meta=meta, checkpoint_every=checkpoint_every, resume=resume, progress=False, threads=threads,
+                  log=lambda msg: None)
+    return stop - start
+
+
+def _read_shard(path: Path, network, shard_settings: dict, x, labels):
+    """A shard file's FixedPointDataset if it was made by this run for this range (same network, settings, range,
+    inputs and labels), else None."""
+    from . import storage
+
+    try:
+        shard = storage.load_fixed_points(path, network)
+    except (OSError, ValueError):
+        return None
+    if (shard.settings != json.loads(json.dumps(shard_settings, default=str)) or not np.array_equal(shard.inputs, x)
+            or not np.array_equal(shard.labels, labels)):
+        return None
+    return shard
+
+
+def _relax_sharded(network, run_net, x, labels, out: Path, settings: dict, key: str, cluster: str,
+                   shard_size: int | None, threads: int | None, resume: bool, checkpoint_every: int,
+                   progress: bool, log) -> dict:
+    """The work of ``relax_to_file(..., cluster=...)`` once its inputs are checked: shards as Ray tasks (those
+    already in ``shard_folder(out)`` skipped), then their merge into ``out``."""
+    from tqdm import tqdm
+
+    from . import cluster as ray_cluster
+    from .numba_backend import worker_count
+
+    start_time = time.perf_counter()
+    ray = ray_cluster.connect(cluster, log=log)
+    num, batch_size = x.shape[0], settings["batch_size"]
+    workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    shard_size = shard_size or default_shard_size(num, batch_size, workers)
+    threads = threads or worker_count(sys.maxsize, None, min_rows=1)  # this machine's split of every batch
+    folder = shard_folder(out)
+    folder.mkdir(exist_ok=True)
+    shards = [(a, b, _shard_settings(settings, key, a, b)) for a, b in plan_shards(num, shard_size)]
+    todo = [(a, b, meta) for a, b, meta in shards
+            if not (resume and _read_shard(_shard_path(folder, meta), network, meta, x[a:b], labels[a:b]))]
+    resumed_from = num - sum(b - a for a, b, _ in todo)
+    if resumed_from:
+        log(f"resuming from {folder}: {resumed_from}/{num} samples already relaxed "
+            f"({len(shards) - len(todo)} of {len(shards)} shards)")
+    refs = [ray_cluster.put(value) for value in (network, x, labels)]
+    arguments = [(*refs, a, b, str(_shard_path(folder, meta)), meta, threads, resume, checkpoint_every)
+                 for a, b, meta in todo]
+    bar = tqdm(total=num, initial=resumed_from, unit="sample", desc=f"relax {settings['method']} ({len(shards)} "
+               f"shards)", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    try:
+        for _, samples in ray_cluster.run_tasks(relax_shard, arguments, threads=threads, num_cpus=1):
+            bar.update(samples)
+    except KeyboardInterrupt:
+        log(f"interrupted: the finished shards are kept in {folder}; run the same command again to resume")
+        raise
+    finally:
+        bar.close()
+
+    pieces = []
+    for a, b, meta in shards:
+        shard = _read_shard(_shard_path(folder, meta), network, meta, x[a:b], labels[a:b])
+        if shard is None:
+            raise RunError(f"shard {_shard_path(folder, meta)} (samples {a}..{b - 1}) is missing or was changed "
+                           f"after its task finished; run the same command again to redo it")
+        pieces.append(shard)
+    states = [np.concatenate([p.states[k] for p in pieces]) for k in range(len(pieces[0].states))]
+    summary = _write_result(network, run_net, x, labels, out, settings, states,
+                            *(np.concatenate([getattr(p, name) for p in pieces])
+                              for name in ("residuals", "steps", "converged")),
+                            time.perf_counter() - start_time, resumed_from)
+    for _, _, meta in shards:
+        _shard_path(folder, meta).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:  # something else is in it (another run's shards): leave it
+        pass
+    summary.update(cluster=cluster, shards=len(shards), shard_size=shard_size, threads=threads)
+    return summary
 
 
 def relax_settings_of(network_path, method=None, tol=None, max_steps=None, dt=None) -> tuple[dict, str]:
@@ -340,6 +510,8 @@ def format_relax_summary(s: dict) -> str:
     timing = f"{s['time_s']:.2f} s"
     if s["resumed_from"]:
         timing += f" in total (resumed after {s['resumed_from']} samples)"
+    if s.get("shards"):
+        timing += f" on Ray ({s['cluster']}: {s['shards']} shards of {s['shard_size']} samples)"
     return "\n".join([
         head,
         f"  converged:    {s['converged']}/{s['samples']} ({100 * s['converged_fraction']:.1f}%)",

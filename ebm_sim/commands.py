@@ -4,8 +4,9 @@ helpers other packages' commands share (``parse_layers``, ``parse_rates``, ``par
     ebm init  --layers 64,128,10 | --arch "3x32x32, conv 64 k3 p1 maxpool, readout 10" | --preset NAME
               [--seed 0] [--gain 1.0] [--activation hard_sigmoid] [--dtype float32] -o NET.h5 [--overwrite]
     ebm train --dataset NAME (--layers ... | --arch SPEC | --preset NAME) [training settings] -o NET.h5 [--resume]
+              [--nproc N]   (N data-parallel processes; or under torchrun, see docs/distributed_training.md)
     ebm relax NET.h5 --dataset digits [--split test] [--limit N] [--method M] [--tol T] [--max-steps N] [--dt DT]
-              [--batch-size 256] [--dtype float32|float64] -o FIXED_POINTS.h5
+              [--batch-size 256] [--dtype float32|float64] [--cluster local|auto|ADDRESS] -o FIXED_POINTS.h5
               (dense or layered networks; method, tol, steps and dt default to the network's stored deployment)
     ebm info  FILE [FILE ...]
     ebm demo  [--out-dir runs/demo-simulator]
@@ -17,7 +18,8 @@ distill, hardware and ebm_pipeline use ebm_sim, never the other way round.
 
 ``ebm relax`` is resumable: finished batches are saved atomically to ``<OUT>.partial.npz`` (every
 ``--checkpoint-every`` batches and on Ctrl-C); re-running the same command continues from there. The partial file is
-deleted once the final artifact is written, and nothing is ever written under the final name before the end.
+deleted once the final artifact is written, and nothing is ever written under the final name before the end. With
+``--cluster`` it relaxes shards of whole batches as Ray tasks and merges them into the same file (docs/scaling.md).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from . import integrators
 from .batch_relax import format_relax_summary, run_relax
+from .cluster import CLUSTER_HELP, cluster_argument
 from .outputs import add_output_argument
 
 PROG = "ebm"
@@ -104,7 +107,8 @@ def cmd_relax(args) -> int:
     summary = run_relax(args.network, args.dataset, args.output, data_dir=args.data_dir, split=args.split,
                         limit=args.limit, method=args.method, tol=args.tol, max_steps=args.max_steps, dt=args.dt,
                         batch_size=args.batch_size, dtype=args.dtype, checkpoint_every=args.checkpoint_every,
-                        resume=not args.no_resume, progress=not args.no_progress)
+                        resume=not args.no_resume, progress=not args.no_progress, cluster=args.cluster,
+                        shard_size=args.shard_size)
     print(format_relax_summary(summary))
     return 0
 
@@ -130,7 +134,7 @@ def cmd_info(args) -> int:
 def cmd_train(args) -> int:
     from . import datasets
     from .network import Network
-    from .training import TrainConfig, fit
+    from .training import TrainConfig
 
     out = Path(args.output)  # checked (exists, --resume, --overwrite, writable, locked) by claim_outputs in main
     if args.cost is None:  # a spec ending in "readout N" trains with cross-entropy, any other with mse
@@ -142,6 +146,8 @@ def cmd_train(args) -> int:
                          nudged_steps=args.nudged_steps, tol=args.tol, optimizer=args.optimizer, lr=args.lr,
                          momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
                          seed=args.seed, backend=args.backend, device=args.device, augment=args.augment)
+    from .distributed import check_nprocs, env_secondary_rank, run
+    check_nprocs(args.nproc, config.batch_size, config.device if config.backend == "torch" else None)  # before work
     network = _architecture_network(args, readout_from_cost=True)  # spec errors before the data is read
     data = datasets.load_dataset(args.dataset, args.data_dir, limit_train=args.limit_train,
                                  limit_test=args.limit_test, seed=args.seed)
@@ -160,20 +166,43 @@ def cmd_train(args) -> int:
                              f"and {data.num_classes} classes")
         x_train = data.x_train.reshape((-1,) + tuple(shape))
         x_test = data.x_test.reshape((-1,) + tuple(shape))
-    print(f"training {_shape_text(network)} on {data.name} ({len(data.y_train)} train / {len(data.y_test)} "
-          f"test samples) with EP: {config.nudging} nudging, beta {config.beta:g}, {config.cost}, "
-          f"{config.method} (free {config.free_steps} / nudged {config.nudged_steps} steps, tol {config.tol:g}), "
-          f"{config.optimizer} lr {config.lr}, {config.epochs} epochs; checkpoints in {out}", flush=True)
-    network = fit(network, x_train, data.y_train, x_test, data.y_test, config, checkpoint_path=out,
-                  resume=args.resume, progress=not args.no_progress, log=lambda msg: print(msg, flush=True),
-                  extra_attrs={"dataset": data.name, "init": {"seed": args.seed, "gain": args.gain}},
-                  num_classes=data.num_classes)
-    history = network.history
-    if history.get("test_acc"):
+    if not env_secondary_rank():  # under torchrun rank 0 speaks for all
+        print(f"training {_shape_text(network)} on {data.name} ({len(data.y_train)} train / {len(data.y_test)} "
+              f"test samples) with EP: {config.nudging} nudging, beta {config.beta:g}, {config.cost}, "
+              f"{config.method} (free {config.free_steps} / nudged {config.nudged_steps} steps, tol {config.tol:g}), "
+              f"{config.optimizer} lr {config.lr}, {config.epochs} epochs"
+              + (f", {args.nproc} processes" if args.nproc > 1 else "") + f"; checkpoints in {out}", flush=True)
+    try:
+        history = run(_train_rank, args.nproc,
+                      (network, x_train, data.y_train, x_test, data.y_test, config, out, args.resume,
+                       not args.no_progress, {"dataset": data.name, "init": {"seed": args.seed, "gain": args.gain}},
+                       data.num_classes), config.device if config.backend == "torch" else None)
+    except KeyboardInterrupt:
+        if args.nproc > 1:  # the ranks were stopped: say what the file holds (rank 0 may not have had the time)
+            print(f"interrupted: {out} holds the last finished epoch{'' if out.exists() else ' (none yet)'}; run "
+                  f"the same command with --resume to continue", flush=True)
+        raise
+    if history and history.get("test_acc"):
         best = max(history["test_acc"])
         print(f"final test accuracy {100 * history['test_acc'][-1]:.2f}% (best {100 * best:.2f}%), "
               f"{sum(history['seconds']):.1f} s in total; wrote {out}")
     return 0
+
+
+def _train_rank(world, network, x_train, y_train, x_test, y_test, config, out, resume, progress, extra, num_classes):
+    """``ebm train``'s work in one process (world None) or one rank of several (``ebm_sim.distributed.run``):
+    the history on rank 0, None elsewhere."""
+    from dataclasses import replace
+
+    from .distributed import rank_device
+    from .training import fit
+
+    if world is not None:
+        config = replace(config, device=rank_device(world, config.device))
+    network = fit(network, x_train, y_train, x_test, y_test, config, checkpoint_path=out, resume=resume,
+                  progress=progress, log=lambda msg: print(msg, flush=True), extra_attrs=extra,
+                  num_classes=num_classes, world=world)
+    return network.history if world is None or world.is_main else None
 
 
 def _has_readout(args) -> bool:
@@ -279,6 +308,12 @@ def add_parsers(sub, train_defaults: dict | None = None) -> None:
     p.add_argument("--checkpoint-every", type=int, default=10, metavar="N",
                    help="save finished batches to OUT.partial.npz every N batches (default 10; also on Ctrl-C)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing OUT.partial.npz and start over")
+    p.add_argument("--cluster", type=cluster_argument, default=None, metavar="local|auto|ADDRESS",
+                   help=CLUSTER_HELP + ". The samples are relaxed in shards, one Ray task each, kept in OUT.shards/ "
+                        "(resumable) and merged into OUT: the same file as without --cluster")
+    p.add_argument("--shard-size", type=int, default=None, metavar="N",
+                   help="samples per shard with --cluster, a multiple of --batch-size (default: about two shards "
+                        "per CPU of the cluster)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_output_argument(p, "-o", "--output", required=True, metavar="FIXED_POINTS.h5",
                         help="fixed-point file to write (its unfinished batches wait in OUT.partial.npz)")
@@ -325,6 +360,10 @@ def add_parsers(sub, train_defaults: dict | None = None) -> None:
                    help="numba (the default of --layers) or torch (the default of --arch and --preset, faster at "
                         "training batches; --device cuda for a GPU)")
     p.add_argument("--device", default="cpu", help="torch device of the torch backend (default cpu)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel processes on this machine (torch.distributed, gloo; NCCL with --device "
+                        "cuda), each taking a slice of every minibatch; the result equals one process up to float "
+                        "rounding (default 1; under torchrun leave it out)")
     p.add_argument("--augment", choices=AUGMENTATIONS, default="none",
                    help="none (default) or crop_flip: random crop with 4 pixels of padding and horizontal flip, "
                         "seeded (image networks from --arch/--preset)")

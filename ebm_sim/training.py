@@ -436,8 +436,16 @@ def check_data(network: Network, x, labels, num_classes: int, what: str) -> None
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-def evaluate(network: Network, x, labels, config: TrainConfig) -> dict:
-    """Free phase on (x, labels) in batches: accuracy, mean loss, mean steps, largest residual."""
+def evaluate(network: Network, x, labels, config: TrainConfig, world=None) -> dict:
+    """Free phase on (x, labels) in batches: accuracy, mean loss, mean steps, largest residual. world (an
+    ``ebm_sim.distributed.World`` or None): each rank relaxes its contiguous share of the samples and the sums are
+    reduced, so every rank returns the same figures."""
+    from .distributed import single
+
+    n = x.shape[0]
+    if not single(world):
+        mine = world.share(n)
+        x, labels = x[mine], labels[mine]
     num_classes = num_outputs(network)
     correct, loss, steps, residual = 0, 0.0, 0.0, 0.0
     for start in range(0, x.shape[0], config.eval_batch_size):
@@ -452,8 +460,10 @@ def evaluate(network: Network, x, labels, config: TrainConfig) -> dict:
         loss += float(np.sum(batch_loss(network, states, one_hot(yb, num_classes, network.dtype))))
         steps += float(np.sum(batch_steps))
         residual = max(residual, float(batch_residual.max()))
-    n = x.shape[0]
-    return {"accuracy": correct / n, "loss": loss / n, "steps_mean": steps / n, "residual_max": residual}
+    if not single(world):
+        correct, loss, steps = world.sum([correct, loss, steps])
+        residual = float(world.max([residual])[0])
+    return {"accuracy": int(correct) / n, "loss": loss / n, "steps_mean": steps / n, "residual_max": residual}
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -481,29 +491,56 @@ def nudge_sign(config: TrainConfig, epoch: int, batch: int) -> float:
     return 1.0 if np.random.default_rng([config.seed, epoch, batch, 1]).random() < 0.5 else -1.0
 
 
-def train_epoch(network: Network, optimizer, x, labels, config: TrainConfig, epoch: int, progress=None) -> dict:
-    """One epoch of EP over (x, labels); updates ``network`` in place. Returns the epoch's training statistics."""
+def train_epoch(network: Network, optimizer, x, labels, config: TrainConfig, epoch: int, progress=None,
+                world=None) -> dict:
+    """One epoch of EP over (x, labels); updates ``network`` in place. Returns the epoch's training statistics.
+
+    world: an ``ebm_sim.distributed.World`` of several processes, or None (one process). Every rank then computes
+    the EP estimate of its contiguous slice of each global minibatch (``World.share``) and the estimates are averaged
+    weighted by the slices' rows (one all_reduce per minibatch, ``World.average``): every rank applies the same
+    update; the statistics are summed over the ranks once, at the end of the epoch."""
+    from .distributed import single
+
     num_classes = num_outputs(network)
     params = parameters(network)
     scale = schedule_scale(config, epoch)
     order = batch_order(config, epoch, x.shape[0])
-    correct, loss, free_steps, nudged_steps, residual, batches = 0, 0.0, 0.0, 0.0, 0.0, 0
+    correct, loss, free_steps, nudged_steps, residual, batches, seen = 0, 0.0, 0.0, 0.0, 0.0, 0, 0
     for index, start in enumerate(range(0, x.shape[0], config.batch_size)):
         rows = order[start:start + config.batch_size]
-        xb, yb = augment(config, x[rows], epoch, index), labels[rows]
+        if single(world):
+            xb, yb = augment(config, x[rows], epoch, index), labels[rows]
+        else:  # this rank's slice of the global minibatch (augmented as a whole: its draws are per batch)
+            mine = world.share(len(rows))
+            xb = x[rows[mine]] if config.augment == "none" else augment(config, x[rows], epoch, index)[mine]
+            yb = labels[rows[mine]]
         target = one_hot(yb, num_classes, network.dtype)
-        step = ep_gradient(network, xb, target, config, nudge_sign(config, epoch, index))
-        optimizer.step(params, step.gradient, scale)
-        correct += int(np.sum(predictions(network, step.free_states) == yb))
-        loss += float(np.sum(batch_loss(network, step.free_states, target)))
-        free_steps += float(np.sum(step.free_steps))
-        nudged_steps += step.nudged_steps * len(rows)
-        residual = max(residual, float(step.free_residual.max()))
+        if single(world):
+            step = ep_gradient(network, xb, target, config, nudge_sign(config, epoch, index))
+            gradient = step.gradient
+        else:
+            try:
+                step = ep_gradient(network, xb, target, config, nudge_sign(config, epoch, index)) if len(yb) else None
+            except Exception:
+                world.average(None, 0.0, like=params, failed=True)  # the other ranks stop instead of waiting
+                raise
+            gradient, _ = world.average(None if step is None else step.gradient, len(yb) / len(rows), like=params)
+        optimizer.step(params, gradient, scale)
         batches += 1
+        if step is not None:  # None: this rank's slice of a short last minibatch is empty
+            correct += int(np.sum(predictions(network, step.free_states) == yb))
+            loss += float(np.sum(batch_loss(network, step.free_states, target)))
+            free_steps += float(np.sum(step.free_steps))
+            nudged_steps += step.nudged_steps * len(yb)
+            residual = max(residual, float(step.free_residual.max()))
+            seen += len(yb)
         if progress is not None:
             progress.update(len(rows))
-            progress.set_postfix(loss=f"{loss / (start + len(rows)):.4f}",
-                                 acc=f"{correct / (start + len(rows)):.3f}", refresh=False)
+            progress.set_postfix(loss=f"{loss / max(seen, 1):.4f}", acc=f"{correct / max(seen, 1):.3f}",
+                                 refresh=False)
+    if not single(world):
+        correct, loss, free_steps, nudged_steps = world.sum([correct, loss, free_steps, nudged_steps])
+        residual = float(world.max([residual])[0])
     n = x.shape[0]
     return {"loss": loss / n, "train_acc": correct / n, "free_steps_mean": free_steps / n,
             "free_residual_max": residual, "nudged_steps_mean": nudged_steps / n, "lr_scale": scale}
@@ -521,7 +558,7 @@ def data_fingerprint(x, labels) -> str:
 
 def fit(network: Network, x_train, y_train, x_test, y_test, config: TrainConfig, checkpoint_path=None,
         resume: bool = False, progress: bool = True, log=print, extra_attrs: dict | None = None,
-        num_classes: int | None = None) -> Network:
+        num_classes: int | None = None, world=None) -> Network:
     """Train ``network`` in place with EP and return it; its ``history`` holds one entry per epoch of every key of
     HISTORY_KEYS (loss, train and test accuracy, mean free-phase steps, largest residual, seconds per epoch...).
 
@@ -534,7 +571,18 @@ def fit(network: Network, x_train, y_train, x_test, y_test, config: TrainConfig,
     every label must lie in [0, num_classes).
     All inputs are checked, and the checkpoint file claimed (``ebm_sim.outputs``: one writer, writable, room for a
     checkpoint), before any work.
+    world: None (one process) or an ``ebm_sim.distributed.World``: data-parallel EP over its processes (every rank
+    calls fit with the same arguments and data; see ``train_epoch``), ending with the weights of one process trained
+    on the same global minibatches up to float rounding; rank 0 alone logs, shows progress and writes the checkpoint
+    file, and every rank reads it on resume.
     """
+    from .distributed import log_on_main, single
+
+    if not single(world):
+        if config.batch_size < world.size:
+            raise ValueError(f"a minibatch of {config.batch_size} samples cannot give each of {world.size} processes "
+                             f"a slice: use a batch size of at least {world.size} or fewer processes")
+        log, progress = log_on_main(world, log), progress and world.is_main
     if num_classes is None:
         num_classes = num_outputs(network)
     check_data(network, x_train, y_train, num_classes, "training")
@@ -549,17 +597,33 @@ def fit(network: Network, x_train, y_train, x_test, y_test, config: TrainConfig,
     if resume and checkpoint_path is None:
         raise ValueError("resume needs the checkpoint file (the network file written by a previous run)")
     if checkpoint_path is None:
-        return _fit(network, x_train, y_train, x_test, y_test, config, None, resume, progress, log, extra_attrs)
+        return _fit(network, x_train, y_train, x_test, y_test, config, None, resume, progress, log, extra_attrs,
+                    world)
+    from contextlib import ExitStack
+
     from .outputs import check_output, exclusive, require_space
 
-    with exclusive(checkpoint_path):  # one writer; writable, with room for a checkpoint, before the first epoch
-        check_output(checkpoint_path, overwrite=True)
-        require_space(checkpoint_path, checkpoint_bytes(network, config))
+    if not single(world) and not world.is_main:  # rank 0 claims and writes the file
+        world.agree(True, "claiming the checkpoint file")
         return _fit(network, x_train, y_train, x_test, y_test, config, checkpoint_path, resume, progress, log,
-                    extra_attrs)
+                    extra_attrs, world)
+    with ExitStack() as claimed:  # one writer; writable, with room for a checkpoint, before the first epoch
+        try:
+            claimed.enter_context(exclusive(checkpoint_path) if single(world) else world.output_lock(checkpoint_path))
+            check_output(checkpoint_path, overwrite=True)
+            require_space(checkpoint_path, checkpoint_bytes(network, config))
+        except Exception:
+            if not single(world):
+                world.agree(False, "claiming the checkpoint file")
+            raise
+        if not single(world):
+            world.agree(True, "claiming the checkpoint file")
+        return _fit(network, x_train, y_train, x_test, y_test, config, checkpoint_path, resume, progress, log,
+                    extra_attrs, world)
 
 
-def _fit(network, x_train, y_train, x_test, y_test, config, checkpoint_path, resume, progress, log, extra_attrs):
+def _fit(network, x_train, y_train, x_test, y_test, config, checkpoint_path, resume, progress, log, extra_attrs,
+         world=None):
     """``fit`` once its inputs and output are checked."""
     x_train = np.ascontiguousarray(x_train, dtype=network.dtype)
     x_test = np.ascontiguousarray(x_test, dtype=network.dtype)
@@ -574,7 +638,7 @@ def _fit(network, x_train, y_train, x_test, y_test, config, checkpoint_path, res
         return network
     with _checkpoint_notes(checkpoint_path, state, config, log):
         _fit_epochs(network, optimizer, x_train, y_train, x_test, y_test, config, state, settings, checkpoint_path,
-                    progress, log, extra_attrs)
+                    progress, log, extra_attrs, world)
     return network
 
 
@@ -615,19 +679,21 @@ def _checkpoint_notes(path, state: "TrainState", config: TrainConfig, log):
 
 
 def _fit_epochs(network, optimizer, x_train, y_train, x_test, y_test, config, state, settings, checkpoint_path,
-                progress, log, extra_attrs) -> None:
-    """The epochs of ``fit`` from ``state.epoch`` on, checkpointing after each (see ``fit``)."""
+                progress, log, extra_attrs, world=None) -> None:
+    """The epochs of ``fit`` from ``state.epoch`` on, checkpointing after each (see ``fit``; with several processes
+    rank 0 writes the checkpoint and every rank waits for it)."""
     from tqdm import tqdm
 
     from . import storage
+    from .distributed import single
     from .outputs import interrupts_deferred
 
     for epoch in range(state.epoch, config.epochs):
         start = time.perf_counter()
         with tqdm(total=x_train.shape[0], desc=f"epoch {epoch + 1}/{config.epochs}", unit="sample",
                   disable=not progress, leave=False, dynamic_ncols=True) as bar:
-            stats = train_epoch(network, optimizer, x_train, y_train, config, epoch, bar)
-        test = evaluate(network, x_test, y_test, config)
+            stats = train_epoch(network, optimizer, x_train, y_train, config, epoch, bar, world)
+        test = evaluate(network, x_test, y_test, config, world)
         stats.update(epoch=epoch + 1, test_acc=test["accuracy"], test_loss=test["loss"],
                      seconds=time.perf_counter() - start)
         if not np.all([np.all(np.isfinite(p)) for p in parameters(network)]):
@@ -645,9 +711,20 @@ def _fit_epochs(network, optimizer, x_train, y_train, x_test, y_test, config, st
             # the training configuration travels with the network: it defines the deployed relaxation (free phase)
             extra = {"config": config.as_dict(), "deployment": Deployment.of_train_config(config).as_dict(),
                      **(extra_attrs or {})}
-            with interrupts_deferred():  # Ctrl-C after the checkpoint is written and counted
-                storage.save_network(checkpoint_path, network, extra_attrs=extra, checkpoint=checkpoint)
-                state.saved = epoch + 1
+            if single(world):
+                with interrupts_deferred():  # Ctrl-C after the checkpoint is written and counted
+                    storage.save_network(checkpoint_path, network, extra_attrs=extra, checkpoint=checkpoint)
+                    state.saved = epoch + 1
+                continue
+            try:
+                if world.is_main:
+                    with interrupts_deferred():
+                        storage.save_network(checkpoint_path, network, extra_attrs=extra, checkpoint=checkpoint)
+            except Exception:
+                world.agree(False, f"writing the checkpoint of epoch {epoch + 1}")
+                raise
+            world.agree(True, f"writing the checkpoint of epoch {epoch + 1}")  # written before any rank goes on
+            state.saved = epoch + 1
 
 
 def architecture(network) -> str:

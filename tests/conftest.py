@@ -16,6 +16,17 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray (2 CPUs) for the whole test run: starting one costs about 10 s. Code under test that calls
+    ``ebm_sim.cluster.connect`` (``--cluster local``) reuses it. Skipped without Ray (``pip install -e .[cluster]``)."""
+    pytest.importorskip("ray")
+    from ebm_sim import cluster
+    ray = cluster.connect("local", num_cpus=2, log=lambda msg: None)
+    yield ray
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
 def reliability_tally() -> dict:
     return RELIABILITY_TALLY
 

@@ -122,6 +122,24 @@ def test_cifar_benchmark_quick(tmp_path):
     assert printed["lava_float_agreement"] is None and "max-pools" in printed["lava"]["reason"]
 
 
+def test_scale_benchmark_quick(tmp_path):
+    """benchmarks/scale.py --quick (about a minute: two local Rays, each started once): the keys the issue asks for,
+    and the Ray results equal to the single-process ones."""
+    import pytest
+    pytest.importorskip("ray")
+    out = tmp_path / "scale.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert printed == json.loads(out.read_text()) and printed["quick"] is True
+    for key in ("relax_speedup_2_workers", "robustness_speedup_2_workers"):
+        assert np.isfinite(printed[key]) and printed[key] > 0
+    assert np.isfinite(printed["ray_overhead_s"]) and np.isfinite(printed["ray_overhead_fraction"])
+    assert printed["relax_matches_single_process"] is True and printed["robustness_matches_single_process"] is True
+    assert printed["ddp_matches_single"] is True and printed["ddp"]["tolerance"] > 0
+
+
 def test_a_quick_run_never_writes_over_the_recorded_results(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
@@ -134,7 +152,7 @@ def test_a_quick_run_never_writes_over_the_recorded_results(tmp_path):
     assert output_path("relax", quick=True, out=tmp_path / "r.json") == tmp_path / "r.json"
     with pytest.raises(SystemExit, match="never writes over the recorded full results"):
         output_path("relax", quick=True, out=RESULTS / "relax.json")
-    for script in ("relax", "train", "distill", "hardware", "robustness", "conv", "cifar"):
+    for script in ("relax", "train", "distill", "hardware", "robustness", "conv", "cifar", "scale"):
         recorded = RESULTS / f"{script}.json"
         before = recorded.read_bytes() if recorded.exists() else None
         done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", "--out",

@@ -5,8 +5,9 @@
 models: ``ModelUnderTest`` objects (``load_model_under_test``); x_test (N, D) float32 in [0, 1] and y_test (N,)
 int64: the test set; image_shape: one sample's shape as the attacks see it ((1, 28, 28), (3, 32, 32), ...).
 
-The examples: one seeded permutation of the test set; the first ``samples`` are attacked (FGSM, PGD, AutoAttack),
-the first ``square_samples`` of them by Square, the first ``audit_samples`` by the audit's stronger PGD and by the
+The examples: one seeded permutation of the test set; the first ``samples`` are attacked (FGSM, PGD, the
+minimum-norm attack), the first ``autoattack_samples`` of them (all by default) by AutoAttack, the first
+``square_samples`` by Square, the first ``audit_samples`` by the audit's stronger PGD and by the
 gradient check, the first ``corruption_samples`` (all by default) are corrupted. An example misclassified clean
 counts as non-robust and is not attacked. For each white-box attack and each gradient source of a model, the
 example stays robust only if the deployed prediction survives every restart; the model's result is the worst case
@@ -23,7 +24,8 @@ before any work.
 Every chunk of ``batch_size`` examples of every task is written to ``out_dir/parts`` as soon as it is done (see
 :mod:`distill.robustness.store`); running the same evaluation again skips what is there. ``results.json`` in
 ``out_dir`` is the assembled result, with table.md and the plots beside it (see :mod:`distill.robustness.report`),
-written atomically at the end.
+written atomically at the end. ``evaluate(..., cluster="local" | "auto" | ADDRESS)`` runs the parts still to do as
+Ray tasks, each storing its own part, with the same result (docs/scaling.md).
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ class Task:
     """One piece of work on one model: kind "attack" (spec, source), "gradients" (source), "corruption" (name,
     severity); ``group`` names what the result feeds ("fgsm", "pgd-linf", "pgd-l2", "autoattack", "autoattack-l2",
     "min-norm-linf", "min-norm-l2", "square", "pgd-audit", "gradients", "corruption"); ``subset``: which examples
-    ("samples", "square", "audit", "corruption")."""
+    ("samples", "autoattack", "square", "audit", "corruption")."""
 
     model: str
     kind: str
@@ -75,7 +77,8 @@ def draw_examples(num_test: int, config: RobustnessConfig) -> dict:
     order = np.random.default_rng([config.seed, 2024]).permutation(num_test)
     samples = order[:min(config.samples, num_test)]
     corruption = order if config.corruption_samples is None else order[:min(config.corruption_samples, num_test)]
-    return {"samples": samples, "square": order[:min(config.square_samples, num_test)],
+    autoattack = samples if config.autoattack_samples is None else samples[:config.autoattack_samples]
+    return {"samples": samples, "autoattack": autoattack, "square": order[:min(config.square_samples, num_test)],
             "audit": samples[:min(config.audit_samples, len(samples))], "corruption": np.sort(corruption)}
 
 
@@ -105,8 +108,11 @@ def plan(model: ModelUnderTest, config: RobustnessConfig) -> list:
                       for source in attack_sources(model)]
     if c.autoattack:
         for group, eps, norm in (("autoattack", c.eps_linf, "Linf"), ("autoattack-l2", c.eps_l2, "L2")):
+            if norm not in c.autoattack_norms:
+                continue
             spec = AttackSpec("autoattack", eps, steps=c.autoattack_iterations, queries=c.square_queries, norm=norm)
-            tasks += [Task(model.name, "attack", group, "samples", spec, source) for source in attack_sources(model)]
+            tasks += [Task(model.name, "attack", group, "autoattack", spec, source)
+                      for source in attack_sources(model)]
     if c.square:
         tasks.append(Task(model.name, "attack", "square", "square", AttackSpec("square", c.eps_linf,
                                                                                 queries=c.square_queries),
@@ -305,6 +311,41 @@ def from_hwc(images: np.ndarray, image_shape: tuple) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- the loop
+def run_stored_part(model: ModelUnderTest, task: Task, chunk: np.ndarray, key: dict, x_test: np.ndarray,
+                    y_test: np.ndarray, clean: dict, image_shape: tuple, config: RobustnessConfig,
+                    directory: str) -> dict:
+    """One Ray task: ``run_part`` and store the record in the PartStore at ``directory`` under its key (idempotent:
+    a retry writes the same file). Returns the record."""
+    record = run_part(model, task, chunk, key, x_test, y_test, clean, image_shape, config)
+    PartStore(directory).put(key, record)
+    return record
+
+
+def _run_on_cluster(parts: list, store: PartStore, x_test, y_test, clean: dict, image_shape: tuple,
+                    config: RobustnessConfig, cluster: str, threads: int, log):
+    """Run the claimed ``parts`` [(model, task, chunk, key)] as Ray tasks (``run_stored_part``); yield
+    ((model, task, chunk, key), record) as they finish. The claims are released at the end, whatever happens."""
+    if not parts:
+        return
+    from ebm_sim import cluster as ray_cluster
+
+    try:
+        ray_cluster.connect(cluster, log=log)
+        shared = {name: ray_cluster.put(value) for name, value in
+                  (("x", x_test), ("y", y_test), ("clean", clean))}
+        models = {}
+        for model, _, _, _ in parts:  # each model stored once, shared by its parts
+            if model.name not in models:
+                models[model.name] = ray_cluster.put(model)
+        arguments = [(models[model.name], task, chunk, key, shared["x"], shared["y"], shared["clean"],
+                      tuple(image_shape), config, str(store.directory)) for model, task, chunk, key in parts]
+        for index, record in ray_cluster.run_tasks(run_stored_part, arguments, threads=threads):
+            yield parts[index], record
+    finally:
+        for _, _, _, key in parts:
+            store.release(key)
+
+
 def evaluation_key(models: list, config: RobustnessConfig, data_hash: str) -> str:
     """What identifies an evaluation's results.json: its models (model_key), budget and test data."""
     identity = {"models": {m.name: model_key(m) for m in models}, "config": config.as_dict(), "data": data_hash}
@@ -331,11 +372,24 @@ def check_report_owner(out_dir: Path, key: str, overwrite: bool) -> None:
 
 
 def evaluate(models: list, x_test: np.ndarray, y_test: np.ndarray, image_shape: tuple, config: RobustnessConfig,
-             out_dir, *, dataset: str | None = None, progress: bool = True, log=print, overwrite: bool = False) -> dict:
+             out_dir, *, dataset: str | None = None, progress: bool = True, log=print, overwrite: bool = False,
+             cluster: str | None = None, threads: int = 1) -> dict:
     """Run (or resume) the evaluation of ``models`` and return the assembled results (also written to
     ``out_dir/results.json``). See the module docstring. A results.json of another evaluation in ``out_dir`` is
-    refused before any work unless ``overwrite`` (``check_report_owner``)."""
+    refused before any work unless ``overwrite`` (``check_report_owner``).
+
+    cluster: None runs the parts here, one after the other; "local", "auto" or a Ray address
+    (``ebm_sim.cluster``) runs every part still to do as a Ray task (``threads`` threads each) that stores its own
+    part (``run_stored_part``): the key fixes the part's file, so a retried task rewrites it and never duplicates a
+    result, and the results equal this process's (the seeds come from the parts' keys, not from the order). The
+    models travel to the workers pickled (torch modules and networks), the parts folder must be visible to them."""
     from tqdm import tqdm
+
+    from ebm_sim.cluster import check_cluster
+
+    cluster = check_cluster(cluster)
+    if not (isinstance(threads, int) and threads >= 1):
+        raise ValueError(f"threads per task must be a positive integer, got {threads!r}")
 
     if np.ndim(x_test) > 2 and tuple(np.shape(x_test)[1:]) != tuple(image_shape):  # e.g. (N, H, W, C) images
         raise ValueError(f"test images have shape {tuple(np.shape(x_test)[1:])} per sample but image_shape is "
@@ -406,12 +460,15 @@ def evaluate(models: list, x_test: np.ndarray, y_test: np.ndarray, image_shape: 
             f"{len(todo)} to run")
     bar = tqdm(total=len(todo), desc="robustness", unit="part", disable=not progress, dynamic_ncols=True)
     while todo:  # parts claimed by another process come back until they are stored (or their owner is gone)
-        waiting = []
+        waiting, remote = [], []
         for model, task, chunk, key in todo:
             bar.set_postfix_str(task.label()[:60], refresh=False)
             record = store.get(key)  # done meanwhile by another process evaluating into the same folder
             if record is None and not store.claim(key):
                 waiting.append((model, task, chunk, key))
+                continue
+            if record is None and cluster is not None:
+                remote.append((model, task, chunk, key))  # claimed: run below as a Ray task
                 continue
             if record is None:
                 try:
@@ -421,10 +478,20 @@ def evaluate(models: list, x_test: np.ndarray, y_test: np.ndarray, image_shape: 
                     store.release(key)
             parts.setdefault((model.name, task), []).append((chunk, record))
             bar.update(1)
+        for (model, task, chunk, key), record in _run_on_cluster(remote, store, x_test, y_test, clean, image_shape,
+                                                                config, cluster, threads, log):
+            parts.setdefault((model.name, task), []).append((chunk, record))
+            bar.set_postfix_str(task.label()[:60], refresh=False)
+            bar.update(1)
         if waiting and len(waiting) == len(todo):
             time.sleep(CLAIM_POLL_SECONDS)
         todo = waiting
     bar.close()
+    # every task's chunks in the planned order, however they came (stored earlier, finished on Ray in any order):
+    # the assembled figures (sums of floats among them) then do not depend on the order the work was done in
+    planned = {(model.name, task, np.asarray(chunk).tobytes()): i for i, (model, task, chunk) in enumerate(work)}
+    for (name, task), items in parts.items():
+        items.sort(key=lambda item: planned[(name, task, np.asarray(item[0]).tobytes())])
 
     results = assemble(models, parts, clean, draw, y_test, config, dataset=dataset)
     results["evaluation_key"] = report_key
