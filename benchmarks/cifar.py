@@ -6,8 +6,9 @@ Models (CPU preset, the real CIFAR-10 images of --data-dir: 10,000 training and 
   EBM        the cifar10-cpu preset (ebm_sim/model/presets.py) trained with EP (24 epochs, ~48 min here; the file is
              kept in benchmarks/results/networks/cifar10-cpu.h5 and an interrupted training resumes)
   distilled  a LayeredFeedForward student distilled from the EBM's fixed points of the training images
-  standard   the same architecture trained by backprop;  pgd-at  the same by PGD adversarial training (Linf 8/255,
-             7 steps of 2/255: BaselineConfig.for_dataset("cifar10"))
+  standard   the same architecture trained by backprop (30 epochs);  pgd-at  the same by PGD adversarial training
+             (Linf 8/255, 7 steps of 2/255, 20 epochs); both with the EBM preset's minibatch of 32 and CIFAR's
+             crop+flip (BaselineConfig.for_dataset("cifar10"))
 Evaluation (distill.robustness.evaluate, CIFAR budgets Linf 8/255 and L2 0.5): PGD Linf and L2 on 1,000 test images,
 AutoAttack standard and Square (5,000 queries) on the first 500 of them (autoattack_samples, square_samples), the
 audit's PGD and gradient check on 200, the 15 corruptions x 5 severities on 1,000. The EBM is attacked through BPTT over every deployed step, implicit differentiation and
@@ -54,7 +55,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 PRESET = "cifar10-cpu"
 LAVA_PRESET = "cifar10-cpu-lava"
 PUBLISHED_TRUNCATION = (29, 250)  # lanl/AdvEP: attacked through 29 unrolled steps, predicted with 250
-FULL = dict(train=None, test=None, ebm_epochs=None, distill_epochs=20, baseline_epochs={"standard": 20, "pgd-at": 15},
+#: the baselines train on the EBM preset's minibatch (32) with CIFAR's crop+flip (BaselineConfig.for_dataset)
+FULL = dict(train=None, test=None, ebm_epochs=None, distill_epochs=20, baseline_epochs={"standard": 30, "pgd-at": 20},
+            baseline_batch_size=32,
             budget=dict(samples=1000, autoattack_samples=500, autoattack_norms=("Linf",), square_samples=500, audit_samples=200, corruption_samples=1000, pgd_steps=20,
                         min_norm=False, sweep_linf=(0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255),
                         sweep_l2=(0.0, 0.25, 0.5, 1.0), batch_size=250))
@@ -134,7 +137,8 @@ def prepare_models(settings: dict, data, network_path: Path, models_dir: Path, p
             continue
         start = time.perf_counter()
         train_baseline(network, x_train, y_train,
-                       BaselineConfig.for_dataset("cifar10", kind=kind, epochs=settings["baseline_epochs"][kind]),
+                       BaselineConfig.for_dataset("cifar10", kind=kind, epochs=settings["baseline_epochs"][kind],
+                                                  batch_size=settings.get("baseline_batch_size", 128)),
                        checkpoint_path=paths[kind], resume=paths[kind].exists(), progress=progress, log=log,
                        dataset="cifar10")
         timings[kind] = time.perf_counter() - start

@@ -139,10 +139,18 @@ def train_baseline(layer_sizes, x_train, y_train, config: BaselineConfig | None 
     train_index, val_index = torch.from_numpy(train_rows), torch.from_numpy(val_rows)
     x_val, y_val = x[val_index], y[val_index]
     adversarial = config.kind == "pgd-at"
+    if config.augment != "none" and x.dim() != 4:
+        raise ValueError(f"augment={config.augment!r} crops and flips images: it needs a convolutional model of "
+                         f"(C, H, W) inputs, not {tuple(x.shape[1:])}")
+    if config.augment == "crop_flip":
+        from ebm_sim.training import crop_flip
 
     def batch_loss(rows, generator):
         index = train_index[torch.from_numpy(rows)]
         xb, yb = x[index], y[index]
+        if config.augment == "crop_flip":  # seeded by the epoch's generator: reproducible and resumable
+            seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+            xb = torch.from_numpy(crop_flip(xb.numpy(), np.random.default_rng(seed)))
         if adversarial:
             model.eval()
             xb = pgd_attack(model, xb, yb, config.eps, config.pgd_steps, config.step_size, config.random_start,

@@ -17,7 +17,7 @@ BASELINE_KINDS = ("standard", "pgd-at")
 #:          model), kept at 7 steps for a CPU budget (each training step costs 1 + 7 forward/backward passes)
 PGD_PRESETS = {
     "mnist": {"eps": 0.1, "pgd_steps": 10, "pgd_step_size": 0.025},
-    "cifar": {"eps": 8 / 255, "pgd_steps": 7, "pgd_step_size": 2 / 255},
+    "cifar": {"eps": 8 / 255, "pgd_steps": 7, "pgd_step_size": 2 / 255, "augment": "crop_flip"},
 }
 #: dataset name -> PGD_PRESETS family (names as ebm_sim.datasets spells them)
 DATASET_FAMILIES = {"digits": "mnist", "mnist": "mnist", "fashion-mnist": "mnist", "fashion_mnist": "mnist",
@@ -115,11 +115,14 @@ class DistillConfig(FitConfig):
 class BaselineConfig(FitConfig):
     """FitConfig (epochs, batch_size, lr, weight_decay, patience, val_fraction, seed) plus kind ("standard" or
     "pgd-at") and the PGD of adversarial training: eps, pgd_steps, pgd_step_size (default 2.5 eps / steps),
-    random_start. Early stopping watches the validation loss of the training objective (adversarial for pgd-at)."""
+    random_start; augment: "none" or "crop_flip" (each training batch randomly cropped from its 4-pixel zero padding
+    and flipped, seeded by the epoch's generator: the CIFAR recipe, as the EBM presets train; images only). Early
+    stopping watches the validation loss of the training objective (adversarial for pgd-at)."""
 
     epochs: int = 30
     schedule: str = "cosine"
     kind: str = "standard"
+    augment: str = "none"
     eps: float = 0.1
     pgd_steps: int = 10
     pgd_step_size: float | None = 0.025
@@ -129,6 +132,9 @@ class BaselineConfig(FitConfig):
         super().__post_init__()
         if self.kind not in BASELINE_KINDS:
             raise ValueError(f"unknown baseline kind {self.kind!r}; choose one of {', '.join(BASELINE_KINDS)}")
+        from ebm_sim.training import AUGMENTATIONS
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"unknown augment {self.augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
         if not (isinstance(self.eps, numbers.Real) and math.isfinite(self.eps) and 0 <= self.eps <= 1):
             raise ValueError(f"eps must be in [0, 1] (pixel units), got {self.eps!r}")
         if not (isinstance(self.pgd_steps, numbers.Integral) and self.pgd_steps >= 1):
@@ -139,7 +145,8 @@ class BaselineConfig(FitConfig):
 
     @classmethod
     def for_dataset(cls, dataset: str, **fields) -> "BaselineConfig":
-        """A configuration with the PGD budget of ``dataset``'s family (``PGD_PRESETS`` via ``DATASET_FAMILIES``);
+        """A configuration with the recipe of ``dataset``'s family (``PGD_PRESETS`` via ``DATASET_FAMILIES``: the PGD
+        budget, and CIFAR's crop+flip augmentation);
         ``fields`` override any field (kind, epochs, eps, ...)."""
         family = DATASET_FAMILIES.get(str(dataset).lower())
         if family is None:

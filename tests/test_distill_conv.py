@@ -211,8 +211,8 @@ def test_standard_and_pgd_baselines_of_the_conv_architecture_train(data, tmp_pat
     assert isinstance(standard, LayeredFeedForward) and standard.architecture == network.describe()
     assert evaluate(standard, x_test, y_test)["accuracy"] > 0.7
     config = BaselineConfig.for_dataset("cifar10", kind="pgd-at", epochs=4, lr=1e-2, batch_size=32, seed=0)
-    assert (config.eps, config.pgd_steps, config.step_size) == (8 / 255, 7, 2 / 255) == tuple(
-        PGD_PRESETS["cifar"].values())
+    assert (config.eps, config.pgd_steps, config.step_size, config.augment) == (8 / 255, 7, 2 / 255, "crop_flip") \
+        == tuple(PGD_PRESETS["cifar"].values())
     robust, history = train_baseline(network, x, y, config, **QUIET)
     assert "val_robust_accuracy" in history and np.isfinite(history["val_loss"]).all()
     report = robust_accuracy(robust, x_test, y_test, eps=8 / 255, steps=7, step_size=2 / 255)
@@ -221,6 +221,22 @@ def test_standard_and_pgd_baselines_of_the_conv_architecture_train(data, tmp_pat
     assert tuple(adv.shape) == (10, 3, 8, 8)
     assert float((adv - torch.from_numpy(x_test[:10])).abs().max()) <= 8 / 255 + 1e-6
     assert dio.load_feedforward(tmp_path / "standard.h5").kind == "standard"
+
+
+def test_baseline_augmentation_is_seeded_and_needs_images(data, tmp_path):
+    """augment="crop_flip" (the CIFAR recipe, as the EBM presets train): reproducible from the seed, a different
+    training from none, refused for a dense model and for an unknown name."""
+    x, y = data["train"]
+    network = _network("maxpool")
+    runs = [train_baseline(network, x[:64], y[:64], BaselineConfig(epochs=1, batch_size=32, seed=0, augment=a),
+                           **QUIET)[0] for a in ("crop_flip", "crop_flip", "none")]
+    weights = [torch.cat([p.detach().flatten() for p in model.parameters()]) for model in runs]
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+    with pytest.raises(ValueError, match="crops and flips images"):
+        train_baseline((192, 16, 10), x[:8].reshape(8, -1), y[:8], BaselineConfig(epochs=1, augment="crop_flip"),
+                       **QUIET)
+    with pytest.raises(ValueError, match="unknown augment 'mixup'"):
+        BaselineConfig(augment="mixup")
 
 
 # ---------------------------------------------------------------------------------------------- ONNX
