@@ -177,8 +177,9 @@ def run_baseline(kind: str, dataset: str, layers, out, *, data_dir=None, limit_t
     activation and readout); or an ``ebm_sim.model.LayeredNetwork`` (its layers, convolutions, pooling,
     normalization, activation and readout: a ``LayeredFeedForward``), fresh weights in every case. The dataset's
     images are reshaped to the architecture's input shape ((n_0,) or (C, H, W)); ValueError if they do not fit.
-    config: BaselineConfig fields; eps, pgd_steps and pgd_step_size that are not given take the PGD budget of the
-    dataset's family (``BaselineConfig.for_dataset``: 0.1 for (Fashion-)MNIST and digits, 8/255 for CIFAR).
+    config: BaselineConfig fields; eps, pgd_steps, pgd_step_size and augment that are not given take the recipe of the
+    dataset's family (``BaselineConfig.for_dataset``: 0.1 for (Fashion-)MNIST and digits, 8/255 and crop+flip for
+    CIFAR; dense layers are not augmented).
     Evaluates clean test accuracy and accuracy under the training PGD (eps, steps, step size) on the test split.
     data_seed: the seed of the dataset's split and subsamples (default: config's seed; the pipeline fixes it so that
     every model sees the same data). provenance: extra entries for the file's provenance. Returns a summary dict."""
@@ -193,7 +194,9 @@ def run_baseline(kind: str, dataset: str, layers, out, *, data_dir=None, limit_t
     check_output(out, overwrite=overwrite, resume=resume)
     data = datasets.load_dataset(dataset, data_dir, limit_train=limit_train, limit_test=limit_test,
                                  seed=given.seed if data_seed is None else data_seed)
-    config = BaselineConfig.for_dataset(data.name, kind=kind, **config)  # the family's PGD budget where not given
+    if isinstance(architecture, tuple) and "augment" not in config:  # dense layers: no image to crop and flip
+        config = {**config, "augment": "none"}
+    config = BaselineConfig.for_dataset(data.name, kind=kind, **config)  # the family's recipe where not given
     if isinstance(architecture, tuple):
         shape, classes = architecture[:1], architecture[-1]
         what = f"layer sizes {_architecture_text(architecture)}"

@@ -161,7 +161,8 @@ def test_baseline_of_the_conv_architecture(files, tmp_path, capsys):
 
 
 def test_baseline_budget_follows_the_dataset(fake_cifar, tmp_path, capsys):
-    """On cifar10 (a synthetic stand-in) the default PGD budget is CIFAR's 8/255, 7 steps of 2/255."""
+    """On cifar10 (a synthetic stand-in) the default PGD budget is CIFAR's 8/255, 7 steps of 2/255, with crop+flip for
+    a convolutional baseline (none for dense layers)."""
     spec = "3x8x8, conv 2 k3 p1 avgpool, readout 3"
     common = ["--kind", "standard", "--dataset", "cifar10", "--arch", spec, "--epochs", "1", "--no-progress"]
     capsys.readouterr()
@@ -172,7 +173,10 @@ def test_baseline_budget_follows_the_dataset(fake_cifar, tmp_path, capsys):
     assert main(["baseline", *common, "--eps", "0.01", "-o", str(tmp_path / "b.h5")]) == 0
     record = dio.load_feedforward(tmp_path / "b.h5")
     assert record.config["eps"] == 0.01 and record.config["pgd_steps"] == 7
-    assert record.model.input_shape == (3, 8, 8)
+    assert record.model.input_shape == (3, 8, 8) and record.config["augment"] == "crop_flip"  # CIFAR's recipe
+    dense = ["--kind", "standard", "--dataset", "cifar10", "--layers", "192,8,3", "--epochs", "1", "--no-progress"]
+    assert main(["baseline", *dense, "-o", str(tmp_path / "c.h5")]) == 0  # dense layers: nothing to crop
+    assert dio.load_feedforward(tmp_path / "c.h5").config["augment"] == "none"
 
 
 def test_baseline_and_export_refusals(files, fake_cifar, tmp_path, capsys):
