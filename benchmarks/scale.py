@@ -87,6 +87,7 @@ def run_group(args) -> dict:
     import torch
 
     from distill.robustness import evaluate, load_model_under_test
+    from distill.robustness.report import without_timings
     from ebm_sim import storage
     from ebm_sim.batch_relax import relax_to_file
     from ebm_sim.datasets import load_digits
@@ -134,16 +135,8 @@ def run_group(args) -> dict:
                                                  for i in range(SMALL_REPEATS)]))
         result["grid_s"], results = grid("grid")
         result["grid_parts"] = len(list((tmp / "grid" / "parts").glob("*.json")))
-        result["grid_results"] = _without_timings(results)
+        result["grid_results"] = without_timings(results)
     return result
-
-
-def _without_timings(value):
-    if isinstance(value, dict):
-        return {k: _without_timings(v) for k, v in value.items() if k not in ("seconds", "minutes")}
-    if isinstance(value, list):
-        return [_without_timings(v) for v in value]
-    return value
 
 
 def differences(a, b, path: str = "") -> list:

@@ -290,20 +290,13 @@ def test_ebm_relax_with_cluster_writes_the_same_file(ray_cluster, tmp_path, caps
 
 
 # ---------------------------------------------------------------------------------------------- robustness on Ray
-def _without_timings(value):
-    if isinstance(value, dict):
-        return {k: _without_timings(v) for k, v in value.items() if k not in ("seconds", "minutes")}
-    if isinstance(value, list):
-        return [_without_timings(v) for v in value]
-    return value
-
-
 def test_robustness_on_ray_equals_the_single_process_evaluation(ray_cluster, tmp_path, digits, one_torch_thread):
     pytest.importorskip("torchattacks")
     pytest.importorskip("pyautoattack")
     from distill.baselines import train_baseline
     from distill.config import BaselineConfig
     from distill.robustness import RobustnessConfig, evaluate, load_model_under_test
+    from distill.robustness.report import without_timings
 
     if not NET.exists():
         pytest.skip(f"{NET} is missing")
@@ -322,7 +315,7 @@ def test_robustness_on_ray_equals_the_single_process_evaluation(ray_cluster, tmp
 
     single = run("single")
     on_ray = run("ray", cluster="local")
-    assert _without_timings(on_ray) == _without_timings(single)
+    assert without_timings(on_ray) == without_timings(single)
     stored = {p.name: json.loads(p.read_text()) for p in (tmp_path / "ray" / "parts").glob("*.json")}
     assert {p.name for p in (tmp_path / "single" / "parts").glob("*.json")} == set(stored)  # one file per part
     assert not list((tmp_path / "ray" / "parts").glob(".*.claim"))  # every claim released

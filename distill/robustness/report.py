@@ -309,6 +309,19 @@ def side_results(model, parts: dict, draw: dict, config) -> dict:
     return found
 
 
+TIMING_KEYS = ("seconds", "minutes")  # the parts of results that change from run to run of the same evaluation
+
+
+def without_timings(value):
+    """Results (any JSON value) without their timings (TIMING_KEYS): what two runs of the same evaluation share, e.g.
+    on Ray and in one process."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
 def _budget_text(budget: dict) -> str:
     text = f"{budget.get('steps', '?')} steps"
     if budget.get("restarts", 1) > 1:
