@@ -37,6 +37,7 @@ TRANSIENT = (OSError,)
 #: Ray's smallest object store (bytes); the default is at most 2 GiB and fits /dev/shm's free space
 MIN_OBJECT_STORE = 80 * 2 ** 20
 MAX_DEFAULT_OBJECT_STORE = 2 * 2 ** 30
+#: the thread-count variables a worker process reads (Ray tasks here, local torch.distributed ranks in distributed.py)
 THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9][A-Za-z0-9.\-]*:\d{1,5}$")
 
@@ -149,7 +150,12 @@ def task_env(threads: int = 1) -> dict:
     OMP_NUM_THREADS), OMP, OpenBLAS and MKL, so that tasks sharing a node do not each take every core."""
     if not (isinstance(threads, int) and threads >= 1):
         raise ValueError(f"threads per task must be a positive integer, got {threads!r}")
-    return {"env_vars": {name: str(threads) for name in THREAD_VARIABLES}}
+    return {"env_vars": thread_environment(threads)}
+
+
+def thread_environment(threads: int) -> dict:
+    """{variable: str(threads)} for every THREAD_VARIABLES entry: a worker process's thread counts."""
+    return {name: str(threads) for name in THREAD_VARIABLES}
 
 
 def put(value):

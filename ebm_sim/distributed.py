@@ -35,10 +35,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .cluster import THREAD_VARIABLES, thread_environment  # (stdlib only: Ray is imported inside its functions)
+
 #: environment variables of a torchrun (or any env://) launch
 ENV_KEYS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-#: thread-count variables set for each local rank (Numba reads its own when it is first imported)
-THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 class PeerFailure(RuntimeError):
@@ -298,7 +298,7 @@ def launch(fn, nprocs: int, args: tuple = (), backend: str = "gloo", threads: in
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     saved = {key: os.environ.get(key) for key in THREAD_VARIABLES}
     with tempfile.TemporaryDirectory(prefix="ebm-ranks-") as folder:
-        os.environ.update({key: str(threads) for key in THREAD_VARIABLES})  # inherited by the spawned ranks
+        os.environ.update(thread_environment(threads))  # inherited by the spawned ranks (Numba reads its own at import)
         context = None
         try:
             context = mp.start_processes(_entry, args=(fn, args, nprocs, free_port(), backend, threads, cores,

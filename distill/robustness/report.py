@@ -85,10 +85,11 @@ def covered(items, indices) -> np.ndarray:
     return np.array([int(i) in done for i in indices], dtype=bool)
 
 
-def _flags(task, items, indices, eps: float) -> np.ndarray:
+def _flags(task, items, indices, eps: float, ran: np.ndarray | None = None) -> np.ndarray:
     """Robust flags at ``eps`` on ``indices``: a minimum-norm attack's smallest norm exceeds eps, else the part's
-    flags; True where the task did not run (``covered``: the caller counts only examples some attack ran on)."""
-    ran = covered(items, indices)
+    flags; True where the task did not run (``ran``: ``covered``, computed when not given; the caller counts only
+    examples some attack ran on)."""
+    ran = covered(items, indices) if ran is None else ran
     flags = np.ones(len(indices), dtype=bool)
     chosen = np.asarray(indices)[ran]
     flags[ran] = _norms(items, chosen) > eps if task.spec.minimum_norm else flags_of(items, "robust", chosen)
@@ -110,8 +111,9 @@ def _robust_result(parts, model, groups, eps, indices, sources=None, reference_g
             continue
         group_worst, ran = np.ones(len(indices), dtype=bool), np.zeros(len(indices), dtype=bool)
         for source, (task, items) in sorted(tasks.items()):
-            flags = _flags(task, items, indices, eps)
-            ran |= covered(items, indices)
+            ran_here = covered(items, indices)
+            flags = _flags(task, items, indices, eps, ran_here)
+            ran |= ran_here
             group_worst &= flags
             if group in groups:
                 per_source[source] = per_source.get(source, True) & flags
