@@ -170,9 +170,10 @@ def seconds_per_image(module, images, gradient: bool, repeats: int = 2) -> float
 
 def gradient_counts(config) -> dict:
     """Input gradients (or forward passes) per attacked image of each attack, before early stopping: PGD per eps of
-    the sweeps (the table's eps included), AutoAttack standard (APGD-CE, APGD-T and FAB-T over 9 target classes,
-    Square), Square alone, the audit, the corruptions (forward passes per corrupted image). An upper bound: AutoAttack
-    and Square stop on an image once it is broken."""
+    the sweeps (the table's eps included), AutoAttack standard (APGD-CE, APGD-T and FAB-T over 9 target classes per
+    gradient source; its Square once per model, shared with the standalone Square where both attack the same
+    examples: ``cost_estimate``), Square alone, the audit, the corruptions (forward passes per corrupted image). An
+    upper bound: AutoAttack and Square stop on an image once it is broken."""
     pgd = config.pgd_steps * config.pgd_restarts
     sweeps = (len([e for e in config.sweep_linf if e > 0]) + len([e for e in config.sweep_l2 if e > 0])) * pgd
     norms = len(config.autoattack_norms) if config.autoattack else 0
@@ -192,9 +193,12 @@ def cost_estimate(times: dict, config) -> dict:
     for name, t in times.items():
         counts = gradient_counts(config)
         autoattack_samples = min(config.autoattack_samples or config.samples, config.samples)
+        shared = config.autoattack and config.square and "Linf" in config.autoattack_norms \
+            and autoattack_samples == config.square_samples  # AutoAttack's Linf Square is the standalone one
         gradients = (counts["pgd_and_sweeps"] + counts["fgsm"]) * config.samples \
             + counts["autoattack_gradients"] * autoattack_samples + counts["audit"] * config.audit_samples
-        forwards = counts["autoattack_square_queries"] * autoattack_samples \
+        autoattack_queries = counts["autoattack_square_queries"] - (config.square_queries if shared else 0)
+        forwards = autoattack_queries * autoattack_samples \
             + counts["square_queries"] * config.square_samples \
             + counts["corruption_forwards"] * (config.corruption_samples or 10000)
         out[name] = {"gradient_s_per_image": t["gradient"], "forward_s_per_image": t["forward"],

@@ -159,3 +159,24 @@ def test_a_quick_run_never_writes_over_the_recorded_results(tmp_path):
                                str(recorded)], capture_output=True, text=True, timeout=300)
         assert done.returncode != 0 and "never writes over the recorded full results" in done.stderr, script
         assert (recorded.read_bytes() if recorded.exists() else None) == before, script
+
+
+def test_cifar_cost_estimate_counts_autoattacks_square_once_when_shared():
+    """AutoAttack's Linf Square is the standalone Square's part when both attack the same examples: the estimate
+    counts its queries once; on other examples (or in L2) it counts them apart."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from cifar import cost_estimate
+    finally:
+        sys.path.pop(0)
+    from distill.robustness.config import RobustnessConfig
+    times = {"model": {"gradient": 0.0, "forward": 1.0}}  # seconds per forward pass: the estimate counts forwards
+    base = dict(samples=100, autoattack_samples=50, square_queries=1000, corruption_samples=1, corruptions=("contrast",),
+                severities=(1,), autoattack_norms=("Linf",))
+    shared = cost_estimate(times, RobustnessConfig(square_samples=50, **base))["model"]["forwards"]
+    apart = cost_estimate(times, RobustnessConfig(square_samples=40, **base))["model"]["forwards"]
+    corruption = 1
+    assert shared == 1000 * 50 + corruption
+    assert apart == 1000 * 50 + 1000 * 40 + corruption
+    both = cost_estimate(times, RobustnessConfig(square_samples=50, **{**base, "autoattack_norms": ("Linf", "L2")}))
+    assert both["model"]["forwards"] == 2 * 1000 * 50 + corruption

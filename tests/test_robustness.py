@@ -208,7 +208,9 @@ def test_transfer_source_must_be_the_ebms_own_student(trained, tmp_path):
                                   AttackSpec("pgd-l2", 0.5, steps=5), AttackSpec("autoattack", 0.1, steps=5,
                                                                                  queries=30),
                                   AttackSpec("autoattack", 0.5, steps=5, queries=30, norm="L2"),
-                                  AttackSpec("square", 0.1, queries=30)], ids=lambda s: f"{s.name}-{s.norm}")
+                                  AttackSpec("autoattack-gradients", 0.1, steps=5),
+                                  AttackSpec("square", 0.1, queries=30), AttackSpec("square", 0.5, queries=30, norm="L2")],
+                         ids=lambda s: f"{s.name}-{s.norm}")
 def test_attacks_stay_in_budget_are_seeded_and_leave_the_global_rng_alone(trained, digits, spec):
     model = load_model_under_test(trained["standard"], image_shape=IMAGE).model
     x = torch.from_numpy(digits.x_test[:24].reshape((-1,) + IMAGE))
@@ -259,7 +261,7 @@ def test_attack_specs_validate_and_describe_their_budget():
     model = torch.nn.Linear(64, 10)
     with pytest.raises(ValueError, match=r"lie in \[0, 1\]"):
         craft(model, torch.full((2, 64), 2.0), torch.zeros(2, dtype=torch.int64), spec)
-    with pytest.raises(ValueError, match="Square attacks images"):
+    with pytest.raises(ValueError, match=r"Square \(alone or in AutoAttack\) attacks images"):
         craft(model, torch.rand(2, 64), torch.zeros(2, dtype=torch.int64), AttackSpec("square", 0.1))
 
 
@@ -384,6 +386,9 @@ def test_evaluation_of_the_four_models_is_complete_and_resumes(trained, digits, 
     assert set(ebm["attacks"]["pgd_linf"]["per_source"]) == {"bptt", "implicit", "transfer"}
     assert set(ebm["attacks"]["pgd_l2"]["per_attack"]) == {"pgd-l2", "autoattack-l2", "min-norm-l2"}
     assert set(ebm["attacks"]["autoattack"]["per_attack"]) == {"autoattack", "min-norm-linf"}
+    # AutoAttack: APGD/FAB through each gradient source, its Square once on the deployed model
+    assert set(ebm["attacks"]["autoattack"]["per_source"]) == {"bptt", "implicit", "transfer", "black-box"}
+    assert ebm["attacks"]["autoattack"]["budgets"]["autoattack"]["square"]["queries"] == config.square_queries
     for column, entry in ebm["attacks"].items():  # the worst case is at most every source's and attack's accuracy
         assert all(entry["accuracy"] <= s["accuracy"] for s in entry["per_source"].values())
         assert all(entry["accuracy"] <= a for a in entry["per_attack"].values())
@@ -433,7 +438,7 @@ def test_autoattack_on_fewer_examples_than_pgd(trained, digits, tmp_path):
         small_config(autoattack_norms=("Linf", "L1"))
     linf_only = evaluation.plan(load_model_under_test(trained["standard"], "standard", IMAGE),
                                 small_config(autoattack_norms=["Linf"]))
-    assert {t.group for t in linf_only if t.spec and t.spec.name == "autoattack"} == {"autoattack"}
+    assert {t.group for t in linf_only if t.spec and t.spec.name == "autoattack-gradients"} == {"autoattack"}
     model = lambda: [load_model_under_test(trained["standard"], "standard", IMAGE)]  # noqa: E731
     budget = dict(square=False, min_norm=False, corruption_samples=0, eps_l2=1.0)
     half = evaluate(model(), digits.x_test, digits.y_test, IMAGE, small_config(autoattack_samples=20, **budget),
@@ -452,9 +457,52 @@ def test_autoattack_on_fewer_examples_than_pgd(trained, digits, tmp_path):
                         if c["name"] == "pgd_not_step_limited_linf")
     assert "on 20 examples" in step_limited["detail"]
     autoattack = [p.name for p in (tmp_path / "half" / "parts").glob("*.json")
-                  if json.loads(p.read_text())["key"].get("attack", {}).get("name") == "autoattack"]
-    assert len(autoattack) == 2  # a chunk per norm: the same work as the first chunk of the full run (same key)
+                  if json.loads(p.read_text())["key"].get("attack", {}).get("name") in ("autoattack-gradients",
+                                                                                          "square")]
+    assert len(autoattack) == 4  # a chunk per norm and attack: the same work as the full run's first chunk (same key)
     assert all((tmp_path / "full" / "parts" / name).exists() for name in autoattack)
+
+
+def test_autoattack_square_runs_once_per_model(trained, digits, tmp_path, monkeypatch):
+    """AutoAttack's Square reads the deployed logits whatever the gradient source: the plan runs APGD-CE, APGD-T and
+    FAB-T through each source and one Square per norm on the deployed model; where the standalone Square attacks the
+    same examples with the same budget, the two are one part, run once; the white-box side of the audit's
+    white-vs-black comparison leaves AutoAttack's Square out."""
+    from pyautoattack.square import SquareAttack
+
+    config = small_config(autoattack_samples=20, square_samples=20, corruption_samples=0, min_norm=False)
+    ebm = load_model_under_test(trained["ebm"], "EBM", IMAGE, student=trained["student"])
+    ebm.configure(config)
+    tasks = [t for t in evaluation.plan(ebm, config) if t.subset == "autoattack"]
+    gradient_tasks = [(t.group, t.source) for t in tasks if t.spec.name == "autoattack-gradients"]
+    assert sorted(gradient_tasks) == sorted((g, s) for g in ("autoattack", "autoattack-l2")
+                                            for s in ("bptt", "implicit", "transfer"))
+    squares = [t for t in tasks if t.spec.name == "square"]
+    assert [(t.group, t.source, t.spec.norm, t.spec.eps) for t in squares] == [
+        ("autoattack", "black-box", "Linf", config.eps_linf), ("autoattack-l2", "black-box", "L2", config.eps_l2)]
+    # the gradient-based part never queries Square
+    monkeypatch.setattr(SquareAttack, "perturb", lambda *a, **k: pytest.fail("Square ran inside the gradient part"))
+    model = load_model_under_test(trained["standard"], image_shape=IMAGE).model
+    x, y = torch.from_numpy(digits.x_test[:8].reshape((-1,) + IMAGE)), torch.from_numpy(digits.y_test[:8])
+    craft(model, x, y, AttackSpec("autoattack-gradients", 0.1, steps=3))
+    monkeypatch.undo()
+
+    calls = []
+    real = evaluation.run_attack
+    monkeypatch.setattr(evaluation, "run_attack",
+                        lambda model, task, *a: calls.append((task.group, task.spec.name)) or real(model, task, *a))
+    results = evaluate([load_model_under_test(trained["standard"], "standard", IMAGE)], digits.x_test,
+                       digits.y_test, IMAGE, config, tmp_path / "eval", dataset="digits", **QUIET)
+    chunks = -(-20 // config.batch_size)
+    assert calls.count(("autoattack", "square")) + calls.count(("square", "square")) == chunks  # Linf: one run
+    assert calls.count(("autoattack-l2", "square")) == chunks
+    attacks = results["models"]["standard"]["attacks"]
+    assert attacks["autoattack"]["per_source"]["black-box"] == {k: attacks["square"][k] for k in ("accuracy", "ci95",
+                                                                                                  "n")}
+    assert attacks["autoattack"]["accuracy"] <= attacks["square"]["accuracy"]
+    white = results["models"]["standard"]["comparisons"]["white_vs_black_box"]["white_box"]
+    alone = [f for g, f in attacks["autoattack"]["per_source"].items() if g != "black-box"]
+    assert white >= attacks["autoattack"]["accuracy"] and alone
 
 
 def test_evaluation_refuses_bad_input(trained, digits, tmp_path):

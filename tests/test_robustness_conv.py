@@ -117,10 +117,10 @@ def test_conv_files_load_as_models_under_test(conv_models, digits):
 def test_evaluation_refuses_shapes_that_attacks_or_corruptions_cannot_take(conv_models, digits, tmp_path):
     """Square needs (C, H, W), the corruptions (H, W) or (C, H, W) with C in {1, 3}: refused before any work."""
     model = load_model_under_test(conv_models["standard"], "standard", (64,))
-    with pytest.raises(ValueError, match=r"Square attacks images \(C, H, W\)"):
+    with pytest.raises(ValueError, match=r"Square \(alone or in AutoAttack\) attacks images \(C, H, W\)"):
         evaluate([model], digits.x_test, digits.y_test, (64,), tiny_config(), tmp_path / "a", **QUIET)
     with pytest.raises(ValueError, match="corruptions need images"):
-        evaluate([model], digits.x_test, digits.y_test, (64,), tiny_config(square=False), tmp_path / "b", **QUIET)
+        evaluate([model], digits.x_test, digits.y_test, (64,), tiny_config(square=False, autoattack=False), tmp_path / "b", **QUIET)
     with pytest.raises(ValueError, match=r"takes images \(1, 8, 8\)"):
         evaluate([model], digits.x_test, digits.y_test, (2, 32), tiny_config(), tmp_path / "c", **QUIET)
     with pytest.raises(ValueError, match=r"test images have shape \(8, 8, 1\) per sample but image_shape is"):
@@ -218,8 +218,9 @@ def test_evaluation_of_the_four_conv_models_reports_as_published(conv_models, di
     assert set(ebm["attacks"]) == {"fgsm", "pgd_linf", "pgd_l2", "autoattack", "autoattack_l2", "square"}
     for column, entry in ebm["attacks"].items():  # the headline worst case is over the protocol's sources only
         assert AS_PUBLISHED_SOURCE not in entry["per_source"]
-        if column != "square":
-            assert set(entry["per_source"]) == {"bptt", "implicit", "transfer"}
+        if column != "square":  # (AutoAttack's Square: once, on the deployed model)
+            black_box = {"black-box"} if column in ("autoattack", "autoattack_l2", "pgd_l2") else set()
+            assert set(entry["per_source"]) == {"bptt", "implicit", "transfer"} | black_box
     side = ebm["side_sources"][AS_PUBLISHED_SOURCE]
     assert side["label"] == f"as published (first {STEPS} unrolled steps)" and side["paired_with"] == "bptt"
     assert set(side["attacks"]) == set(side["paired"]) == {"fgsm", "pgd_linf", "pgd_l2", "autoattack",

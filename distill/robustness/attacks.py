@@ -15,8 +15,13 @@ Attacks (one run, one random start; the evaluation takes the worst case over ``r
               (``pyautoattack`` 0.2.0), norm Linf or L2; ``steps`` (default 100) are the iterations of its APGD and
               FAB runs and ``queries`` its Square's: anything below 100 / 5000 is a reduced AutoAttack and is
               labelled so
-  square      Square Attack, Linf, ``queries`` queries (Andriushchenko et al. 2020), score-based black box: it only
-              reads logits (pyautoattack's SquareAttack, p_init 0.8 as in AutoAttack)
+  autoattack-gradients
+              AutoAttack standard's gradient-based attacks alone (APGD-CE, APGD-T, FAB-T, same settings): the
+              evaluation runs them through each gradient source and completes AutoAttack with one ``square`` of the
+              same eps, norm and queries on the deployed model (AutoAttack's Square only reads logits, so it is the
+              same attack whatever the gradient source: run once per model, not once per source)
+  square      Square Attack, Linf (default) or L2, ``queries`` queries (Andriushchenko et al. 2020), score-based
+              black box: it only reads logits (pyautoattack's SquareAttack, p_init 0.8 as in AutoAttack)
   fmn         Fast Minimum-Norm attack (Pintor et al. 2021), Linf or L2, ``steps`` iterations (default 100), written
               here after the authors' algorithm: a minimum-norm attack has no budget (eps 0); it returns, per
               example, the smallest adversarial point it found (the input itself where it found none), so one run
@@ -32,10 +37,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-ATTACKS = ("fgsm", "pgd-linf", "pgd-l2", "autoattack", "square", "fmn")
+ATTACKS = ("fgsm", "pgd-linf", "pgd-l2", "autoattack", "autoattack-gradients", "square", "fmn")
+AUTOATTACKS = ("autoattack", "autoattack-gradients")  # AutoAttack standard, whole or its gradient-based attacks
+AUTOATTACK_GRADIENT_ATTACKS = ("apgd-ce", "apgd-t", "fab-t")  # AutoAttack standard without its Square
 MINIMUM_NORM_ATTACKS = ("fmn",)
 NORMS = ("Linf", "L2")
-_FIXED_NORM = {"fgsm": "Linf", "pgd-linf": "Linf", "pgd-l2": "L2", "square": "Linf"}
+_FIXED_NORM = {"fgsm": "Linf", "pgd-linf": "Linf", "pgd-l2": "L2"}
 AUTOATTACK_ITERATIONS, AUTOATTACK_QUERIES = 100, 5000  # the standard version's budget
 FMN_STEPS = 100  # the authors' benchmark setting
 
@@ -46,7 +53,7 @@ class AttackSpec:
 
     name: one of ATTACKS; eps: the budget (Linf or L2 radius in pixel units, images in [0, 1]; 0 for a minimum-norm
     attack); steps: PGD, AutoAttack or FMN iterations; step_size: PGD step (None: 2.5 eps / steps); restarts: random
-    starts (the evaluation keeps the worst case per example); queries: Square's query budget; norm: AutoAttack's and
+    starts (the evaluation keeps the worst case per example); queries: Square's query budget; norm: AutoAttack's, Square's and
     FMN's norm (the other attacks fix theirs).
     """
 
@@ -74,7 +81,7 @@ class AttackSpec:
                 raise ValueError(f"{self.name}: {name} must be an integer >= {low}, got {value!r}")
         if self.name.startswith("pgd") and self.steps < 1:
             raise ValueError(f"{self.name}: needs steps >= 1, got {self.steps}")
-        if self.name == "autoattack" and self.steps == 0:
+        if self.name in AUTOATTACKS and self.steps == 0:
             object.__setattr__(self, "steps", AUTOATTACK_ITERATIONS)
         if self.minimum_norm:
             if self.eps != 0.0:
@@ -109,23 +116,27 @@ class AttackSpec:
             budget.pop("step_size")
         if self.name not in ("square", "autoattack"):
             budget.pop("queries")
-        if not (self.name.startswith("pgd") or self.name in ("autoattack", "fmn")):
+        if not (self.name.startswith("pgd") or self.name in AUTOATTACKS + ("fmn",)):
             budget.pop("steps")
         if self.minimum_norm:
             budget.pop("eps")
-        if self.name == "autoattack":
+        if self.name in AUTOATTACKS:
             budget["version"] = "standard" if self.standard else "standard, reduced budget"
         return budget
 
     @property
     def standard(self) -> bool:
-        """AutoAttack at its standard budget (100 iterations, Square 5000 queries)."""
+        """AutoAttack at its standard budget (100 iterations, Square 5000 queries; its gradient-based attacks alone:
+        100 iterations)."""
+        if self.name == "autoattack-gradients":
+            return self.steps >= AUTOATTACK_ITERATIONS
         return self.steps >= AUTOATTACK_ITERATIONS and self.queries >= AUTOATTACK_QUERIES
 
     def describe(self) -> str:
         """A short human-readable budget, e.g. 'PGD-Linf eps 0.1, 40 steps of 0.00625, 2 restarts'."""
         label = {"fgsm": "FGSM", "pgd-linf": "PGD-Linf", "pgd-l2": "PGD-L2", "autoattack": f"AutoAttack-{self.norm}",
-                 "square": "Square-Linf", "fmn": f"FMN-{self.norm}"}[self.name]
+                 "autoattack-gradients": f"AutoAttack-{self.norm} APGD-CE, APGD-T, FAB-T",
+                 "square": f"Square-{self.norm}", "fmn": f"FMN-{self.norm}"}[self.name]
         text = f"{label}, {self.steps} steps (minimum norm)" if self.minimum_norm else f"{label} eps {self.eps:g}"
         if self.name.startswith("pgd"):
             text += f", {self.steps} steps of {self.alpha:.3g}"
@@ -133,6 +144,8 @@ class AttackSpec:
             text += f", {self.queries} queries"
         if self.name == "autoattack" and not self.standard:
             text += f" (reduced: {self.steps} iterations, Square {self.queries} queries)"
+        if self.name == "autoattack-gradients" and not self.standard:
+            text += f" (reduced: {self.steps} iterations)"
         if self.restarts > 1:
             text += f", {self.restarts} restarts"
         return text
@@ -145,8 +158,8 @@ def craft(source: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, spec: Attac
         raise ValueError(f"{x.shape[0]} images but {y.shape[0]} labels")
     if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0 or not bool(torch.isfinite(x).all())):
         raise ValueError("attack inputs must be finite and lie in [0, 1]")
-    if spec.name == "square" and x.ndim != 4:
-        raise ValueError(f"Square attacks images (B, C, H, W); got shape {tuple(x.shape)}")
+    if spec.name in ("square", "autoattack") and x.ndim != 4:
+        raise ValueError(f"Square (alone or in AutoAttack) attacks images (B, C, H, W); got shape {tuple(x.shape)}")
     x, y = x.detach(), y.detach()
     if (spec.eps == 0.0 and not spec.minimum_norm) or x.shape[0] == 0:
         return x.clone()
@@ -196,6 +209,8 @@ def _autoattack(source, x, y, spec, seed):
 
     adversary = AutoAttack(source, norm=spec.norm, eps=spec.eps, version="standard", seed=seed, device=x.device)
     adversary.verbose = False
+    if spec.name == "autoattack-gradients":  # the standard version's settings, its Square left to the caller
+        adversary.attacks_to_run = list(AUTOATTACK_GRADIENT_ATTACKS)
     if not spec.standard:
         for apgd in (adversary.apgd, adversary.apgd_targeted):  # APGD derives its step-size checkpoints from n_iter
             apgd.n_iter = apgd.n_iter_orig = spec.steps
@@ -210,7 +225,7 @@ def _autoattack(source, x, y, spec, seed):
 def _square(source, x, y, spec, seed):
     from pyautoattack.square import SquareAttack
 
-    attack = SquareAttack(source, norm="Linf", n_queries=spec.queries, eps=spec.eps, p_init=0.8, n_restarts=1,
+    attack = SquareAttack(source, norm=spec.norm, n_queries=spec.queries, eps=spec.eps, p_init=0.8, n_restarts=1,
                           seed=seed, verbose=False, resc_schedule=False, device=x.device)
     with torch.no_grad():
         return attack.perturb(x, y)
@@ -283,4 +298,4 @@ def _fmn(source, x, y, spec, seed, alpha_init: float = 1.0, gamma_init: float = 
 
 
 _ATTACK_RUNNERS = {"fgsm": _fgsm, "pgd-linf": _pgd_linf, "pgd-l2": _pgd_l2, "autoattack": _autoattack,
-                   "square": _square, "fmn": _fmn}
+                   "autoattack-gradients": _autoattack, "square": _square, "fmn": _fmn}

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, replace
 
 AUTOATTACK_NORMS = ("Linf", "L2")  # AutoAttack's threat models (autoattack_norms)
 EBM_GRADIENTS = ("bptt", "implicit", "transfer")  # an EBM's gradient sources (see distill.robustness.models)
+BLACK_BOX_SOURCE = "black-box"  # the "source" of a score-based attack: the deployed model's logits, queried
 
 # The "as published" protocol (lanl/AdvEP on convolutional EBMs): predict with every deployed step, backpropagate
 # through the first K unrolled steps only (``LayeredEBMClassifier(attack_steps=K)``); the published code used 29.
@@ -62,7 +63,8 @@ class RobustnessConfig:
     attacked examples; autoattack runs AutoAttack in ``autoattack_norms`` ("Linf", "L2" or both, the default).
     pgd_steps, pgd_restarts, pgd_step_size (None: 2.5 eps / steps): PGD's budget. audit_steps, audit_restarts,
     audit_samples: the stronger PGD of the audit (on the first audit_samples examples). autoattack / square: run them;
-    square_queries: Square's budget (also AutoAttack's Square); autoattack_iterations: AutoAttack's APGD / FAB
+    square_queries: Square's budget (also AutoAttack's Square, run once per model on the deployed model: one part with
+    the standalone Square where the examples are the same); autoattack_iterations: AutoAttack's APGD / FAB
     iterations (standard: 100; fewer, or fewer than 5000 queries, is reported as a reduced AutoAttack). samples: test
     examples attacked (PGD, FGSM, the minimum-norm attack); autoattack_samples: those attacked by AutoAttack (the first
     ones of the same draw; None: all ``samples``); square_samples: those for Square (the first ones of the same draw);

@@ -6,7 +6,9 @@ models: ``ModelUnderTest`` objects (``load_model_under_test``); x_test (N, D) fl
 int64: the test set; image_shape: one sample's shape as the attacks see it ((1, 28, 28), (3, 32, 32), ...).
 
 The examples: one seeded permutation of the test set; the first ``samples`` are attacked (FGSM, PGD, the
-minimum-norm attack), the first ``autoattack_samples`` of them (all by default) by AutoAttack, the first
+minimum-norm attack), the first ``autoattack_samples`` of them (all by default) by AutoAttack (APGD-CE, APGD-T and
+FAB-T through each gradient source, its Square once per model on the deployed model: a score-based attack reads the
+same logits whatever the gradient source; the same parts as the standalone Square where the examples coincide), the first
 ``square_samples`` by Square, the first ``audit_samples`` by the audit's stronger PGD and by the
 gradient check, the first ``corruption_samples`` (all by default) are corrupted. An example misclassified clean
 counts as non-robust and is not attacked. For each white-box attack and each gradient source of a model, the
@@ -40,7 +42,7 @@ import torch
 
 from ..fitting import fingerprint
 from .attacks import AttackSpec, craft, perturbation_norms
-from .config import SIDE_SOURCES, RobustnessConfig
+from .config import BLACK_BOX_SOURCE, SIDE_SOURCES, RobustnessConfig
 from .models import EBMUnderTest, ModelUnderTest
 from .report import assemble, write_report
 from .store import PartStore, bits
@@ -106,17 +108,19 @@ def plan(model: ModelUnderTest, config: RobustnessConfig) -> list:
             spec = AttackSpec("fmn", 0.0, steps=c.min_norm_steps, norm=norm)
             tasks += [Task(model.name, "attack", f"min-norm-{norm.lower()}", "samples", spec, source)
                       for source in attack_sources(model)]
-    if c.autoattack:
+    if c.autoattack:  # AutoAttack standard: its gradient-based attacks through each source, its Square once
         for group, eps, norm in (("autoattack", c.eps_linf, "Linf"), ("autoattack-l2", c.eps_l2, "L2")):
             if norm not in c.autoattack_norms:
                 continue
-            spec = AttackSpec("autoattack", eps, steps=c.autoattack_iterations, queries=c.square_queries, norm=norm)
+            spec = AttackSpec("autoattack-gradients", eps, steps=c.autoattack_iterations, norm=norm)
             tasks += [Task(model.name, "attack", group, "autoattack", spec, source)
                       for source in attack_sources(model)]
-    if c.square:
+            square = AttackSpec("square", eps, queries=c.square_queries, norm=norm)
+            tasks.append(Task(model.name, "attack", group, "autoattack", square, BLACK_BOX_SOURCE))
+    if c.square:  # on the same examples as AutoAttack's Square (same key), the same parts: run once
         tasks.append(Task(model.name, "attack", "square", "square", AttackSpec("square", c.eps_linf,
                                                                                 queries=c.square_queries),
-                          "black-box"))
+                          BLACK_BOX_SOURCE))
     if c.corruption_samples != 0:
         from distill.corruptions import CORRUPTIONS
         for name in (c.corruptions or CORRUPTIONS):
@@ -183,7 +187,7 @@ def run_attack(model: ModelUnderTest, task: Task, x: np.ndarray, y: np.ndarray, 
     residuals on the adversarial examples, and whether each gradient source, as it is (without
     ``agree_with_deployed``), predicts there as deployed."""
     spec = task.spec
-    source = model.black_box if task.source == "black-box" else model.sources[task.source]
+    source = model.black_box if task.source == BLACK_BOX_SOURCE else model.sources[task.source]
     if spec.minimum_norm:
         return run_minimum_norm(model, source, spec, x, y, clean_correct, seed)
     robust = clean_correct.copy()
@@ -282,11 +286,12 @@ def run_corruption(model: ModelUnderTest, task: Task, x: np.ndarray, y: np.ndarr
 
 
 def check_image_shape(image_shape: tuple, config: RobustnessConfig) -> None:
-    """ValueError, before any work, for an image shape that Square (it needs (C, H, W)) or the corruptions ((H, W)
-    or (C, H, W) with C in {1, 3}) cannot take, when the configuration runs them."""
-    if config.square and len(image_shape) != 3:
-        raise ValueError(f"Square attacks images (C, H, W); got image shape {image_shape}: pass the images' shape, "
-                         f"or run without Square (square=False, --no-square)")
+    """ValueError, before any work, for an image shape that Square (alone or in AutoAttack: it needs (C, H, W)) or
+    the corruptions ((H, W) or (C, H, W) with C in {1, 3}) cannot take, when the configuration runs them."""
+    if (config.square or config.autoattack) and len(image_shape) != 3:
+        raise ValueError(f"Square (alone or in AutoAttack) attacks images (C, H, W); got image shape {image_shape}: "
+                         f"pass the images' shape, or run without Square and AutoAttack (square=False, "
+                         f"autoattack=False, --no-square --no-autoattack)")
     if config.corruption_samples != 0 and not (len(image_shape) == 2 or (len(image_shape) == 3
                                                                         and image_shape[0] in (1, 3))):
         raise ValueError(f"corruptions need images (H, W) or (C, H, W) with C in {{1, 3}}; got image shape "

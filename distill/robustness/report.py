@@ -7,7 +7,9 @@ results.json (format "ebm-robustness-results", version 1):
       "clean": {accuracy, ci95, n} on the whole test set; "clean_on_samples": the same on the attacked examples,
       "attacks": {fgsm | pgd_linf | pgd_l2 | autoattack | autoattack_l2 | square (audit.COLUMNS):
                   {accuracy, ci95, n (worst case over the column's attacks and the sources), budget (the first
-                   attack's full budget), budgets {attack group: budget}, per_source: {source: {accuracy, ci95, n}},
+                   attack's full budget), budgets {attack group: budget}, per_source: {source: {accuracy, ci95, n}}
+                   (AutoAttack: its gradient-based attacks per gradient source, and "black-box": its Square, run once
+                   on the deployed model; its budget holds that Square's under "square"),
                    per_attack: {attack group: accuracy} on the per_attack_n examples every attack of the column
                    ran on, reference (autoattack): {"pgd-linf": PGD alone on those examples}}} (a column of attacks
                    run on different subsets, e.g. L2 with AutoAttack on fewer examples than PGD: the worst case per
@@ -50,7 +52,7 @@ import numpy as np
 from ebm_sim.storage import save_figure
 
 from .audit import ATTACK_COLUMNS, COLUMN_LABELS, COLUMNS, run_audit
-from .config import SIDE_SOURCES
+from .config import BLACK_BOX_SOURCE, SIDE_SOURCES
 from .stats import accuracy
 from .store import flags_of, unbits, values_of
 
@@ -117,7 +119,8 @@ def _robust_result(parts, model, groups, eps, indices, sources=None, reference_g
             group_worst &= flags
             if group in groups:
                 per_source[source] = per_source.get(source, True) & flags
-                budgets[group] = task.spec.as_dict()
+        if group in groups:
+            budgets[group] = _group_budget(tasks)
         flags_of_group[group] = group_worst
         if group in groups:
             worst &= group_worst
@@ -135,6 +138,16 @@ def _robust_result(parts, model, groups, eps, indices, sources=None, reference_g
             "per_source": {s: accuracy(f[ran_any]) for s, f in sorted(per_source.items())}, "per_attack": per_attack,
             **({"reference": reference} if reference_groups else {}),
             "per_attack_n": int(ran_all.sum()), "_flags": worst[ran_any], "_indices": indices[ran_any]}
+
+
+def _group_budget(tasks: dict) -> dict:
+    """The full budget of one attack group ({source: (task, items)}): its white-box attack's, with the Square it
+    runs once on the deployed model beside it (AutoAttack: "square": that Square's budget)."""
+    white = [task.spec for source, (task, _) in sorted(tasks.items()) if source != BLACK_BOX_SOURCE]
+    black = [task.spec for source, (task, _) in tasks.items() if source == BLACK_BOX_SOURCE]
+    if not white:
+        return black[0].as_dict()
+    return {**white[0].as_dict(), **({"square": black[0].as_dict()} if black else {})}
 
 
 def minimal_norm_bounds(parts, model, norm: str, indices, correct, config) -> np.ndarray | None:
@@ -217,9 +230,10 @@ def assemble_model(model, parts: dict, clean: dict, draw: dict, y_test: np.ndarr
     if "square" in attacks and "pgd_linf" in attacks:
         square_set = draw["square"]
         white = np.ones(len(square_set), dtype=bool)
-        for group in ("pgd-linf", "autoattack", "min-norm-linf"):
+        for group in ("pgd-linf", "autoattack", "min-norm-linf"):  # (AutoAttack's own Square left out)
             for source, (task, items) in _tasks_of(parts, name, group, config.eps_linf).items():
-                if set(map(int, square_set)) <= {int(i) for chunk, _ in items for i in chunk}:
+                if source != BLACK_BOX_SOURCE and set(map(int, square_set)) <= {int(i) for chunk, _ in items
+                                                                                  for i in chunk}:
                     white &= _flags(task, items, square_set, config.eps_linf)
         comparisons["white_vs_black_box"] = {"n": len(square_set), "white_box": float(white.mean()),
                                              "square": float(attacks["square"]["_flags"].mean())}
@@ -278,9 +292,25 @@ def assemble_model(model, parts: dict, clean: dict, draw: dict, y_test: np.ndarr
     if sides:
         result["side_sources"] = sides
     result["seconds"] = float(clean.get("seconds", 0.0) + sum(
-        r.get("seconds", 0.0) for (m, _), items in parts.items() if m == name for _, r in items))
+        record.get("seconds", 0.0) for record in _distinct_records(parts, name)))
     result["audit"] = run_audit(result, config)
     return result
+
+
+def _distinct_records(parts: dict, model: str) -> list:
+    """The records of a model's parts, each once: one part may serve two tasks (AutoAttack's Square and the
+    standalone Square on the same examples share their key, so their parts)."""
+    seen, records = set(), []
+    for (name, task), items in parts.items():
+        if name != model:
+            continue
+        what = (task.kind, repr(task.spec.as_dict()) if task.spec else None, task.source, task.corruption,
+                task.severity)
+        for chunk, record in items:
+            if (what, np.asarray(chunk).tobytes()) not in seen:
+                seen.add((what, np.asarray(chunk).tobytes()))
+                records.append(record)
+    return records
 
 
 def side_results(model, parts: dict, draw: dict, config) -> dict:
@@ -412,7 +442,8 @@ def markdown_table(results: dict) -> str:
               f"on it), "
               f"{results['examples']['square']} for Square, {results['examples']['audit']} for the audit's stronger "
               f"PGD and the gradient check, {results['examples']['corruption']} corrupted; seed {c['seed']}",
-              "- FGSM, PGD-Linf, AutoAttack-Linf (standard: APGD-CE, APGD-T, FAB-T, Square"
+              "- FGSM, PGD-Linf, AutoAttack-Linf (standard: APGD-CE, APGD-T, FAB-T through each gradient source, "
+              "its Square once on the deployed model"
               + ("" if c["autoattack_iterations"] >= 100 and c["square_queries"] >= 5000 else
                  f"; REDUCED budget: {c['autoattack_iterations']} iterations, Square {c['square_queries']} queries")
               + f"), Square: Linf eps {c['eps_linf']:g}; PGD-L2, AutoAttack-L2: eps {c['eps_l2']:g}; pixel units, "
