@@ -18,16 +18,18 @@ the published code used K = 29 of 250 steps, here K keeps that share of the depl
 Before the evaluation the script times one forward pass and one input gradient of every model and prints the
 estimated compute of the whole table (``cost_estimate``); --estimate-only stops there. The evaluation keeps its parts
 in --eval-dir (default benchmarks/results/cifar/): a long run may be stopped and continued by running it again.
-Also measured: the distilled student's speed-up over the EBM's deployed relaxation at batch 1 and 256 (bounded by the
-EBM's step count: each step evaluates every interaction's forward and backward field, the student one forward sweep)
+Also measured: the distilled student exported to ONNX, float and int8 (onnxruntime on the test images: accuracy,
+agreement with the torch student, and with the EBM on the first 1,000), the distilled student's speed-up over the
+EBM's deployed relaxation at batch 1 and 256 (bounded by the EBM's step count: each step evaluates every
+interaction's forward and backward field, the student one forward sweep)
 and, when a trained cifar10-cpu-lava network is in benchmarks/results/networks/ (``--train-lava`` trains it), the
 agreement of its float Lava program with the simulator (the max-pooling EBM has no Lava mapping: Lava has no pooling process).
 --quick: a one-layer conv EBM (not the preset) on 200 training and 100 test images, one EP epoch, tiny budgets (no
 AutoAttack, Square reduced), to check the code path in about two minutes on an idle machine; it writes to
 benchmarks/results/quick/cifar.json (or --out), never over the recorded results.
 Writes benchmarks/results/cifar.json (per model clean, pgd_linf, pgd_l2, autoattack, square, corruption_mean,
-audit_passed; ebm_truncated_pgd_linf, speedup_batch1, speedup_batch256, lava_float_agreement; the published table;
-the cost in minutes) and prints it as the last line.
+audit_passed; ebm_truncated_pgd_linf, speedup_batch1, speedup_batch256, lava_float_agreement; onnx_float_accuracy,
+onnx_int8_accuracy, onnx_int8_agreement; the published table; the cost in minutes) and prints it as the last line.
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ NETWORKS = ROOT / "benchmarks" / "results" / "networks"
 RESULTS = ROOT / "benchmarks" / "results"
 PRESET = "cifar10-cpu"
 LAVA_PRESET = "cifar10-cpu-lava"
+ONNX_EBM_IMAGES = 1000  # test images on which the exported student's agreement with the EBM is measured
 PUBLISHED_TRUNCATION = (29, 250)  # lanl/AdvEP: attacked through 29 unrolled steps, predicted with 250
 #: Linf sweep: up to 64/255, where the audit's "reaches zero" check is meaningful (measured: the PGD-AT baseline keeps
 #: 13 % at 16/255, 6 % at 24/255 and 2.7 % at 32/255 under PGD-20 on 300 images; a sweep ending at 16/255 failed it)
@@ -255,6 +258,28 @@ def _timed(function) -> float:
     return time.perf_counter() - start
 
 
+def onnx_export(student_path: Path, images, labels, ebm_predictions) -> dict:
+    """The convolutional student exported to ONNX in float and int8 (``distill.onnx_export``), each run by
+    onnxruntime (CPU) on the test images: its accuracy, its agreement with the torch student (and max |logit
+    difference|), and with the EBM's deployed predictions ``ebm_predictions`` of the first images (as many as
+    given: the EBM's relaxation of the whole test set would cost minutes)."""
+    from distill.io import load_model
+    from distill.onnx_export import OnnxClassifier, export_onnx, measure_export, quantize_onnx
+
+    student = load_model(student_path)
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    out = {"n": int(len(labels))}
+    with tempfile.TemporaryDirectory() as folder:
+        float_path = export_onnx(student, Path(folder) / "student.onnx", input_shape=tuple(images.shape[1:]))
+        int8_path = quantize_onnx(float_path, Path(folder) / "student-int8.onnx")
+        for name, path in (("float", float_path), ("int8", int8_path)):
+            measured = measure_export(student, path, images, labels, batch_size=256)
+            predicted = OnnxClassifier(path, providers=["CPUExecutionProvider"]).predict(images, batch_size=256)
+            out[name] = {**measured, "bytes": path.stat().st_size, "ebm_n": int(len(ebm_predictions)),
+                         "agreement_with_ebm": float(np.mean(predicted[:len(ebm_predictions)] == ebm_predictions))}
+    return out
+
+
 def lava_agreement(data, samples: int = 100) -> dict:
     """Agreement of the float Lava program of a trained cifar10-cpu-lava network (if one is in NETWORKS) with the
     simulator's deployed prediction on the first ``samples`` test images (the numpy simulator of the Lava graph,
@@ -342,8 +367,12 @@ def main(argv=None):
         print({name: e["upper_bound_minutes"] for name, e in estimate.items()})
         return
 
-    evaluation_start = time.perf_counter()
     x_flat = data[2].reshape(len(data[3]), -1)
+    onnx = onnx_export(paths["distilled"], data[2], data[3], models[0].predict(x_flat[:ONNX_EBM_IMAGES]))
+    log("student in ONNX: " + ", ".join(f"{kind} accuracy {onnx[kind]['accuracy_onnx']:.4f}, agreement with torch "
+                                        f"{onnx[kind]['prediction_agreement']:.4f}, with the EBM "
+                                        f"{onnx[kind]['agreement_with_ebm']:.4f}" for kind in ("float", "int8")))
+    evaluation_start = time.perf_counter()
     # the feedforward models first (minutes): their parts are stored and reused by the whole evaluation, so a run
     # stopped in the EBM's hours of attacks has every other row finished
     evaluate(models[1:], x_flat, data[3], image_shape, config, eval_dir, dataset="cifar10",
@@ -366,7 +395,9 @@ def main(argv=None):
                           "full_bptt_pgd_linf": full_bptt_pgd, "side_source": side},
            "speedup_batch1": speed["batch1"]["speedup"],
            "speedup_batch256": speed.get("batch256", {}).get("speedup"),
-           "speed": speed, "lava": lava_agreement(data),
+           "speed": speed, "lava": lava_agreement(data), "onnx": onnx,
+           "onnx_float_accuracy": onnx["float"]["accuracy_onnx"], "onnx_int8_accuracy": onnx["int8"]["accuracy_onnx"],
+           "onnx_int8_agreement": onnx["int8"]["prediction_agreement"],
            "published": [asdict(row) for row in PUBLISHED_CIFAR10],
            "side_by_side": side_by_side({name: row for name, row in per_model.items()}, TOOLKIT_PROTOCOL),
            "config": results["config"], "examples": results["examples"], "cost_estimate": estimate,

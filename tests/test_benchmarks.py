@@ -120,6 +120,10 @@ def test_cifar_benchmark_quick(tmp_path):
     assert printed["truncation"]["attack_steps"] < printed["truncation"]["deployed_steps"]
     assert printed["speedup_batch1"] > 0 and "EP-CNN (published)" in printed["side_by_side"]
     assert printed["lava_float_agreement"] is None and "max-pools" in printed["lava"]["reason"]
+    onnx = printed["onnx"]  # the conv student in ONNX, float and int8, on the quick run's 100 test images
+    assert onnx["float"]["prediction_agreement"] == 1.0 and onnx["float"]["max_abs_difference"] < 1e-3
+    assert onnx["int8"]["quantization"] == "int8" and 0.0 <= onnx["int8"]["agreement_with_ebm"] <= 1.0
+    assert printed["onnx_int8_accuracy"] == onnx["int8"]["accuracy_onnx"] and onnx["float"]["n"] == 100
 
 
 def test_scale_benchmark_quick(tmp_path):
