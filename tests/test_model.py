@@ -293,3 +293,38 @@ def test_layered_rk45_is_the_dense_reference_rk45():
     np.testing.assert_array_equal(got.steps, want.steps)
     for g, w in zip(got.states, want.states):
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-13)
+
+
+# ------------------------------------------------------------------------------------------ the forward memo
+@pytest.mark.parametrize("backend", ["numpy", "numba", "torch"])
+@pytest.mark.parametrize("method", ["fixed_point", "alternating"])
+def test_a_relaxation_reuses_each_convolution_of_an_unchanged_state(backend, method, monkeypatch):
+    """relax keeps each interaction's last forward (conv(s_pre), its max-pool routing) while s_pre is the same array:
+    alternating updates convolve each relaxing pre layer once per step instead of twice (post field, then the
+    routing of its own pre field), with exactly the states of the calls without the memo."""
+    from ebm_sim.model import dynamics, numba_ops, numpy_ops, torch_ops
+    net = LayeredNetwork.init("1x8x8, conv 2 k3 p1 maxpool, conv 3 k3 p1 maxpool, 4", seed=0, dtype=np.float64,
+                              gain=0.8)
+    x = np.random.default_rng(0).uniform(size=(4,) + net.input_shape)
+    params = E.parameters(net, backend)
+    x = torch.tensor(x) if backend == "torch" else x
+    owner, name = {"numpy": (numpy_ops, "conv"), "torch": (torch_ops, "conv"),
+                   "numba": (numba_ops.ConvCall, "convolve")}[backend]
+    convolutions = [0]
+
+    def counted(*args, _real=getattr(owner, name), **kwargs):
+        convolutions[0] += 1
+        return _real(*args, **kwargs)
+    monkeypatch.setattr(owner, name, counted)
+    steps = 12
+    with_memo = relax(net, x, method, tol=0.0, max_steps=steps, params=params)
+    alternating = method == "alternating"  # (its first half-step routes s_1's pre field before any forward)
+    assert convolutions[0] == 1 + steps + alternating  # conv(x) once (clamped), conv(s_1) once per step
+    real_step = dynamics._step
+    monkeypatch.setattr(dynamics, "_step", lambda *args: real_step(*args[:11]))  # memo=None
+    convolutions[0] = 0
+    without = relax(net, x, method, tol=0.0, max_steps=steps, params=params)
+    assert convolutions[0] == 1 + steps * (2 if alternating else 1)
+    for a, b in zip(with_memo.states, without.states):
+        a, b = (a.numpy(), b.numpy()) if backend == "torch" else (a, b)
+        np.testing.assert_array_equal(a, b)

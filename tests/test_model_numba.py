@@ -25,15 +25,21 @@ def close(got, want, dtype):
     np.testing.assert_allclose(got, want, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
 
+def fields(impl, i, params, s_pre, s_post):
+    """(post field, pre field) from one forward of s_pre, the pre field routed by its routing."""
+    post, routing = impl.forward(i, params, s_pre)
+    return post, impl.pre_field(i, params, s_pre, s_post, routing)
+
+
 def check_interaction(i, params, s_pre, s_post, dtype):
-    """post_field, pre_field, fields() and parameter_gradient of one binary interaction: numba = numpy, and
-    fields() = the two separate calls exactly."""
+    """post_field, pre_field, forward() and parameter_gradient of one binary interaction: numba = numpy, and
+    forward()'s post field and the pre field routed by its routing = the two separate calls exactly."""
     numba, numpy = implementation(i.kind, "numba"), implementation(i.kind, "numpy")
     post, pre = numba.post_field(i, params, s_pre), numba.pre_field(i, params, s_pre, s_post)
     close(post, numpy.post_field(i, params, s_pre), dtype)
     close(pre, numpy.pre_field(i, params, s_pre, s_post), dtype)
-    if hasattr(numba, "fields"):
-        both = numba.fields(i, params, s_pre, s_post)
+    if hasattr(numba, "forward"):
+        both = fields(numba, i, params, s_pre, s_post)
         np.testing.assert_array_equal(both[0], post)
         np.testing.assert_array_equal(both[1], pre)
     want = numpy.parameter_gradient(i, params, s_pre, s_post)
@@ -132,21 +138,22 @@ def test_max_pool_ties_route_to_the_first_maximum(dtype):
     pooled = Conv2d(0, 1, kernel=1, pool="max")
     ones = {"weight": np.ones((1, 1, 1, 1), dtype=dtype)}
     u = np.array([[[[1.0, 3.0, 0.0], [3.0, 2.0, 5.0], [9.0, 9.0, 9.0]]]], dtype=dtype)
-    post, pre = numba.fields(pooled, ones, u, np.array([[[[7.0]]]], dtype=dtype))
+    post, pre = fields(numba, pooled, ones, u, np.array([[[[7.0]]]], dtype=dtype))
     np.testing.assert_array_equal(post, [[[[3.0]]]])
     np.testing.assert_array_equal(pre, [[[[0.0, 7.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]]])
 
 
 def test_returned_fields_do_not_share_the_workspace():
-    """A later call of the same geometry (same workspace) leaves earlier results alone."""
+    """A later call of the same geometry (same workspace) leaves earlier results alone (fields, and the routing a
+    forward returned)."""
     i = Conv2d(0, 1, kernel=3, padding=1, pool="max")
     rng = np.random.default_rng(0)
     params = {"weight": rng.standard_normal((2, 2, 3, 3))}
     s_pre, s_post = rng.standard_normal((2, 2, 6, 6)), rng.standard_normal((2, 2, 3, 3))
     numba = implementation("conv2d", "numba")
-    first = numba.fields(i, params, s_pre, s_post)
+    first = numba.forward(i, params, s_pre) + (fields(numba, i, params, s_pre, s_post)[1],)
     saved = [a.copy() for a in first]
-    numba.fields(i, params, -s_pre, -s_post)
+    fields(numba, i, params, -s_pre, -s_post)
     numba.parameter_gradient(i, params, 2 * s_pre, s_post)
     for a, b in zip(first, saved):
         np.testing.assert_array_equal(a, b)

@@ -79,8 +79,10 @@ def relax_clamped(network, x, method: str = "fixed_point", tol: float = 1e-4, ma
     groups = integrator.update_groups(network.num_layers)
     retire = per_sample and ops.retires
     frames = [[ops.copy(s) for s in states]] if record else None
+    memo = {}  # each interaction's last forward (convolution, routing) with its s_pre: local_fields
     for _ in range(max_steps):
         if retire and not ops.all(active):  # step only the samples still running, then write them back
+            memo = None  # (the states below change in place)
             rows = ops.nonzero(active)
             new, raw, change = _step(network, groups, x[rows], [s[rows] for s in states], beta,
                                      None if target is None else target[rows], params,
@@ -89,8 +91,8 @@ def relax_clamped(network, x, method: str = "fixed_point", tol: float = 1e-4, ma
                 s[rows] = n
             update[rows], residual[rows] = raw, change
         else:
-            new, raw, change = _step(network, groups, x, states, beta, target, params, clamped, a, dt, ops)
-            if per_sample:
+            new, raw, change = _step(network, groups, x, states, beta, target, params, clamped, a, dt, ops, memo)
+            if per_sample and not ops.all(active):  # (all running: the new states themselves, as the memo knows them)
                 states = [ops.where(active, n, s) for n, s in zip(new, states)]
                 update, residual = ops.where(active, raw, update), ops.where(active, change, residual)
             else:
@@ -123,15 +125,16 @@ def _check_recordable(network, integrator, batch: int, max_steps: int) -> None:
                          f"(at most {MAX_TRAJECTORY_BYTES / 2 ** 30:.0f}); lower max_steps or the batch size")
 
 
-def _step(network, groups, x, states, beta, target, params, clamped, a, dt, ops) -> tuple:
+def _step(network, groups, x, states, beta, target, params, clamped, a, dt, ops, memo=None) -> tuple:
     """One step of the fixed-step family on these samples: (new states, the last layer's update before the clip,
-    max |s_{t+1} - s_t| / dt per sample); ``groups``: the layers updated together, in order."""
+    max |s_{t+1} - s_t| / dt per sample); ``groups``: the layers updated together, in order; ``memo``: the
+    relaxation's memo of forwards (``local_fields``)."""
     states = list(states)
     change = ops.full(x.shape[0], 0.0, x)
     last = network.num_layers - 1
     update = None
     for group in groups:
-        fields = local_fields(network, x, states, beta, target, params, layers=group, clamped=clamped)
+        fields = local_fields(network, x, states, beta, target, params, layers=group, clamped=clamped, memo=memo)
         for k in group:
             raw = a * fields[k] if dt == 1.0 else states[k] + dt * (a * fields[k] - states[k])
             new = ops.clip(raw, 0.0, 1.0)

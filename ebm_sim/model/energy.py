@@ -93,12 +93,17 @@ def clamped_fields(network: LayeredNetwork, x, params=None) -> list:
 
 
 def local_fields(network: LayeredNetwork, x, states, beta: float = 0.0, target=None, params=None,
-                 layers=None, clamped=None) -> list:
+                 layers=None, clamped=None, memo: dict | None = None) -> list:
     """h_k for the layers that relax (list of L arrays shaped like the states; None for layers not in ``layers``,
     0-based state indices, default all), nudged on s_L: h_L -= beta dC/ds_L (needs ``target`` when beta != 0).
     ``clamped``: ``clamped_fields(network, x, params)`` when precomputed (then those terms are not recomputed).
-    A binary interaction whose two fields are both wanted computes them together (``fields``: one convolution for
-    the pooled post field and the max-pool routing of the pre field)."""
+
+    An implementation with ``forward(i, params, s_pre) -> (post field, routing)`` (a convolution: one convolution of
+    s_pre gives the pooled post field and the max-pool routing its pre field needs, ``pre_field(..., routing)``)
+    computes both fields from one convolution when both are wanted. ``memo`` (a dict the caller keeps, e.g. one per
+    relaxation) keeps each interaction's last forward with the s_pre it came from, and reuses it while that same
+    array object is s_pre: with alternating updates the post field of one half-step and the pre field of the next
+    share a convolution. The caller must not change a state array in place while it is in the memo."""
     params = _params(network, params)
     wanted = set(range(network.num_layers)) if layers is None else set(layers)
     every = [x] + list(states)
@@ -112,7 +117,7 @@ def local_fields(network: LayeredNetwork, x, states, beta: float = 0.0, target=N
         for k in wanted:
             if clamped[k] is not None:
                 fields[k] = clamped[k]
-    for i, p in zip(network.interactions, params.interactions):
+    for index, (i, p) in enumerate(zip(network.interactions, params.interactions)):
         if clamped is not None and (i.unary or i.pre == 0):
             continue  # its field is in ``clamped`` (an interaction from the clamped input has no pre field)
         impl = implementation(i.kind, params.backend)
@@ -121,15 +126,23 @@ def local_fields(network: LayeredNetwork, x, states, beta: float = 0.0, target=N
                 add(i.post, impl.field(i, p, every[i.post]))
             continue
         want_post, want_pre = i.post - 1 in wanted, i.pre >= 1 and i.pre - 1 in wanted
-        if want_post and want_pre and hasattr(impl, "fields"):
-            post, pre = impl.fields(i, p, every[i.pre], every[i.post])
-            add(i.post, post)
-            add(i.pre, pre)
+        s_pre = every[i.pre]
+        if hasattr(impl, "forward"):
+            known = memo.get(index) if memo is not None else None  # (s_pre, (post field, routing))
+            known = known[1] if known is not None and known[0] is s_pre else None
+            if known is None and want_post and (want_pre or memo is not None):
+                known = tuple(impl.forward(i, p, s_pre))
+                if memo is not None:
+                    memo[index] = (s_pre, known)
+            if want_post:
+                add(i.post, known[0] if known is not None else impl.post_field(i, p, s_pre))
+            if want_pre:  # (without a known routing the pre field finds its own)
+                add(i.pre, impl.pre_field(i, p, s_pre, every[i.post], None if known is None else known[1]))
             continue
         if want_post:
-            add(i.post, impl.post_field(i, p, every[i.pre]))
+            add(i.post, impl.post_field(i, p, s_pre))
         if want_pre:
-            add(i.pre, impl.pre_field(i, p, every[i.pre], every[i.post]))
+            add(i.pre, impl.pre_field(i, p, s_pre, every[i.post]))
     last = network.num_layers - 1
     if beta != 0.0 and last in wanted:
         if target is None:

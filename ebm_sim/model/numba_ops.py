@@ -276,12 +276,14 @@ class ConvCall:
         self.convolved = True
         return post
 
-    def route(self, s_post):
-        """unpool(s_post) into the workspace (max pooling: to the maxima of conv(s_pre), convolving first into
-        scratch when ``convolve`` has not run)."""
+    def route(self, s_post, routing=None):
+        """unpool(s_post) into the workspace (max pooling: to the maxima of conv(s_pre), given as ``routing``, the
+        window indices ``convolve`` found, or found here by convolving into scratch)."""
         if tuple(s_post.shape) != self.pooled.shape:
             raise ValueError(f"{self.i.describe()}: s_post has shape {tuple(s_post.shape)}, not {self.pooled.shape}")
-        if self.mode == MAX_POOL and not self.convolved:
+        if self.mode == MAX_POOL and routing is not None:
+            self.argmax[...] = routing
+        elif self.mode == MAX_POOL and not self.convolved:
             self.convolve(self.pooled)
         _unpool(np.ascontiguousarray(s_post, self.dtype), self.mode, self.argmax, self.u)
         return self
@@ -335,15 +337,16 @@ class Conv2dNumba:
         return ConvCall(i, params, s_pre).convolve()
 
     @staticmethod
-    def pre_field(i, params, s_pre, s_post):
-        return ConvCall(i, params, s_pre).route(s_post).transpose()
-
-    @staticmethod
-    def fields(i, params, s_pre, s_post):
-        """(post field, pre field) from one convolution of s_pre (its maxima route the pre field)."""
+    def forward(i, params, s_pre):
+        """(post field, routing) from one convolution of s_pre: the routing is a copy of its max-pool window indices
+        (the workspace is shared), None for other pooling."""
         call = ConvCall(i, params, s_pre)
         post = call.convolve()
-        return post, call.route(s_post).transpose()
+        return post, (call.argmax.copy() if call.mode == MAX_POOL else None)
+
+    @staticmethod
+    def pre_field(i, params, s_pre, s_post, routing=None):
+        return ConvCall(i, params, s_pre).route(s_post, routing).transpose()
 
     @staticmethod
     def parameter_gradient(i, params, s_pre, s_post):

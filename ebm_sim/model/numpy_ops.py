@@ -114,16 +114,16 @@ class Conv2dNumpy:
         return pool(i, conv(i, params["weight"], s_pre))
 
     @staticmethod
-    def pre_field(i, params, s_pre, s_post):
-        routed = unpool(i, s_post, s_pre, params["weight"])
-        return conv_transpose(i, params["weight"], routed, s_pre.shape[1:])
+    def forward(i, params, s_pre):
+        """(post field, routing) from one convolution of s_pre: the routing is u = conv(s_pre) itself for max pooling
+        (its window maxima route the pre field), None otherwise."""
+        u = conv(i, params["weight"], s_pre)
+        return pool(i, u), (u if i.pool == "max" else None)
 
     @staticmethod
-    def fields(i, params, s_pre, s_post):
-        """(post field, pre field) from one convolution of s_pre."""
-        u = conv(i, params["weight"], s_pre)
-        routed = unpool(i, s_post, s_pre, params["weight"], u)
-        return pool(i, u), conv_transpose(i, params["weight"], routed, s_pre.shape[1:])
+    def pre_field(i, params, s_pre, s_post, routing=None):
+        routed = unpool(i, s_post, s_pre, params["weight"], routing)
+        return conv_transpose(i, params["weight"], routed, s_pre.shape[1:])
 
     @staticmethod
     def parameter_gradient(i, params, s_pre, s_post):

@@ -87,21 +87,18 @@ class Conv2dTorch:
         return F.avg_pool2d(u, 2) if i.pool == "avg" else u
 
     @staticmethod
-    def pre_field(i, params, s_pre, s_post):
-        routed = unpool(i, s_post, s_pre, params["weight"])
-        return conv_transpose(i, params["weight"], routed, tuple(s_pre.shape[1:]))
+    def forward(i, params, s_pre):
+        """(post field, routing) from one convolution of s_pre: the routing is its max-pool indices (None for other
+        pooling), what ``pre_field`` needs of conv(s_pre)."""
+        u = conv(i, params["weight"], s_pre)
+        if i.pool == "max":
+            return F.max_pool2d(u, 2, return_indices=True)
+        return (F.avg_pool2d(u, 2) if i.pool == "avg" else u), None
 
     @staticmethod
-    def fields(i, params, s_pre, s_post):
-        """(post field, pre field) from one convolution of s_pre (its max-pool indices route the pre field)."""
-        u = conv(i, params["weight"], s_pre)
-        indices = None
-        if i.pool == "max":
-            post, indices = F.max_pool2d(u, 2, return_indices=True)
-        else:
-            post = F.avg_pool2d(u, 2) if i.pool == "avg" else u
-        routed = unpool(i, s_post, s_pre, params["weight"], indices)
-        return post, conv_transpose(i, params["weight"], routed, tuple(s_pre.shape[1:]))
+    def pre_field(i, params, s_pre, s_post, routing=None):
+        routed = unpool(i, s_post, s_pre, params["weight"], routing)
+        return conv_transpose(i, params["weight"], routed, tuple(s_pre.shape[1:]))
 
     @staticmethod
     def parameter_gradient(i, params, s_pre, s_post):
@@ -188,6 +185,10 @@ class TorchArrays:
     @staticmethod
     def any(mask) -> bool:
         return bool(mask.any())
+
+    @staticmethod
+    def all(mask) -> bool:
+        return bool(mask.all())
 
 
     @staticmethod
