@@ -10,6 +10,9 @@ Breakdown ("breakdown" group): the issue's epoch (784-512-10, batch 50, T1 30 / 
 Adam 5e-4) on one core with the seconds of each phase (input projection, free and nudged relaxations, gradient
 contrast, optimizer, other) and on every core (minibatch shards in threads); fashion_epoch_s is the faster, and
 epoch_gemm_fraction its FLOP/s (the epoch's matrix products) over numpy's float32 GEMM rate in the same process.
+Conv breakdown ("conv_breakdown" group): one EP epoch of the cifar10-cpu preset (its own recipe) on real CIFAR-10
+images (../shared/data; skipped without), per 10,000 images, with its phases (free and nudged relaxations, parameter
+gradient, optimizer, other) and its fraction of the GEMM rate (conv_epoch_s, conv_epoch_gemm_fraction).
 Speed: seconds per Fashion-MNIST epoch of this trainer against the torch implementation of the same algorithm written
 the way the reference EP code bases do it (autograd on Phi, benchmarks/torch_ep_reference.py): 784-512-10, batch 50,
 T1 = 30 free and T2 = 10 nudged steps with no early stopping on either side (same steps), Adam 5e-4, beta 0.5,
@@ -203,10 +206,90 @@ def breakdown_group(quick: bool, networks_dir=None) -> dict:
             "epoch_gemm_fraction": flops / best / 1e9 / gemm}
 
 
+CONV_PRESET = "cifar10-cpu"
+CIFAR_DATA = ROOT.parent / "shared" / "data"  # the real CIFAR-10 batches beside the repository (skipped without)
+CONV_PHASES = ("free", "nudged", "gradient", "optimizer")
+
+
+def conv_epoch_flops(network, config, samples: int) -> float:
+    """FLOPs of the convolutions and products of one EP epoch of a layered network at fixed step counts (tol 0), per
+    sample: each phase convolves the clamped input once; each step convolves every relaxing pre layer once (the
+    pooled post field, and the routing of its own pre field, reused: ``local_fields``'s memo) and applies the
+    transposed convolution once (the pre field); the gradient correlates both states of the contrast once per
+    interaction. A product of C_out x C_in x k x k weights over an H x W map is 2 C_out C_in k k H W FLOPs."""
+    def macs(i):
+        weight = i.params["weight"]
+        if weight.ndim == 4:
+            return weight.size * int(np.prod(i.conv_shape(network.layer_shapes[i.pre])))
+        return weight.size
+    binary = [i for i in network.interactions if not i.unary]
+    clamped = sum(macs(i) for i in binary if i.pre == 0)
+    relaxing = sum(macs(i) for i in binary if i.pre >= 1)
+    phases = 3 if config.nudging == "symmetric" else 2
+    steps = config.free_steps + (phases - 1) * config.nudged_steps
+    return 2.0 * samples * (phases * clamped + 2 * steps * relaxing + 2 * (clamped + relaxing))
+
+
+def conv_breakdown_group(quick: bool, networks_dir=None) -> dict:
+    """One EP epoch of the cifar10-cpu preset (its recipe: batch 32, 30 free / 10 nudged alternating steps, symmetric
+    nudging, Adam) on real CIFAR-10 images, timed on a subset and scaled to 10,000 images: seconds, its breakdown
+    (free and nudged relaxations, parameter gradient, optimizer, other), and its FLOP/s (``conv_epoch_flops``) over
+    numpy's float32 GEMM rate in the same process (``epoch_gemm_fraction``)."""
+    import relax as relax_benchmark
+
+    from ebm_sim import optimizers, training
+    from ebm_sim.datasets import load_cifar10
+    from ebm_sim.model import LayeredNetwork
+    from ebm_sim.model import ep as layered_ep
+    from ebm_sim.model.presets import get
+
+    if not (CIFAR_DATA / "cifar-10-batches-py").is_dir():
+        return {"skipped": f"no CIFAR-10 batches in {CIFAR_DATA}"}
+    data = load_cifar10(CIFAR_DATA)
+    samples = 64 if quick else 640
+    x, y = data.images("train")[:samples + 64], data.y_train[:samples + 64]
+    preset = get(CONV_PRESET)
+    config = TrainConfig(**dict(preset.train, epochs=1))
+    network = LayeredNetwork.init(preset.arch, seed=0, activation=preset.activation,
+                                  normalization=preset.normalization)
+    timers = dict.fromkeys(CONV_PHASES, 0.0)
+
+    def timed(name_of, function):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                timers[name_of(*args)] += time.perf_counter() - start
+        return wrapper
+
+    saved = (layered_ep.relax_clamped, layered_ep.parameter_gradient, optimizers.Adam.step)
+    try:
+        layered_ep.relax_clamped = timed(lambda *a: "nudged" if a[6] else "free", saved[0])
+        layered_ep.parameter_gradient = timed(lambda *a: "gradient", saved[1])
+        optimizers.Adam.step = timed(lambda *a: "optimizer", saved[2])
+        optimizer = training.make_optimizer(network, config)
+        training.train_epoch(network, optimizer, x[samples:], y[samples:], config, epoch=0)  # warm-up
+        timers.update(dict.fromkeys(CONV_PHASES, 0.0))
+        start = time.perf_counter()
+        training.train_epoch(network, optimizer, x[:samples], y[:samples], config, epoch=0)
+        seconds = time.perf_counter() - start
+    finally:
+        layered_ep.relax_clamped, layered_ep.parameter_gradient, optimizers.Adam.step = saved
+    scale = 10000 / samples
+    phases = {k: v * scale for k, v in timers.items()}
+    phases["other"] = seconds * scale - sum(phases.values())
+    gemm = relax_benchmark.gemm_rates(5 if quick else 20)["numpy_gflops_batch256"]
+    flops = conv_epoch_flops(network, config, 10000)
+    return {"preset": CONV_PRESET, "samples": samples, "epoch_s_10k": seconds * scale, "phases_s": phases,
+            "epoch_gflop": flops / 1e9, "gemm_gflops": gemm,
+            "epoch_gemm_fraction": flops / (seconds * scale) / 1e9 / gemm}
+
+
 GROUPS = {"digits": lambda q, d: accuracy_group("digits", q, d),
           "fashion": lambda q, d: accuracy_group("fashion", q, d),
           "fashion_deep": lambda q, d: accuracy_group("fashion_deep", q, d), "numba_speed": numba_speed_group,
-          "torch_speed": torch_speed_group, "breakdown": breakdown_group}
+          "torch_speed": torch_speed_group, "breakdown": breakdown_group, "conv_breakdown": conv_breakdown_group}
 
 
 def run(args) -> dict:
@@ -226,6 +309,9 @@ def run(args) -> dict:
         "fashion_epoch_phases_s": groups["breakdown"]["phases_one_core_s"],
         "epoch_gemm_fraction": groups["breakdown"]["epoch_gemm_fraction"],
         "deep_epoch_s": min(groups["breakdown"]["deep_784-512-512-10"].values()),
+        # the cifar10-cpu preset's EP epoch per 10,000 CIFAR-10 images, its breakdown and fraction of the GEMM rate
+        "conv_epoch_s": groups["conv_breakdown"].get("epoch_s_10k"),
+        "conv_epoch_gemm_fraction": groups["conv_breakdown"].get("epoch_gemm_fraction"),
         # the accuracy recipe's own epochs (symmetric nudging, early stopping at tol 1e-4), per 60,000 images
         "fashion_recipe_epoch_s": groups["fashion"]["epoch_s_mean"] * 60000 / groups["fashion"]["train_samples"],
         "fashion_budget": {"epochs": groups["fashion"]["config"]["epochs"],
@@ -234,7 +320,7 @@ def run(args) -> dict:
         "numba_early_stopping_over_torch_epoch": (groups["torch_speed"]["epoch_s_60k"]
                                                   / groups["numba_speed"]["early_stopping"]["epoch_s_60k"]),
         "speed": {"setting": SPEED, "numba": groups["numba_speed"], "torch_autograd": groups["torch_speed"],
-                  "breakdown": groups["breakdown"]},
+                  "breakdown": groups["breakdown"], "conv_breakdown": groups["conv_breakdown"]},
         "runs": {name: groups[name] for name in ("digits", "fashion", "fashion_deep")},
         "targets": {"digits_test_acc": 0.97, "fashion_test_acc": 0.88, "numba_over_torch_epoch": 2.0,
                     "fashion_epoch_s": 2.0},

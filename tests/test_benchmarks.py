@@ -63,6 +63,30 @@ def test_train_benchmark_quick(tmp_path):
     assert printed["speed"]["numba"]["same_steps"]["free_steps_mean"] == 30
     assert printed["speed"]["numba"]["same_steps"]["nudged_steps_mean"] == 10
     assert (tmp_path / "networks" / "digits_64-256-10.h5").exists()
+    conv = printed["speed"]["conv_breakdown"]  # the cifar10-cpu EP epoch (real CIFAR-10 beside the repository)
+    if "skipped" not in conv:
+        assert set(conv["phases_s"]) == {"free", "nudged", "gradient", "optimizer", "other"}
+        assert conv["phases_s"]["free"] > 0 and conv["phases_s"]["nudged"] > 0 and conv["epoch_gflop"] > 1000
+        assert printed["conv_epoch_s"] == conv["epoch_s_10k"] and 0 < printed["conv_epoch_gemm_fraction"]
+
+
+def test_conv_epoch_flops_count_one_convolution_per_relaxing_layer_and_step():
+    """conv_epoch_flops: per sample, each phase convolves the clamped input once, each step convolves each relaxing
+    pre layer once and transposes once, the gradient correlates both states of the contrast."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from train import conv_epoch_flops
+    finally:
+        sys.path.pop(0)
+    from ebm_sim.model import LayeredNetwork
+    from ebm_sim.training import TrainConfig
+    network = LayeredNetwork.init("1x4x4, conv 2 k3 p1 maxpool, conv 3 k1, 5", seed=0)
+    first, second = 2 * 1 * 9 * 16, 3 * 2 * 1 * 4  # MACs: 3x3 kernels over 4x4, 1x1 over the pooled 2x2
+    config = TrainConfig(nudging="symmetric", free_steps=4, nudged_steps=2)
+    dense = 5 * 3 * 2 * 2
+    steps = 4 + 2 * 2
+    expected = 2 * 7 * (3 * first + 2 * steps * (second + dense) + 2 * (first + second + dense))
+    assert conv_epoch_flops(network, config, 7) == expected
 
 
 def test_distill_benchmark_quick(tmp_path):
