@@ -280,15 +280,17 @@ def onnx_export(student_path: Path, images, labels, ebm_predictions) -> dict:
     return out
 
 
-def lava_agreement(data, samples: int = 100) -> dict:
-    """Agreement of the float Lava program of a trained cifar10-cpu-lava network (if one is in NETWORKS) with the
-    simulator's deployed prediction on the first ``samples`` test images (the numpy simulator of the Lava graph,
-    which tests/test_hardware_conv.py holds equal to Lava's own run)."""
-    path = NETWORKS / f"{LAVA_PRESET}.h5"
-    if not path.exists():
-        return {"agreement": None, "reason": f"no trained {LAVA_PRESET} network in {NETWORKS.relative_to(ROOT)} (the "
-                                             f"{PRESET} EBM max-pools: Lava has no pooling process)"}
+def lava_agreement(data, path: Path, samples: int = 100) -> dict:
+    """Agreement of the float Lava program of a trained cifar10-cpu-lava network at ``path`` (when its training has
+    finished) with the simulator's deployed prediction on the first ``samples`` test images: the program run by the
+    numpy simulator of the Lava graph (``hardware.program.simulate``, which tests/test_hardware_conv.py holds equal
+    to Lava's own run) against ``ebm_sim.model.dynamics.relax`` with the network's deployment."""
     from ebm_sim import storage
+
+    if not path.exists() or storage.load_checkpoint(path) is not None:
+        return {"agreement": None, "reason": f"no trained {LAVA_PRESET} network at {path} (the {PRESET} EBM "
+                                             f"max-pools: Lava has no pooling process; `benchmarks/cifar.py "
+                                             f"--train-lava` trains it)"}
     from ebm_sim.deployment import Deployment
     from ebm_sim.model.dynamics import relax
     from ebm_sim.model.energy import output
@@ -299,11 +301,12 @@ def lava_agreement(data, samples: int = 100) -> dict:
     deployment = Deployment.of_network_file(path)
     images = np.ascontiguousarray(data[2][:samples])
     program = to_program(network, "float", deployment=deployment)
-    lava = program.predictions(simulate(program, images).states)
-    states = relax(network, images, deployment=deployment).states
-    simulator = np.argmax(output(network, states), axis=1)
-    return {"agreement": float(np.mean(lava == simulator)), "samples": samples, "network": path.name,
-            "accuracy_simulator": float(np.mean(simulator == data[3][:samples]))}
+    run = simulate(program, program.encode_inputs(images))
+    lava = program.predictions(program.decode_states(run.states[-1]))
+    simulator = np.argmax(output(network, relax(network, images, deployment=deployment).states), axis=1)
+    return {"agreement": float(np.mean(lava == simulator)), "samples": int(len(images)), "network": path.name,
+            "deployment": deployment.as_dict(), "accuracy_simulator": float(np.mean(simulator == data[3][:samples])),
+            "accuracy_lava_graph": float(np.mean(lava == data[3][:samples]))}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -395,7 +398,7 @@ def main(argv=None):
                           "full_bptt_pgd_linf": full_bptt_pgd, "side_source": side},
            "speedup_batch1": speed["batch1"]["speedup"],
            "speedup_batch256": speed.get("batch256", {}).get("speedup"),
-           "speed": speed, "lava": lava_agreement(data), "onnx": onnx,
+           "speed": speed, "lava": lava_agreement(data, models_dir / f"{LAVA_PRESET}.h5"), "onnx": onnx,
            "onnx_float_accuracy": onnx["float"]["accuracy_onnx"], "onnx_int8_accuracy": onnx["int8"]["accuracy_onnx"],
            "onnx_int8_agreement": onnx["int8"]["prediction_agreement"],
            "published": [asdict(row) for row in PUBLISHED_CIFAR10],

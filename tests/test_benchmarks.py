@@ -208,3 +208,22 @@ def test_cifar_cost_estimate_counts_autoattacks_square_once_when_shared():
     assert apart == 1000 * 50 + 1000 * 40 + corruption
     both = cost_estimate(times, RobustnessConfig(square_samples=50, **{**base, "autoattack_norms": ("Linf", "L2")}))
     assert both["model"]["forwards"] == 2 * 1000 * 50 + corruption
+
+
+def test_cifar_lava_agreement_runs_the_float_program_of_a_finished_network(tmp_path):
+    """benchmarks/cifar.py's lava_agreement: a network file still holding a training checkpoint (or none) gives no
+    agreement and says why; a finished Lava-mappable network's float program predicts as the simulator."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from cifar import lava_agreement
+    finally:
+        sys.path.pop(0)
+    from ebm_cli.main import main
+    path = tmp_path / "cifar10-cpu-lava.h5"
+    images = np.random.default_rng(0).uniform(size=(6, 3, 8, 8)).astype(np.float32)
+    data = (None, None, images, np.arange(6) % 4)
+    missing = lava_agreement(data, path)
+    assert missing["agreement"] is None and "--train-lava" in missing["reason"] and "max-pools" in missing["reason"]
+    assert main(["init", "--arch", "3x8x8, conv 4 k3 p1 avgpool, conv 6 k3 s2 p1, readout 4", "-o", str(path)]) == 0
+    found = lava_agreement(data, path, samples=5)
+    assert found["agreement"] == 1.0 and found["samples"] == 5 and found["network"] == path.name
