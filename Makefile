@@ -39,7 +39,7 @@ demo: $(STAMP)
 	$(VENV)/bin/ebm pipeline --dataset digits --out-dir runs/demo
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q tests; rc=$$?; \
+	$(PY) -m pytest -q --durations=15 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 bench-quick: $(STAMP)
