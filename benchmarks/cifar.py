@@ -280,6 +280,18 @@ def onnx_export(student_path: Path, images, labels, ebm_predictions) -> dict:
     return out
 
 
+def ebm_trained(path: Path) -> bool:
+    """An EBM file whose training is finished: no checkpoint in it, or one that holds every epoch of its run."""
+    import json
+
+    from ebm_sim import storage
+
+    if not path.exists():
+        return False
+    checkpoint = storage.load_checkpoint(path)
+    return checkpoint is None or int(checkpoint["epoch"]) >= json.loads(str(checkpoint["settings"]))["config"]["epochs"]
+
+
 def lava_agreement(data, path: Path, samples: int = 100) -> dict:
     """Agreement of the float Lava program of a trained cifar10-cpu-lava network at ``path`` (when its training has
     finished) with the simulator's deployed prediction on the first ``samples`` test images: the program run by the
@@ -287,7 +299,7 @@ def lava_agreement(data, path: Path, samples: int = 100) -> dict:
     to Lava's own run) against ``ebm_sim.model.dynamics.relax`` with the network's deployment."""
     from ebm_sim import storage
 
-    if not path.exists() or storage.load_checkpoint(path) is not None:
+    if not ebm_trained(path):
         return {"agreement": None, "reason": f"no trained {LAVA_PRESET} network at {path} (the {PRESET} EBM "
                                              f"max-pools: Lava has no pooling process; `benchmarks/cifar.py "
                                              f"--train-lava` trains it)"}
@@ -300,13 +312,16 @@ def lava_agreement(data, path: Path, samples: int = 100) -> dict:
     network = storage.load_network(path)
     deployment = Deployment.of_network_file(path)
     images = np.ascontiguousarray(data[2][:samples])
-    program = to_program(network, "float", deployment=deployment)
-    run = simulate(program, program.encode_inputs(images))
-    lava = program.predictions(program.decode_states(run.states[-1]))
     simulator = np.argmax(output(network, relax(network, images, deployment=deployment).states), axis=1)
-    return {"agreement": float(np.mean(lava == simulator)), "samples": int(len(images)), "network": path.name,
-            "deployment": deployment.as_dict(), "accuracy_simulator": float(np.mean(simulator == data[3][:samples])),
-            "accuracy_lava_graph": float(np.mean(lava == data[3][:samples]))}
+    labels = np.asarray(data[3][:samples])
+    out = {"samples": int(len(images)), "network": path.name, "deployment": deployment.as_dict(),
+           "accuracy_simulator": float(np.mean(simulator == labels))}
+    for kind in ("float", "fixed"):  # the fixed-point program (bit-exact with Loihi's arithmetic) beside it
+        program = to_program(network, kind, deployment=deployment)
+        run = simulate(program, program.encode_inputs(images))
+        lava = program.predictions(program.decode_states(run.states[-1]))
+        out[kind] = {"agreement": float(np.mean(lava == simulator)), "accuracy": float(np.mean(lava == labels))}
+    return {"agreement": out["float"]["agreement"], **out}
 
 
 # ---------------------------------------------------------------------------------------------- main
