@@ -140,6 +140,19 @@ def epoch_flops(layers, batch: int, samples: int, free: int, nudged: int) -> flo
     return per_batch * samples / batch
 
 
+def timer(timers: dict):
+    """timed(name_of, function): ``function`` wrapped to add its seconds to ``timers[name_of(*args)]``."""
+    def timed(name_of, function):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                timers[name_of(*args)] += time.perf_counter() - start
+        return wrapper
+    return timed
+
+
 def breakdown_group(quick: bool, networks_dir=None) -> dict:
     """The issue's epoch (784-512-10, batch 50, T1 30 / T2 10, tol 0, one-sided nudging, Adam) on the Numba
     trainer: seconds per 60,000-image epoch on one core (the minibatch in one piece) with its breakdown per phase
@@ -152,15 +165,7 @@ def breakdown_group(quick: bool, networks_dir=None) -> dict:
 
     x, y = speed_inputs(quick)
     timers = dict.fromkeys(PHASES, 0.0)
-
-    def timed(name_of, function):
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                timers[name_of(*args)] += time.perf_counter() - start
-        return wrapper
+    timed = timer(timers)
 
     def epoch(layers, shards: bool, instrument: bool) -> float:
         network = Network.init(layers, seed=0)
@@ -253,15 +258,7 @@ def conv_breakdown_group(quick: bool, networks_dir=None) -> dict:
     network = LayeredNetwork.init(preset.arch, seed=0, activation=preset.activation,
                                   normalization=preset.normalization)
     timers = dict.fromkeys(CONV_PHASES, 0.0)
-
-    def timed(name_of, function):
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                timers[name_of(*args)] += time.perf_counter() - start
-        return wrapper
+    timed = timer(timers)
 
     saved = (layered_ep.relax_clamped, layered_ep.parameter_gradient, optimizers.Adam.step)
     try:
