@@ -500,6 +500,8 @@ def test_autoattack_square_runs_once_per_model(trained, digits, tmp_path, monkey
     assert attacks["autoattack"]["per_source"]["black-box"] == {k: attacks["square"][k] for k in ("accuracy", "ci95",
                                                                                                   "n")}
     assert attacks["autoattack"]["accuracy"] <= attacks["square"]["accuracy"]
+    stored = [json.loads(p.read_text())["record"] for p in (tmp_path / "eval" / "parts").glob("*.json")]
+    assert results["models"]["standard"]["seconds"] == pytest.approx(sum(r["seconds"] for r in stored))  # each once
     white = results["models"]["standard"]["comparisons"]["white_vs_black_box"]["white_box"]
     alone = [f for g, f in attacks["autoattack"]["per_source"].items() if g != "black-box"]
     assert white >= attacks["autoattack"]["accuracy"] and alone

@@ -304,11 +304,11 @@ def _distinct_records(parts: dict, model: str) -> list:
     for (name, task), items in parts.items():
         if name != model:
             continue
-        what = (task.kind, repr(task.spec.as_dict()) if task.spec else None, task.source, task.corruption,
-                task.severity)
+        what = (task.kind, task.spec, task.source, task.corruption, task.severity)  # as in its part key: not the group
         for chunk, record in items:
-            if (what, np.asarray(chunk).tobytes()) not in seen:
-                seen.add((what, np.asarray(chunk).tobytes()))
+            key = (what, np.asarray(chunk).tobytes())
+            if key not in seen:
+                seen.add(key)
                 records.append(record)
     return records
 
