@@ -36,6 +36,7 @@ def run_groups(script: str, groups, arguments: list) -> dict:
 
 
 RESULTS = _HERE / "results"
+SHARED_DATA = _HERE.parents[1] / "shared" / "data"  # the real data sets beside the repository (../shared/data)
 
 
 def output_path(name: str, quick: bool, out=None) -> Path:

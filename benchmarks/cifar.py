@@ -47,11 +47,10 @@ ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 
-from _common import output_path, write_results  # noqa: E402
+from _common import SHARED_DATA, output_path, write_results  # noqa: E402
 from robustness import cost_minutes, finished, summary, train_student  # noqa: E402  (benchmarks/robustness.py)
 from distill.robustness.published import PUBLISHED_CIFAR10, side_by_side  # noqa: E402
 
-DEFAULT_DATA = ROOT.parent / "shared" / "data"
 NETWORKS = ROOT / "benchmarks" / "results" / "networks"
 RESULTS = ROOT / "benchmarks" / "results"
 PRESET = "cifar10-cpu"
@@ -330,7 +329,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small data and budgets (under two minutes)")
     parser.add_argument("--out", default=None, help="summary JSON (default benchmarks/results/cifar.json; quick: "
                                                     "benchmarks/results/quick/cifar.json)")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA,
+    parser.add_argument("--data-dir", type=Path, default=SHARED_DATA,
                         help="folder holding cifar-10-batches-py (default ../shared/data)")
     parser.add_argument("--eval-dir", default=None, help="the evaluation's report and resumable parts (default "
                                                          "benchmarks/results/cifar, quick: a temporary folder)")

@@ -41,9 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import output_path, run_groups, write_results  # noqa: E402
+from _common import SHARED_DATA, output_path, run_groups, write_results  # noqa: E402
 
-DEFAULT_DATA = ROOT.parent / "shared" / "data"
 LABORIEUX = "laborieux2021-cifar10"
 CPU = "cifar10-cpu"
 THREADS = 2
@@ -270,7 +269,7 @@ def main(argv=None):
                                                                  "benchmarks/results/quick/conv.json by default")
     parser.add_argument("--out", default=None, help="JSON result (default benchmarks/results/conv.json; with --quick "
                         "benchmarks/results/quick/conv.json: never the full results)")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA,
+    parser.add_argument("--data-dir", type=Path, default=SHARED_DATA,
                         help="folder holding cifar-10-batches-py (default ../shared/data)")
     parser.add_argument("--groups", type=lambda text: text.split(","), default=None,
                         help=f"run only these groups ({', '.join(GROUPS)}), keeping the others from --out")

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import output_path, run_groups, write_results  # noqa: E402
+from _common import SHARED_DATA, output_path, run_groups, write_results  # noqa: E402
 from ebm_sim import storage  # noqa: E402
 from ebm_sim.datasets import load_dataset  # noqa: E402
 from ebm_sim.network import Network  # noqa: E402
@@ -212,7 +212,6 @@ def breakdown_group(quick: bool, networks_dir=None) -> dict:
 
 
 CONV_PRESET = "cifar10-cpu"
-CIFAR_DATA = ROOT.parent / "shared" / "data"  # the real CIFAR-10 batches beside the repository (skipped without)
 CONV_PHASES = ("free", "nudged", "gradient", "optimizer")
 
 
@@ -248,9 +247,9 @@ def conv_breakdown_group(quick: bool, networks_dir=None) -> dict:
     from ebm_sim.model import ep as layered_ep
     from ebm_sim.model.presets import get
 
-    if not (CIFAR_DATA / "cifar-10-batches-py").is_dir():
-        return {"skipped": f"no CIFAR-10 batches in {CIFAR_DATA}"}
-    data = load_cifar10(CIFAR_DATA)
+    if not (SHARED_DATA / "cifar-10-batches-py").is_dir():
+        return {"skipped": f"no CIFAR-10 batches in {SHARED_DATA}"}
+    data = load_cifar10(SHARED_DATA)
     samples = 64 if quick else 640
     x, y = data.images("train")[:samples + 64], data.y_train[:samples + 64]
     preset = get(CONV_PRESET)
