@@ -279,6 +279,7 @@ def _entry(local_rank, fn, args, nprocs, port, backend, threads, cores, folder, 
     else:
         with open(path, "wb") as handle:
             pickle.dump(("ok", result), handle)
+        world.barrier()  # every rank done before any tears the group down: a peer gone mid-teardown aborts gloo
     finally:
         world.close()
 
