@@ -314,18 +314,32 @@ def launch(fn, nprocs: int, args: tuple = (), backend: str = "gloo", threads: in
                         process.terminate()
                 for process in context.processes:
                     process.join(10)
-            raise (_rank_error(folder, nprocs) or error) from None
+            finished = None if isinstance(error, KeyboardInterrupt) else _rank_results(folder, nprocs)
+            if finished is None:
+                raise (_rank_error(folder, nprocs) or error) from None
+            return finished  # every rank stored its result: what failed came after it (gloo aborting at teardown)
         finally:
             for key, value in saved.items():
                 if value is None:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
-        results = []
-        for rank in range(nprocs):
+        return _rank_results(folder, nprocs)
+
+
+def _rank_results(folder: str, nprocs: int) -> list | None:
+    """Every rank's return value in rank order, or None unless every rank left an "ok" result in ``folder``."""
+    results = []
+    for rank in range(nprocs):
+        try:
             with open(os.path.join(folder, f"rank{rank}.pkl"), "rb") as handle:
-                results.append(pickle.load(handle)[1])
-        return results
+                kind, value = pickle.load(handle)
+        except Exception:
+            return None
+        if kind != "ok":
+            return None
+        results.append(value)
+    return results
 
 
 def _rank_error(folder: str, nprocs: int):
