@@ -1,6 +1,6 @@
 """Benchmark: the CIFAR-10 robustness study on convolutional models, side by side with the published tables.
 
-    python benchmarks/cifar.py [--quick] [--out PATH] [--data-dir DIR] [--estimate-only] [--threads 2]
+    python benchmarks/cifar.py [--quick] [--out PATH] [--data-dir DIR] [--estimate-only] [--parts-only] [--threads 2]
 
 Models (CPU preset, the real CIFAR-10 images of --data-dir: 10,000 training and 10,000 test images):
   EBM        the cifar10-cpu preset (ebm_sim/model/presets.py) trained with EP (24 epochs, ~48 min here; the file is
@@ -17,7 +17,8 @@ the published protocol's truncated gradient ("as published": the first K unrolle
 the published code used K = 29 of 250 steps, here K keeps that share of the deployed steps, stated in the JSON).
 Before the evaluation the script times one forward pass and one input gradient of every model and prints the
 estimated compute of the whole table (``cost_estimate``); --estimate-only stops there. The evaluation keeps its parts
-in --eval-dir (default benchmarks/results/cifar/): a long run may be stopped and continued by running it again.
+in --eval-dir (default benchmarks/results/cifar/): a long run may be stopped and continued by running it again, and
+processes started with --parts-only share its parts (each claims the part it runs), e.g. one per core.
 Also measured: the distilled student exported to ONNX, float and int8 (onnxruntime on the test images: accuracy,
 agreement with the torch student, and with the EBM on the first 1,000), the distilled student's speed-up over the
 EBM's deployed relaxation at batch 1 and 256 (bounded by the EBM's step count: each step evaluates every
@@ -338,6 +339,11 @@ def main(argv=None):
     parser.add_argument("--train-lava", action="store_true",
                         help=f"only train (or resume) the {LAVA_PRESET} EBM into {NETWORKS.relative_to(ROOT)} (24 EP "
                              f"epochs, about as long as the {PRESET} EBM), whose Lava agreement the table reports")
+    parser.add_argument("--parts-only", action="store_true",
+                        help="run (or resume) the evaluation's parts into --eval-dir and stop: no ONNX, speed-up or "
+                             "summary JSON. Parts are claimed per process, so one such process per core (with "
+                             "--threads 1 and NUMBA_NUM_THREADS=1) shares the work; a last plain run then assembles "
+                             "the stored parts and measures the speed-up on an otherwise idle machine")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -385,6 +391,12 @@ def main(argv=None):
         return
 
     x_flat = data[2].reshape(len(data[3]), -1)
+    if args.parts_only:
+        evaluate(models, x_flat, data[3], image_shape, config, eval_dir, dataset="cifar10",
+                 progress=not args.no_progress, log=log, overwrite=True)
+        log(f"every part of the evaluation is stored in {eval_dir / 'parts'} ({time.perf_counter() - start:.0f} s in "
+            f"this run)")
+        return
     onnx = onnx_export(paths["distilled"], data[2], data[3], models[0].predict(x_flat[:ONNX_EBM_IMAGES]))
     log("student in ONNX: " + ", ".join(f"{kind} accuracy {onnx[kind]['accuracy_onnx']:.4f}, agreement with torch "
                                         f"{onnx[kind]['prediction_agreement']:.4f}, with the EBM "

@@ -9,7 +9,9 @@ Accuracy (the trained networks are written, without optimizer state, to benchmar
 Breakdown ("breakdown" group): the issue's epoch (784-512-10, batch 50, T1 30 / T2 10, tol 0, one-sided nudging,
 Adam 5e-4) on one core with the seconds of each phase (input projection, free and nudged relaxations, gradient
 contrast, optimizer, other) and on every core (minibatch shards in threads); fashion_epoch_s is the faster, and
-epoch_gemm_fraction its FLOP/s (the epoch's matrix products) over numpy's float32 GEMM rate in the same process.
+epoch_gemm_fraction its FLOP/s (the epoch's matrix products) over numpy's float32 GEMM rate in the same process;
+products_floor_epoch_s the same epoch's matrix products alone, at their own shapes (batch 50, one thread, the kernels'
+BLAS calls with nothing between them): what the one-core epoch cannot go below (one_core_over_products_floor).
 Conv breakdown ("conv_breakdown" group): one EP epoch of the cifar10-cpu preset (its own recipe) on real CIFAR-10
 images (../shared/data; skipped without), per 10,000 images, with its phases (free and nudged relaxations, parameter
 gradient, optimizer, other) and its fraction of the GEMM rate (conv_epoch_s, conv_epoch_gemm_fraction).
@@ -153,6 +155,63 @@ def timer(timers: dict):
     return timed
 
 
+def products_floor(layers, batch: int, free: int, nudged: int, repeats: int) -> dict:
+    """Seconds per minibatch of an EP step's matrix products alone, at the step's own shapes, through the kernels'
+    BLAS calls on one thread: the input projection (B, n_0) x (n_0, n_1), at every one of the free + nudged steps each
+    coupling W_k (k >= 1) applied to the layer below and transposed to the layer above, and the contrast's products
+    (one for the input layer, two for each other). No relaxation arithmetic, no Python between the calls: a floor of
+    the one-core epoch at this batch size (best of ``repeats`` runs of 20 minibatches)."""
+    from numba import njit
+
+    from ebm_sim.blas import make_handle, rows_t_times, rows_times_w, rows_times_wt, single_threaded
+
+    @njit(cache=False)
+    def minibatches(blas, x, weights, states, fields, grads, count, steps):
+        for _ in range(count):
+            w0 = weights[0]
+            rows_times_wt(blas, x.shape[0], x.ctypes.data, x.shape[1], x.shape[1], w0.ctypes.data, w0.shape[0],
+                          fields[0].ctypes.data, w0.shape[0], False)
+            for _ in range(steps):
+                for k in range(1, len(weights)):
+                    w = weights[k]
+                    n_out, n_in = w.shape
+                    rows_times_wt(blas, x.shape[0], states[k - 1].ctypes.data, n_in, n_in, w.ctypes.data, n_out,
+                                  fields[k].ctypes.data, n_out, False)
+                    rows_times_w(blas, x.shape[0], states[k].ctypes.data, n_out, n_out, w.ctypes.data, n_in,
+                                 fields[k - 1].ctypes.data, n_in, False)
+            rows_t_times(blas, w0.shape[0], w0.shape[1], x.shape[0], states[0].ctypes.data, w0.shape[0],
+                         x.ctypes.data, x.shape[1], grads[0].ctypes.data, w0.shape[1], False)
+            for k in range(1, len(weights)):
+                n_out, n_in = weights[k].shape
+                for accumulate in (False, True):
+                    rows_t_times(blas, n_out, n_in, x.shape[0], states[k].ctypes.data, n_out,
+                                 states[k - 1].ctypes.data, n_in, grads[k].ctypes.data, n_in, accumulate)
+
+    from numba.typed import List
+
+    rng = np.random.default_rng(0)
+    x = rng.random((batch, layers[0]), dtype=np.float32)
+    weights, states, fields, grads = List(), List(), List(), List()
+    for n_in, n_out in zip(layers[:-1], layers[1:]):
+        weights.append(rng.standard_normal((n_out, n_in), dtype=np.float32))
+        grads.append(np.zeros((n_out, n_in), dtype=np.float32))
+        states.append(rng.random((batch, n_out), dtype=np.float32))
+        fields.append(np.zeros((batch, n_out), dtype=np.float32))
+    blas = make_handle(np.float32)
+    count = 20
+    with single_threaded:
+        minibatches(blas, x, weights, states, fields, grads, 1, free + nudged)  # compile
+        best = min(_timed(lambda: minibatches(blas, x, weights, states, fields, grads, count, free + nudged))
+                   for _ in range(repeats))
+    return {"minibatch_s": best / count}
+
+
+def _timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
 def breakdown_group(quick: bool, networks_dir=None) -> dict:
     """The issue's epoch (784-512-10, batch 50, T1 30 / T2 10, tol 0, one-sided nudging, Adam) on the Numba
     trainer: seconds per 60,000-image epoch on one core (the minibatch in one piece) with its breakdown per phase
@@ -204,11 +263,15 @@ def breakdown_group(quick: bool, networks_dir=None) -> dict:
     gemm = rates["numpy_gflops_batch256"]
     best = min(plain, sharded) * scale
     flops = epoch_flops(SPEED["layers"], SPEED["batch_size"], 60000, SPEED["T1"], SPEED["T2"])
+    floor = products_floor(SPEED["layers"], SPEED["batch_size"], SPEED["T1"], SPEED["T2"], 3 if quick else 10)
+    floor_s = floor["minibatch_s"] * 60000 / SPEED["batch_size"]
     return {"samples": int(len(y)), "epoch_s_one_core": plain * scale, "epoch_s_all_cores": sharded * scale,
             "epoch_s": best, "phases_one_core_s": phases, "instrumented_epoch_s": instrumented * scale,
             "deep_784-512-512-10": {"epoch_s_one_core": deep_plain * scale, "epoch_s_all_cores": deep_sharded * scale},
             "epoch_gflop": flops / 1e9, "gemm_gflops": gemm, "gemm_rates": rates,
-            "epoch_gemm_fraction": flops / best / 1e9 / gemm}
+            "epoch_gemm_fraction": flops / best / 1e9 / gemm,
+            "products_floor_epoch_s": floor_s, "products_floor_gflops": flops / floor_s / 1e9,
+            "one_core_over_products_floor": plain * scale / floor_s}
 
 
 CONV_PRESET = "cifar10-cpu"
@@ -304,6 +367,7 @@ def run(args) -> dict:
         "fashion_epoch_s": groups["breakdown"]["epoch_s"],
         "fashion_epoch_phases_s": groups["breakdown"]["phases_one_core_s"],
         "epoch_gemm_fraction": groups["breakdown"]["epoch_gemm_fraction"],
+        "products_floor_epoch_s": groups["breakdown"]["products_floor_epoch_s"],
         "deep_epoch_s": min(groups["breakdown"]["deep_784-512-512-10"].values()),
         # the cifar10-cpu preset's EP epoch per 10,000 CIFAR-10 images, its breakdown and fraction of the GEMM rate
         "conv_epoch_s": groups["conv_breakdown"].get("epoch_s_10k"),

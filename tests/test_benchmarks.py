@@ -59,6 +59,11 @@ def test_train_benchmark_quick(tmp_path):
                 "numba_over_torch_epoch"):
         assert np.isfinite(printed[key]) and printed[key] > 0
     assert printed["digits_test_acc"] > 0.9  # digits trains in full even in quick mode
+    # the floor: the same epoch's matrix products alone, in the same process, below the epoch itself
+    breakdown = printed["speed"]["breakdown"]
+    assert 0 < printed["products_floor_epoch_s"] == breakdown["products_floor_epoch_s"]
+    assert breakdown["one_core_over_products_floor"] == breakdown["epoch_s_one_core"] / breakdown[
+        "products_floor_epoch_s"] > 0
     # the speed comparison really runs the same steps on both sides
     assert printed["speed"]["numba"]["same_steps"]["free_steps_mean"] == 30
     assert printed["speed"]["numba"]["same_steps"]["nudged_steps_mean"] == 10
