@@ -2,7 +2,9 @@
 
     python benchmarks/train.py [--quick] [--out benchmarks/results/train.json]
 
-Accuracy (the trained networks are written, without optimizer state, to benchmarks/results/networks/):
+Accuracy (the trained networks are written, without optimizer state, to benchmarks/results/networks/ where no file of
+that name is there yet: the distillation and robustness benchmarks measured the stored ones, --overwrite-networks
+replaces them):
   digits          64-256-10        RECIPES["digits"]
   fashion         784-512-10       RECIPES["fashion"]
   fashion_deep    784-512-512-10   RECIPES["fashion_deep"]
@@ -28,6 +30,7 @@ The JSON is written to --out and printed as the last line.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -59,8 +62,10 @@ RECIPES = {
 SPEED = dict(layers=(784, 512, 10), batch_size=50, beta=0.5, T1=30, T2=10, lr=5e-4)
 
 
-def accuracy_group(name: str, quick: bool, networks_dir: Path = NETWORK_DIR) -> dict:
-    """Train one recipe; returns its figures and writes the network (no optimizer state) for later benchmarks."""
+def accuracy_group(name: str, quick: bool, networks_dir: Path = NETWORK_DIR, overwrite_networks: bool = False) -> dict:
+    """Train one recipe; returns its figures and writes the network (no optimizer state) for later benchmarks, unless
+    a file of that name is already there: the distillation and robustness benchmarks measured the stored networks, so
+    an existing file is kept (``network_file_kept``) unless ``overwrite_networks``."""
     recipe = RECIPES[name]
     config = dict(recipe["config"])
     limit = None
@@ -83,9 +88,15 @@ def accuracy_group(name: str, quick: bool, networks_dir: Path = NETWORK_DIR) -> 
     if not result["quick"]:
         networks_dir.mkdir(parents=True, exist_ok=True)
         path = networks_dir / f"{name}_{'-'.join(map(str, recipe['layers']))}.h5"
-        storage.save_network(path, network, extra_attrs={"dataset": recipe["dataset"], "recipe": name,
-                                                         "config": train_config.as_dict()})
-        result["network_file"] = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+        shown = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+        if path.exists() and not overwrite_networks:
+            result["network_file"], result["network_file_kept"] = None, shown
+            print(f"{shown} exists (later benchmarks measured it): kept, this run's network is not written "
+                  f"(--overwrite-networks replaces it)", file=sys.stderr, flush=True)
+        else:
+            storage.save_network(path, network, extra_attrs={"dataset": recipe["dataset"], "recipe": name,
+                                                             "config": train_config.as_dict()})
+            result["network_file"] = shown
     return result
 
 
@@ -345,15 +356,14 @@ def conv_breakdown_group(quick: bool, networks_dir=None) -> dict:
             "epoch_gemm_fraction": flops / (seconds * scale) / 1e9 / gemm}
 
 
-GROUPS = {"digits": lambda q, d: accuracy_group("digits", q, d),
-          "fashion": lambda q, d: accuracy_group("fashion", q, d),
-          "fashion_deep": lambda q, d: accuracy_group("fashion_deep", q, d), "numba_speed": numba_speed_group,
+GROUPS = {**{name: functools.partial(accuracy_group, name) for name in RECIPES}, "numba_speed": numba_speed_group,
           "torch_speed": torch_speed_group, "breakdown": breakdown_group, "conv_breakdown": conv_breakdown_group}
 
 
 def run(args) -> dict:
     """Every group in its own process (see ``_common.run_groups``), then the comparison."""
-    arguments = ["--networks-dir", str(args.networks_dir)] + (["--quick"] if args.quick else [])
+    arguments = ["--networks-dir", str(args.networks_dir)] + (["--quick"] if args.quick else []) + (
+        ["--overwrite-networks"] if args.overwrite_networks else [])
     groups = run_groups(__file__, GROUPS, arguments)
     same = groups["numba_speed"]["same_steps"]
     results = {
@@ -395,10 +405,14 @@ def main(argv=None):
                         "--quick benchmarks/results/quick/train.json: never the full results)")
     parser.add_argument("--networks-dir", type=Path, default=NETWORK_DIR,
                         help="where the trained networks are written (default benchmarks/results/networks)")
+    parser.add_argument("--overwrite-networks", action="store_true",
+                        help="replace trained networks already in --networks-dir (default: keep them; the "
+                             "distillation and robustness benchmarks measured those files)")
     parser.add_argument("--group", choices=sorted(GROUPS), help=argparse.SUPPRESS)  # internal: one group
     args = parser.parse_args(argv)
     if args.group:
-        print(json.dumps(GROUPS[args.group](args.quick, args.networks_dir)))
+        options = {"overwrite_networks": args.overwrite_networks} if args.group in RECIPES else {}
+        print(json.dumps(GROUPS[args.group](args.quick, args.networks_dir, **options)))
         return
     out = output_path("train", args.quick, args.out)
     write_results(run(args), out)

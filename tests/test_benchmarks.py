@@ -233,3 +233,22 @@ def test_cifar_lava_agreement_runs_the_float_program_of_a_finished_network(tmp_p
     found = lava_agreement(data, path, samples=5)
     assert found["agreement"] == found["float"]["agreement"] == 1.0 and found["samples"] == 5
     assert 0.0 <= found["fixed"]["agreement"] <= 1.0 and found["network"] == path.name
+
+
+def test_train_benchmark_keeps_stored_networks_unless_asked(tmp_path):
+    """benchmarks/train.py's accuracy groups never replace a trained network already stored (the distillation and
+    robustness benchmarks measured it) unless --overwrite-networks."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from train import accuracy_group
+    finally:
+        sys.path.pop(0)
+    first = accuracy_group("digits", False, tmp_path)
+    path = tmp_path / "digits_64-256-10.h5"
+    assert first["network_file"] == str(path) and "network_file_kept" not in first
+    stored = path.read_bytes()
+    again = accuracy_group("digits", False, tmp_path)
+    assert again["network_file"] is None and again["network_file_kept"] == str(path)
+    assert path.read_bytes() == stored
+    replaced = accuracy_group("digits", False, tmp_path, overwrite_networks=True)
+    assert replaced["network_file"] == str(path) and path.read_bytes() != stored  # the history's timings differ
