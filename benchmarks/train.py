@@ -12,8 +12,9 @@ Breakdown ("breakdown" group): the issue's epoch (784-512-10, batch 50, T1 30 / 
 Adam 5e-4) on one core with the seconds of each phase (input projection, free and nudged relaxations, gradient
 contrast, optimizer, other) and on every core (minibatch shards in threads); fashion_epoch_s is the faster, and
 epoch_gemm_fraction its FLOP/s (the epoch's matrix products) over numpy's float32 GEMM rate in the same process;
-products_floor_epoch_s the same epoch's matrix products alone, at their own shapes (batch 50, one thread, the kernels'
-BLAS calls with nothing between them): what the one-core epoch cannot go below (one_core_over_products_floor).
+products_floor_epoch_s the same epoch's matrix products alone, at their own shapes (batch 50, one thread, computed
+as the kernels compute them, with nothing between them): what the one-core epoch cannot go below
+(one_core_over_products_floor).
 Conv breakdown ("conv_breakdown" group): one EP epoch of the cifar10-cpu preset (its own recipe) on real CIFAR-10
 images (../shared/data; skipped without), per 10,000 images, with its phases (free and nudged relaxations, parameter
 gradient, optimizer, other) and its fraction of the GEMM rate (conv_epoch_s, conv_epoch_gemm_fraction).
@@ -167,14 +168,16 @@ def timer(timers: dict):
 
 
 def products_floor(layers, batch: int, free: int, nudged: int, repeats: int) -> dict:
-    """Seconds per minibatch of an EP step's matrix products alone, at the step's own shapes, through the kernels'
-    BLAS calls on one thread: the input projection (B, n_0) x (n_0, n_1), at every one of the free + nudged steps each
-    coupling W_k (k >= 1) applied to the layer below and transposed to the layer above, and the contrast's products
-    (one for the input layer, two for each other). No relaxation arithmetic, no Python between the calls: a floor of
-    the one-core epoch at this batch size (best of ``repeats`` runs of 20 minibatches)."""
+    """Seconds per minibatch of an EP step's matrix products alone, at the step's own shapes, computed as the kernels
+    compute them on one thread: the input projection (B, n_0) x (n_0, n_1), at every one of the free + nudged steps
+    each coupling W_k (k >= 1) applied to the layer below and transposed to the layer above (two BLAS calls, or for a
+    skinny W_k one fused pass per row: ``ebm_sim.kernels._skinny_couplings``), and the contrast's products (one for
+    the input layer, two for each other). No relaxation arithmetic, no Python between the calls: a floor of the
+    one-core epoch at this batch size (best of ``repeats`` runs of 20 minibatches)."""
     from numba import njit
 
     from ebm_sim.blas import make_handle, rows_t_times, rows_times_w, rows_times_wt, single_threaded
+    from ebm_sim.kernels import _fused_rows, _skinny
 
     @njit(cache=False)
     def minibatches(blas, x, weights, states, fields, grads, count, steps):
@@ -186,6 +189,10 @@ def products_floor(layers, batch: int, free: int, nudged: int, repeats: int) -> 
                 for k in range(1, len(weights)):
                     w = weights[k]
                     n_out, n_in = w.shape
+                    if _skinny(w):
+                        for r in range(x.shape[0]):
+                            _fused_rows(w, states[k - 1][r], states[k][r], fields[k][r], fields[k - 1][r], 0, n_out)
+                        continue
                     rows_times_wt(blas, x.shape[0], states[k - 1].ctypes.data, n_in, n_in, w.ctypes.data, n_out,
                                   fields[k].ctypes.data, n_out, False)
                     rows_times_w(blas, x.shape[0], states[k].ctypes.data, n_out, n_out, w.ctypes.data, n_in,

@@ -50,11 +50,20 @@ def _nan_max(a, b):
 # ------------------------------------------------------------------------------------------------ fields
 
 
+SKINNY_ROWS = 16  # a coupling W_k (k >= 1) with at most this many rows (e.g. a 10-unit output layer): see below
+
+
+@njit(cache=True, inline="always")
+def _skinny(W):
+    return W.shape[0] <= SKINNY_ROWS
+
+
 @njit(cache=True)
-def _coupling(i, S, H, rows, weights, col, blas):
+def _coupling(i, S, H, rows, weights, col, blas, skip_skinny=False):
     """H[:rows, layer i] = s_i W_i^T (from the layer below, i >= 1) + s_{i+2} W_{i+1} (from above, i < L-1).
 
     The input term of layer 0 and the biases are added later by ``_finish_field`` (they are constant).
+    skip_skinny: leave out the terms of skinny couplings (``_skinny_couplings`` adds both directions of those).
     """
     num_layers = len(weights)
     itemsize = S.itemsize
@@ -62,11 +71,11 @@ def _coupling(i, S, H, rows, weights, col, blas):
     n_i = weights[i].shape[0]
     h_ptr = H.ctypes.data + col[i] * itemsize
     written = False
-    if i >= 1:
+    if i >= 1 and not (skip_skinny and _skinny(weights[i])):
         rows_times_wt(blas, rows, S.ctypes.data + col[i - 1] * itemsize, width, weights[i].shape[1],
                       weights[i].ctypes.data, n_i, h_ptr, width, False)
         written = True
-    if i < num_layers - 1:
+    if i < num_layers - 1 and not (skip_skinny and _skinny(weights[i + 1])):
         rows_times_w(blas, rows, S.ctypes.data + col[i + 1] * itemsize, width, weights[i + 1].shape[0],
                      weights[i + 1].ctypes.data, n_i, h_ptr, width, written)
         written = True
@@ -191,7 +200,7 @@ SMALL_BATCH = 4  # at most this many active rows: fused matrix-vector products i
 @njit(cache=True, fastmath=True)
 def _fused_rows(W, below, above, forward, backward, start, stop):
     """For output units o in [start, stop) of W (n_out, n_in), in one pass over those rows of W:
-    forward[o] = W[o] . below  and  backward += W[o] * above[o]   (i.e. W below and W^T above).
+    forward[o] += W[o] . below  and  backward += W[o] * above[o]   (i.e. W below and W^T above).
     Four rows at a time, so each element of ``backward`` is loaded and stored once per four rows."""
     n_in = W.shape[1]
     zero = W.dtype.type(0.0)
@@ -210,7 +219,10 @@ def _fused_rows(W, below, above, forward, backward, start, stop):
             c2 += w2 * x
             c3 += w3 * x
             backward[j] += w0 * a0 + w1 * a1 + w2 * a2 + w3 * a3
-        forward[o], forward[o + 1], forward[o + 2], forward[o + 3] = c0, c1, c2, c3
+        forward[o] += c0
+        forward[o + 1] += c1
+        forward[o + 2] += c2
+        forward[o + 3] += c3
         o += 4
     while o < stop:
         a0 = above[o]
@@ -218,8 +230,25 @@ def _fused_rows(W, below, above, forward, backward, start, stop):
         for j in range(n_in):
             c0 += W[o, j] * below[j]
             backward[j] += W[o, j] * a0
-        forward[o] = c0
+        forward[o] += c0
         o += 1
+
+
+@njit(cache=True)
+def _skinny_couplings(S, H, rows, weights, col):
+    """Add both directions of every skinny coupling W_k (k >= 1, ``_skinny``) to H[:rows], one pass over W_k per row
+    (``_fused_rows``), after ``_coupling(..., skip_skinny=True)`` wrote the other terms. Two BLAS calls with a ten-wide
+    operand cost more than the products themselves: 17.2 against 12.3 us per step for a 50 x 512 layer under a
+    10-unit one, measured."""
+    for k in range(1, len(weights)):
+        W = weights[k]
+        if not _skinny(W):
+            continue
+        n_out, n_in = W.shape
+        below, above = col[k - 1], col[k]
+        for r in range(rows):
+            _fused_rows(W, S[r, below:below + n_in], S[r, above:above + n_out], H[r, above:above + n_out],
+                        H[r, below:below + n_in], 0, n_out)
 
 
 @njit(cache=True)
@@ -392,7 +421,8 @@ def relax_fixed_point(blas, x_proj, weights, biases, col, slope, dt, alternating
                 _coupling_small(S, H, rows, weights, col, forward)
             else:
                 for i in range(num_layers):
-                    _coupling(i, S, H, rows, weights, col, blas)
+                    _coupling(i, S, H, rows, weights, col, blas, True)
+                _skinny_couplings(S, H, rows, weights, col)
             for i in range(num_layers):
                 _euler_update(i, S, H, rows, num_layers, col, weights[i].shape[0], x_proj, biases, nudge,
                               slope, dt, residual)

@@ -26,8 +26,11 @@ def pack_states(states) -> np.ndarray:
 
 def unpack_states(packed: np.ndarray, network: Network) -> list:
     """(…, N) buffer -> list of (…, n_k) arrays (copies)."""
-    bounds = np.cumsum(network.state_sizes)[:-1]
-    return [np.ascontiguousarray(part) for part in np.split(packed, bounds, axis=-1)]
+    parts, start = [], 0
+    for size in network.state_sizes:  # slices, not np.split: this runs twice per EP step (~1 ms at batch 50)
+        parts.append(np.ascontiguousarray(packed[..., start:start + size]))
+        start += size
+    return parts
 
 
 MIN_ROWS_PER_THREAD = 32
@@ -125,12 +128,12 @@ def relax_numba(network: Network, x, settings: RelaxSettings, target, initial, r
                                       settings.max_steps, record, trajectory, *chunk_outputs)
 
     workers = 1 if record else worker_count(batch, threads)
-    bounds = np.linspace(0, batch, workers + 1).astype(int)
-    chunks = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
     with single_threaded:
         if workers == 1:
-            run_chunk(chunks[0])
+            run_chunk(slice(0, batch))
         else:
+            bounds = np.linspace(0, batch, workers + 1).astype(int)
+            chunks = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
             list(shared_pool(workers).map(run_chunk, chunks))  # list(): re-raise a worker's exception here
     out_states, out_steps, out_residual, out_converged, out_diverged = outputs
     result = RelaxResult(unpack_states(out_states, network), out_steps, out_residual, out_converged,
