@@ -215,7 +215,8 @@ def run(args) -> dict:
     best = max(value for key, value in rates.items() if key.endswith("batch256"))
     results["gemm_fraction_batch256"] = achieved / rates["numpy_gflops_batch256"]
     results["gemm_fraction_vs_best_batch256"] = achieved / best
-    results["targets"] = {"numba_over_torch_batch1": 5.0, "numba_over_torch_batch256": 1.5,
+    # issue 17's (the relaxation issue's were 5 and 1.5, met)
+    results["targets"] = {"numba_over_torch_batch1": 15.0, "numba_over_torch_batch256": 3.0,
                           "gemm_fraction_batch256": 0.8}
     return results
 
