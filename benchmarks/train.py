@@ -10,10 +10,10 @@ replaces them):
   fashion_deep    784-512-512-10   RECIPES["fashion_deep"]
 Breakdown ("breakdown" group): the issue's epoch (784-512-10, batch 50, T1 30 / T2 10, tol 0, one-sided nudging,
 Adam 5e-4) on one core with the seconds of each phase (input projection, free and nudged relaxations, gradient
-contrast, optimizer, other) and on every core (minibatch shards in threads); fashion_epoch_s is the faster, and
-epoch_gemm_fraction its FLOP/s (the epoch's matrix products) over numpy's float32 GEMM rate in the same process;
-products_floor_epoch_s the same epoch's matrix products alone, at their own shapes (batch 50, one thread, computed
-as the kernels compute them, with nothing between them): what the one-core epoch cannot go below
+contrast, optimizer, other) and on every core (each phase's rows split over the cores' threads); fashion_epoch_s
+is the faster, and epoch_gemm_fraction its FLOP/s (the epoch's matrix products) over numpy's float32 GEMM rate in
+the same process; products_floor_epoch_s the same epoch's matrix products alone, at their own shapes (batch 50, one
+thread, computed as the kernels compute them, with nothing between them): what the one-core epoch cannot go below
 (one_core_over_products_floor).
 Conv breakdown ("conv_breakdown" group): one EP epoch of the cifar10-cpu preset (its own recipe) on real CIFAR-10
 images (../shared/data; skipped without), per 10,000 images, with its phases (free and nudged relaxations, parameter
@@ -230,12 +230,15 @@ def _timed(function) -> float:
     return time.perf_counter() - start
 
 
+SHARD_ROWS = 16  # "all cores": each phase's 50 rows split over two threads (the trainer's default keeps them on one)
+
+
 def breakdown_group(quick: bool, networks_dir=None) -> dict:
     """The issue's epoch (784-512-10, batch 50, T1 30 / T2 10, tol 0, one-sided nudging, Adam) on the Numba
     trainer: seconds per 60,000-image epoch on one core (the minibatch in one piece) with its breakdown per phase
     (input projection, free and nudged relaxations, the gradient contrast, the optimizer, other), and on every core
-    (the minibatch's shards in threads: ``training.MIN_ROWS_PER_SHARD``); the GEMM rate of the same process and the
-    fraction of it the epoch reaches. 784-512-512-10 too (seconds per epoch, both ways)."""
+    (each phase's rows split over the cores' threads, SHARD_ROWS at least each); the GEMM rate of the same process
+    and the fraction of it the epoch reaches. 784-512-512-10 too (seconds per epoch, both ways)."""
     import relax as relax_benchmark  # benchmarks/relax.py: the GEMM rates
 
     from ebm_sim import numba_backend, optimizers, training
@@ -251,7 +254,7 @@ def breakdown_group(quick: bool, networks_dir=None) -> dict:
         saved = (training.MIN_ROWS_PER_SHARD, numba_backend.relax_numba, training.energy_parameter_contrast,
                  numba_backend.KernelArrays.input_projection, optimizers.Adam.step)
         try:
-            training.MIN_ROWS_PER_SHARD = saved[0] if shards else 10 ** 9
+            training.MIN_ROWS_PER_SHARD = SHARD_ROWS if shards else 10 ** 9
             if instrument:
                 numba_backend.relax_numba = timed(lambda net, x, settings, *a: "nudged" if settings.beta else "free",
                                                   saved[1])

@@ -1,8 +1,7 @@
 """Data-parallel training across processes and GPUs with torch.distributed (gloo on CPUs, NCCL on GPUs).
 
 EP's gradient is not produced by the ``forward()`` of a wrapped module, so DistributedDataParallel's reducer hooks
-never fire: the gradient is averaged explicitly, the way the Numba trainer already merges the shards of a minibatch
-over threads (:func:`ebm_sim.ep.merge`), only across processes:
+never fire: the gradient is averaged explicitly across processes, weighted by each slice's rows:
 
     every rank sees the same global minibatch order (seeded by (seed, epoch)); rank r takes the contiguous slice
     rows[b_r:b_(r+1)] of each global minibatch of B rows, b_r = floor(r B / R) (``World.share``); it computes the

@@ -80,21 +80,3 @@ def ep_estimate(relax_phase: Callable, energy_gradient: Callable[[list], Sequenc
         gradient += list(readout_gradient(free))
     return EPStep(gradient, list(free.states), free.steps, free.residual,
                   sum(mean_steps(phase.steps) for phase in nudged) / len(nudged))
-
-
-def merge(steps: Sequence[EPStep], sizes: Sequence[int]) -> EPStep:
-    """One EPStep from the steps of disjoint shards of a minibatch (numpy arrays), in shard order: the gradient and the
-    nudged steps as the size-weighted means (every term of the estimate is a batch mean), the per-sample free states,
-    steps and residuals concatenated."""
-    import numpy as np
-
-    if len(steps) != len(sizes) or not steps:
-        raise ValueError(f"merge needs one size per step, got {len(steps)} steps and {len(sizes)} sizes")
-    total = float(sum(sizes))
-    gradient = [sum(step.gradient[k] * (size / total) for step, size in zip(steps, sizes))
-                for k in range(len(steps[0].gradient))]
-    return EPStep(gradient,
-                  [np.concatenate([step.free_states[k] for step in steps]) for k in range(len(steps[0].free_states))],
-                  np.concatenate([step.free_steps for step in steps]),
-                  np.concatenate([step.free_residual for step in steps]),
-                  sum(step.nudged_steps * size for step, size in zip(steps, sizes)) / total)

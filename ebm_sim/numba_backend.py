@@ -91,14 +91,15 @@ class KernelArrays:
 
 
 def relax_numba(network: Network, x, settings: RelaxSettings, target, initial, record: bool,
-                threads: int | None = None, x_proj=None, arrays: KernelArrays | None = None) -> RelaxResult:
+                threads: int | None = None, x_proj=None, arrays: KernelArrays | None = None,
+                min_rows: int = MIN_ROWS_PER_THREAD) -> RelaxResult:
     """Run the kernel of ``settings.method`` on a validated batch (see :func:`ebm_sim.relax.relax`).
 
     Samples relax independently, so the batch is split into contiguous chunks, one per worker thread, and each
     chunk runs the whole kernel (its own early stopping) with single-threaded BLAS: no synchronisation at all
     between workers during the relaxation. With record=True one worker runs (recording is for analysis).
     x_proj: the inputs' ``KernelArrays.input_projection`` when the caller has it (the phases of an EP step share
-    one); arrays: ``KernelArrays.of(network)`` when the caller has it.
+    one); arrays: ``KernelArrays.of(network)`` when the caller has it; min_rows: the fewest rows per worker.
     """
     arrays = arrays or KernelArrays.of(network)
     batch, dtype, width = x.shape[0], arrays.dtype, arrays.width
@@ -127,7 +128,7 @@ def relax_numba(network: Network, x, settings: RelaxSettings, target, initial, r
                                       target[rows], readout_w, readout_b, start[rows], settings.tol,
                                       settings.max_steps, record, trajectory, *chunk_outputs)
 
-    workers = 1 if record else worker_count(batch, threads)
+    workers = 1 if record else worker_count(batch, threads, min_rows)
     with single_threaded:
         if workers == 1:
             run_chunk(slice(0, batch))

@@ -219,8 +219,10 @@ def _dense_inputs(network: Network, x, target):
     return x, target
 
 
-#: the smallest share of a minibatch a second core takes in the dense Numba EP step: below it, one thread
-MIN_ROWS_PER_SHARD = 16
+#: the fewest rows a worker thread relaxes in a phase of the dense Numba EP step: below it, fewer threads. At 32 a
+#: minibatch of 50 relaxes on one thread: split in two it measured 3.55-5.04 s per issue-17 epoch against 3.08-3.67
+#: on one thread (2026-12-03, interleaved runs; the free phase alone gained 1.4-1.6x in isolation, not in the epoch)
+MIN_ROWS_PER_SHARD = 32
 
 
 def ep_gradient(network: Network, x, target, config: TrainConfig, sign: float = 1.0) -> EPStep:
@@ -230,35 +232,28 @@ def ep_gradient(network: Network, x, target, config: TrainConfig, sign: float = 
 
     On the Numba backend the phases call the kernels directly (``numba_backend.relax_numba``): the input projection
     x W_0^T + b_1 is computed once for all phases, the network's kernel arrays and each phase's settings once, and
-    the gradient is the contrast of the two states (``energy_parameter_contrast``). Samples relax independently and
-    the estimate is a batch mean, so the minibatch is split into one shard per core (each at least
-    MIN_ROWS_PER_SHARD rows), each shard's whole step runs in its own thread (the kernels release the GIL), and the
-    shards' estimates are merged weighted by their sizes (:func:`ebm_sim.ep.merge`): the same estimate, up to the
-    order of floating-point sums."""
+    the gradient is the contrast of the two states (``energy_parameter_contrast``). Samples relax independently, so
+    each phase splits the minibatch's rows over the cores (chunks of at least MIN_ROWS_PER_SHARD rows, each in its own
+    thread: the kernels release the GIL); the projection and the contrast are one product each over the whole
+    minibatch. (Running each shard's whole EP step in its own thread and averaging the shards' gradients cost four
+    passes over every weight-sized array per minibatch and ran the products at half the rows: slower than one core on
+    some days, measured.)"""
     if is_layered(network):
         return layered_ep_gradient(network, x, target, config, sign)
     if config.backend == "torch":
         from .torch_twin import ep_gradient as torch_ep_gradient
         return torch_ep_gradient(network, x, target, config, sign, config.device)
     from .blas import single_threaded
-    from .ep import merge
-    from .numba_backend import KernelArrays, shared_pool, worker_count
+    from .numba_backend import KernelArrays
 
     x, target = _dense_inputs(network, x, target)
-    arrays = KernelArrays.of(network)
-    shards = worker_count(x.shape[0], None, MIN_ROWS_PER_SHARD)
-    if shards == 1:
-        return _dense_ep_step(network, arrays, x, target, config, sign)
-    bounds = np.linspace(0, x.shape[0], shards + 1).astype(int)
-    parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-    with single_threaded:  # held across the shards: their own scopes never hand BLAS its threads back midway
-        steps = list(shared_pool(shards).map(
-            lambda rows: _dense_ep_step(network, arrays, x[rows], target[rows], config, sign, threads=1), parts))
-    return merge(steps, [part.stop - part.start for part in parts])
+    with single_threaded:  # held across the phases: the worker threads call BLAS on one thread each
+        return _dense_ep_step(network, KernelArrays.of(network), x, target, config, sign)
 
 
 def _dense_ep_step(network: Network, arrays, x, target, config: TrainConfig, sign: float, threads=None) -> EPStep:
-    """``ep_gradient`` of a dense network on the Numba kernels for one shard of a minibatch (checked arrays)."""
+    """``ep_gradient`` of a dense network on the Numba kernels (checked arrays); ``threads``: the phases' worker threads
+    (None: one per core, each with at least MIN_ROWS_PER_SHARD rows)."""
     from .numba_backend import relax_numba
 
     x_proj = arrays.input_projection(x)
@@ -267,7 +262,7 @@ def _dense_ep_step(network: Network, arrays, x, target, config: TrainConfig, sig
         steps = config.free_steps if initial is None else config.nudged_steps
         settings = _phase_settings(config.method, float(config.tol), config.dt, steps, float(beta))
         result = relax_numba(network, x, settings, target if beta else None, initial, False, threads, x_proj,
-                             arrays)
+                             arrays, min_rows=MIN_ROWS_PER_SHARD)
         if result.diverged.any():
             from .relax import DivergenceError, divergence_remedy
             raise DivergenceError(f"the {config.method} dynamics produced NaN or inf for "

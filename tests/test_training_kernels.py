@@ -124,6 +124,34 @@ def test_kernel_level_ep_step_equals_the_public_relax(nudging, readout):
     assert step.nudged_steps == expected.nudged_steps
 
 
+def test_ep_step_with_rows_split_over_threads_equals_one_thread(monkeypatch):
+    """A minibatch of 64 rows relaxes in two worker threads (MIN_ROWS_PER_SHARD 32) where the machine has two cores,
+    and in one where it is told to: the same estimate (each sample relaxes alone; the products are over the whole
+    minibatch either way)."""
+    from ebm_sim import numba_backend, training
+
+    network = Network.init((12, 9, 7, 4), seed=5, dtype=np.float64, gain=1.5)
+    rng = np.random.default_rng(5)
+    x = rng.random((64, 12))
+    target = one_hot(rng.integers(0, 4, 64), 4, np.float64)
+    config = TrainConfig(nudging="symmetric", beta=0.3, free_steps=25, nudged_steps=8, tol=1e-6)
+    used = []
+    original = numba_backend.worker_count
+    monkeypatch.setattr(numba_backend, "worker_count",
+                        lambda batch, threads, min_rows=32: used.append(original(batch, 2, min_rows)) or used[-1])
+    split = ep_gradient(network, x, target, config)
+    assert used and set(used) == {2}  # every phase in two threads of 32 rows
+    monkeypatch.setattr(training, "MIN_ROWS_PER_SHARD", 10 ** 6)
+    used.clear()
+    whole = ep_gradient(network, x, target, config)
+    assert used and set(used) == {1}
+    for a, b in zip(split.gradient, whole.gradient):  # (equal here; a BLAS may block 32 and 64 rows differently)
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    np.testing.assert_array_equal(split.free_steps, whole.free_steps)
+    for a, b in zip(split.free_states, whole.free_states):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
 def test_kernel_level_ep_step_checks_shapes_and_divergence():
     network, x, target = _batch()
     with pytest.raises(ValueError, match=r"needs x \(B, 12\) and target \(B, 4\)"):
