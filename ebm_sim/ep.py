@@ -46,22 +46,22 @@ def mean_steps(steps) -> float:
 
 def ep_estimate(relax_phase: Callable, energy_gradient: Callable[[list], Sequence] | None, beta: float,
                 nudging: str = "symmetric", sign: float = 1.0, readout_gradient: Callable | None = None,
-                energy_contrast: Callable[[list, list], Sequence] | None = None) -> EPStep:
+                energy_contrast: Callable[[list, list, float], Sequence] | None = None) -> EPStep:
     """One EP estimate (see the module docstring).
 
     relax_phase(beta, initial): relaxes the batch with nudging beta from ``initial`` (None: the free phase's start);
         returns an object with ``states`` (list of (B, ...)), ``steps`` (B,) and ``residual`` (B,)
     energy_gradient(states): dE/dtheta at ``states``, batch mean, a sequence of arrays (the parameters inside E)
-    energy_contrast(high, low): dE/dtheta(high) - dE/dtheta(low) directly, for a backend that computes the difference
-        more cheaply than the two gradients (the dense trainer: the input layer's term is one product with the
-        difference of the states); given, it replaces ``energy_gradient``
+    energy_contrast(high, low, scale): (dE/dtheta(high) - dE/dtheta(low)) / scale directly, for a backend that
+        computes it more cheaply than the two gradients (the dense trainer: the input layer's term is one product with
+        the difference of the states, the scale folded into it); given, it replaces ``energy_gradient``
     readout_gradient(free): dC/dtheta at the free phase's result for parameters outside E, or None
     """
     if energy_contrast is None:
         if energy_gradient is None:
             raise ValueError("ep_estimate needs energy_gradient or energy_contrast")
-        energy_contrast = lambda high, low: [h - l for h, l in zip(energy_gradient(high),  # noqa: E731
-                                                                   energy_gradient(low))]
+        energy_contrast = lambda high, low, scale: [(h - l) / scale for h, l in  # noqa: E731
+                                                    zip(energy_gradient(high), energy_gradient(low))]
     if nudging not in NUDGINGS:
         raise ValueError(f"nudging must be one of {', '.join(NUDGINGS)}, got {nudging!r}")
     if not beta > 0:
@@ -75,7 +75,7 @@ def ep_estimate(relax_phase: Callable, energy_gradient: Callable[[list], Sequenc
     else:
         nudged = [relax_phase(sign * beta, free.states)]
         high, low, scale = nudged[0].states, free.states, sign * beta
-    gradient = [difference / scale for difference in energy_contrast(high, low)]
+    gradient = list(energy_contrast(high, low, scale))
     if readout_gradient is not None:
         gradient += list(readout_gradient(free))
     return EPStep(gradient, list(free.states), free.steps, free.residual,

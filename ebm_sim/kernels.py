@@ -320,15 +320,16 @@ def _matvec_rows(W, v, out):
 
 
 @njit(cache=True, nogil=True)
-def weight_contrast(blas, high_above, high_below, low_above, low_below, shared_below):
-    """dE/dW(high) - dE/dW(low) for E's term -s_above^T W s_below, batch mean:
-    -(high_above^T high_below - low_above^T low_below) / B, shape (n_above, n_below); inputs (B, n) row-major.
-    shared_below: the layer below is the same in both states (the clamped input), so it is one product,
-    -(high_above - low_above)^T below / B."""
+def weight_contrast(blas, high_above, high_below, low_above, low_below, shared_below, divisor=1.0):
+    """(dE/dW(high) - dE/dW(low)) / divisor for E's term -s_above^T W s_below, batch mean:
+    -(high_above^T high_below - low_above^T low_below) / (B divisor), shape (n_above, n_below); inputs (B, n)
+    row-major. shared_below: the layer below is the same in both states (the clamped input), so it is one product,
+    -(high_above - low_above)^T below / (B divisor). The divisor (EP's nudge scale) rides on the small (B, n) factor,
+    not on the (n_above, n_below) result."""
     batch, n_above = high_above.shape
     n_below = high_below.shape[1]
     out = np.empty((n_above, n_below), dtype=high_above.dtype)
-    scale = high_above.dtype.type(-1.0 / batch)
+    scale = high_above.dtype.type(-1.0 / (batch * divisor))
     if shared_below:
         difference = (high_above - low_above) * scale
         rows_t_times(blas, n_above, n_below, batch, difference.ctypes.data, n_above, high_below.ctypes.data,

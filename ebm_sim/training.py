@@ -184,10 +184,11 @@ def energy_parameter_gradient(x, states) -> list:
     return grads
 
 
-def energy_parameter_contrast(x, high, low) -> list:
-    """dE/dtheta(high) - dE/dtheta(low) (batch means, the order of ``energy_parameter_gradient``), with SciPy's BLAS
-    single-threaded (``kernels.weight_contrast``) and one product for the input layer's weights: x is clamped in both
-    states, so -s_1 x^T differs by -(s_1^h - s_1^l) x^T. Arrays: x (B, n_0), states (B, n_k), one dtype."""
+def energy_parameter_contrast(x, high, low, scale: float = 1.0) -> list:
+    """(dE/dtheta(high) - dE/dtheta(low)) / scale (batch means, the order of ``energy_parameter_gradient``), with
+    SciPy's BLAS single-threaded (``kernels.weight_contrast``, the scale folded into the products) and one product
+    for the input layer's weights: x is clamped in both states, so -s_1 x^T differs by -(s_1^h - s_1^l) x^T.
+    Arrays: x (B, n_0), states (B, n_k), one dtype."""
     from .blas import make_handle, single_threaded
     from .kernels import weight_contrast
 
@@ -196,8 +197,8 @@ def energy_parameter_contrast(x, high, low) -> list:
     grads = []
     with single_threaded:
         for k in range(len(high)):
-            grads.append(weight_contrast(blas, high[k], below_high[k], low[k], below_low[k], k == 0))
-            grads.append(low[k].mean(axis=0) - high[k].mean(axis=0))
+            grads.append(weight_contrast(blas, high[k], below_high[k], low[k], below_low[k], k == 0, float(scale)))
+            grads.append((low[k].mean(axis=0) - high[k].mean(axis=0)) / scale)
     return grads
 
 
@@ -276,7 +277,7 @@ def _dense_ep_step(network: Network, arrays, x, target, config: TrainConfig, sig
 
     return ep_estimate(relax_phase, None, config.beta, estimator_nudging(config.nudging), sign,
                        readout_gradient if network.readout else None,
-                       energy_contrast=lambda high, low: energy_parameter_contrast(x, high, low))
+                       energy_contrast=lambda high, low, scale: energy_parameter_contrast(x, high, low, scale))
 
 
 def layered_params(network, config: TrainConfig):
