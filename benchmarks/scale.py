@@ -9,7 +9,7 @@ Each group runs in its own process (``_common.run_groups``), and each Ray group 
   ray1    a local Ray with 1 CPU (one task at a time): the same work as Ray tasks (1 thread each)
   ray2    a local Ray with 2 CPUs (two tasks at a time)
 Relaxation: a seeded 784-512-512-10 network (Network.init(seed=0)) on seeded uniform inputs (N = 30,000; --quick
-4,096), fixed_point to tol 1e-4, batches of 256, shards of 1,024 samples. Robustness grid: the digits EBM
+2,048), fixed_point to tol 1e-4, batches of 256, shards of 1,024 samples. Robustness grid: the digits EBM
 (benchmarks/results/networks/digits_64-256-10.h5) under FGSM, PGD Linf/L2 sweeps, the audit, Square and two
 corruptions, in chunks of 10 examples (one Ray task per part: model x attack x budget x chunk). Small job: relaxing
 512 samples (two batches; one task on Ray), median of 5, once Ray runs and its workers are warm.
@@ -48,7 +48,7 @@ from _common import output_path, run_groups, write_results  # noqa: E402
 LAYERS = (784, 512, 512, 10)
 NET = ROOT / "benchmarks" / "results" / "networks" / "digits_64-256-10.h5"
 FULL = {"samples": 30000, "grid_samples": 120}
-QUICK = {"samples": 4096, "grid_samples": 40}
+QUICK = {"samples": 2048, "grid_samples": 20}  # still two shards of 1,024 and two chunks per attack: checks, no figures
 BATCH, SHARD, SMALL, SMALL_REPEATS = 256, 1024, 512, 5
 GROUPS = ("plain", "ray1", "ray2")
 
