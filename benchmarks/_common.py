@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 # The timing helpers live in the library (hardware.timing, shared with `ebm hardware compare`). benchmarks/hardware.py
@@ -58,3 +59,10 @@ def write_results(results: dict, out) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, results)
     print(json.dumps(results))
+
+
+def seconds_of(function) -> float:
+    """Wall-clock seconds of one call of ``function()``."""
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start

@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 
-from _common import SHARED_DATA, output_path, write_results  # noqa: E402
+from _common import SHARED_DATA, output_path, seconds_of, write_results  # noqa: E402
 from robustness import cost_minutes, finished, summary, train_student  # noqa: E402  (benchmarks/robustness.py)
 from distill.robustness.published import PUBLISHED_CIFAR10, side_by_side  # noqa: E402
 
@@ -232,7 +232,8 @@ def speedup(network_path: Path, student_path: Path, images, batches=(1, 256), re
     for batch in batches:
         x = np.ascontiguousarray(images[:batch])
         relax(network, x, deployment=deployment, params=params)  # warm-up (compilation, workspaces)
-        ebm = min(_timed(lambda: relax(network, x, deployment=deployment, params=params)) for _ in range(repeats))
+        ebm = min(seconds_of(lambda: relax(network, x, deployment=deployment, params=params))
+                  for _ in range(repeats))
         xt = torch.as_tensor(x)
         threads = torch.get_num_threads()
         timings = {}
@@ -240,7 +241,7 @@ def speedup(network_path: Path, student_path: Path, images, batches=(1, 256), re
             torch.set_num_threads(count)
             with torch.no_grad():
                 student(xt)
-                timings[count] = min(_timed(lambda: student(xt)) for _ in range(repeats * 3))
+                timings[count] = min(seconds_of(lambda: student(xt)) for _ in range(repeats * 3))
         torch.set_num_threads(threads)
         ff = min(timings.values())
         out[f"batch{batch}"] = {"ebm_s": ebm, "student_s": ff, "speedup": ebm / ff,
@@ -250,12 +251,6 @@ def speedup(network_path: Path, student_path: Path, images, batches=(1, 256), re
                     f"field on its post layer and on its pre layer: about {2 * steps}x the student's one bottom-up "
                     f"sweep in multiply-adds (fewer when samples stop early, tol {deployment.tol:g})")
     return out
-
-
-def _timed(function) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
 
 
 def onnx_export(student_path: Path, images, labels, ebm_predictions) -> dict:

@@ -252,9 +252,9 @@ def ep_gradient(network: Network, x, target, config: TrainConfig, sign: float = 
         return _dense_ep_step(network, KernelArrays.of(network), x, target, config, sign)
 
 
-def _dense_ep_step(network: Network, arrays, x, target, config: TrainConfig, sign: float, threads=None) -> EPStep:
-    """``ep_gradient`` of a dense network on the Numba kernels (checked arrays); ``threads``: the phases' worker threads
-    (None: one per core, each with at least MIN_ROWS_PER_SHARD rows)."""
+def _dense_ep_step(network: Network, arrays, x, target, config: TrainConfig, sign: float) -> EPStep:
+    """``ep_gradient`` of a dense network on the Numba kernels (checked arrays); each phase on one worker thread per
+    core with at least MIN_ROWS_PER_SHARD rows."""
     from .numba_backend import relax_numba
 
     x_proj = arrays.input_projection(x)
@@ -262,7 +262,7 @@ def _dense_ep_step(network: Network, arrays, x, target, config: TrainConfig, sig
     def relax_phase(beta, initial):
         steps = config.free_steps if initial is None else config.nudged_steps
         settings = _phase_settings(config.method, float(config.tol), config.dt, steps, float(beta))
-        result = relax_numba(network, x, settings, target if beta else None, initial, False, threads, x_proj,
+        result = relax_numba(network, x, settings, target if beta else None, initial, False, None, x_proj,
                              arrays, min_rows=MIN_ROWS_PER_SHARD)
         if result.diverged.any():
             from .relax import DivergenceError, divergence_remedy

@@ -1,7 +1,7 @@
 """The numba backend of the interactions (ebm_sim.model.numba_ops) against the numpy reference: fields, ``forward()``
-and the routed pre field against the separate calls, parameter gradients, energies, relaxed states and per-sample steps, in float64 (to
-~1e-10) and float32 (to ~1e-5), on test_model's cases and on single convolutions of every geometry (stride 2 and 3,
-padding, odd sizes whose trailing row/column pooling drops, max-pool ties)."""
+and the routed pre field against the separate calls, parameter gradients, energies, relaxed states and per-sample
+steps, in float64 (to ~1e-10) and float32 (to ~1e-5), on test_model's cases and on single convolutions of every
+geometry (stride 2 and 3, padding, odd sizes whose trailing row/column pooling drops, max-pool ties)."""
 import numpy as np
 import pytest
 from test_model import CASES, binary, case
