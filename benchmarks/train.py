@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import SHARED_DATA, output_path, run_groups, write_results  # noqa: E402
+from _common import SHARED_DATA, output_path, run_groups, seconds_of, write_results  # noqa: E402
 from ebm_sim import storage  # noqa: E402
 from ebm_sim.datasets import load_dataset  # noqa: E402
 from ebm_sim.network import Network  # noqa: E402
@@ -168,66 +168,41 @@ def timer(timers: dict):
 
 
 def products_floor(layers, batch: int, free: int, nudged: int, repeats: int) -> dict:
-    """Seconds per minibatch of an EP step's matrix products alone, at the step's own shapes, computed as the kernels
-    compute them on one thread: the input projection (B, n_0) x (n_0, n_1), at every one of the free + nudged steps
-    each coupling W_k (k >= 1) applied to the layer below and transposed to the layer above (two BLAS calls, or for a
-    skinny W_k one fused pass per row: ``ebm_sim.kernels._skinny_couplings``), and the contrast's products (one for
-    the input layer, two for each other). No relaxation arithmetic, no Python between the calls: a floor of the
-    one-core epoch at this batch size (best of ``repeats`` runs of 20 minibatches)."""
+    """Seconds per minibatch of an EP step's matrix products alone, at the step's own shapes, through the kernels' own
+    functions on one thread: the input projection (``kernels.input_projection``), at every one of the free + nudged
+    steps every coupling (``kernels._coupling`` and ``_skinny_couplings``, as the synchronous kernel calls them), and
+    the contrast (``kernels.weight_contrast`` per layer). No state updates, no Python between the calls: a floor of
+    the one-core epoch at this batch size (best of ``repeats`` runs of 20 minibatches)."""
     from numba import njit
 
-    from ebm_sim.blas import make_handle, rows_t_times, rows_times_w, rows_times_wt, single_threaded
-    from ebm_sim.kernels import _fused_rows, _skinny
+    from ebm_sim import kernels
+    from ebm_sim.blas import make_handle, single_threaded
+    from ebm_sim.numba_backend import KernelArrays
 
     @njit(cache=False)
-    def minibatches(blas, x, weights, states, fields, grads, count, steps):
+    def minibatches(blas, x, weights, biases, col, S, H, high, below, count, steps):
+        rows = x.shape[0]
         for _ in range(count):
-            w0 = weights[0]
-            rows_times_wt(blas, x.shape[0], x.ctypes.data, x.shape[1], x.shape[1], w0.ctypes.data, w0.shape[0],
-                          fields[0].ctypes.data, w0.shape[0], False)
+            kernels.input_projection(blas, x, weights[0], biases[:weights[0].shape[0]])
             for _ in range(steps):
-                for k in range(1, len(weights)):
-                    w = weights[k]
-                    n_out, n_in = w.shape
-                    if _skinny(w):
-                        for r in range(x.shape[0]):
-                            _fused_rows(w, states[k - 1][r], states[k][r], fields[k][r], fields[k - 1][r], 0, n_out)
-                        continue
-                    rows_times_wt(blas, x.shape[0], states[k - 1].ctypes.data, n_in, n_in, w.ctypes.data, n_out,
-                                  fields[k].ctypes.data, n_out, False)
-                    rows_times_w(blas, x.shape[0], states[k].ctypes.data, n_out, n_out, w.ctypes.data, n_in,
-                                 fields[k - 1].ctypes.data, n_in, False)
-            rows_t_times(blas, w0.shape[0], w0.shape[1], x.shape[0], states[0].ctypes.data, w0.shape[0],
-                         x.ctypes.data, x.shape[1], grads[0].ctypes.data, w0.shape[1], False)
-            for k in range(1, len(weights)):
-                n_out, n_in = weights[k].shape
-                for accumulate in (False, True):
-                    rows_t_times(blas, n_out, n_in, x.shape[0], states[k].ctypes.data, n_out,
-                                 states[k - 1].ctypes.data, n_in, grads[k].ctypes.data, n_in, accumulate)
+                for i in range(len(weights)):
+                    kernels._coupling(i, S, H, rows, weights, col, blas, True)
+                kernels._skinny_couplings(S, H, rows, weights, col)
+            for k in range(len(weights)):
+                kernels.weight_contrast(blas, high[k], below[k], high[k], below[k], k == 0, 1.0)
 
-    from numba.typed import List
-
+    arrays = KernelArrays.of(Network.init(layers, seed=0))
     rng = np.random.default_rng(0)
     x = rng.random((batch, layers[0]), dtype=np.float32)
-    weights, states, fields, grads = List(), List(), List(), List()
-    for n_in, n_out in zip(layers[:-1], layers[1:]):
-        weights.append(rng.standard_normal((n_out, n_in), dtype=np.float32))
-        grads.append(np.zeros((n_out, n_in), dtype=np.float32))
-        states.append(rng.random((batch, n_out), dtype=np.float32))
-        fields.append(np.zeros((batch, n_out), dtype=np.float32))
-    blas = make_handle(np.float32)
+    S = rng.random((batch, arrays.width), dtype=np.float32)
+    states = tuple(rng.random((batch, n), dtype=np.float32) for n in layers[1:])
+    operands = (make_handle(np.float32), x, arrays.weights, arrays.biases, arrays.col, S, np.empty_like(S), states,
+                (x,) + states[:-1])
     count = 20
     with single_threaded:
-        minibatches(blas, x, weights, states, fields, grads, 1, free + nudged)  # compile
-        best = min(_timed(lambda: minibatches(blas, x, weights, states, fields, grads, count, free + nudged))
-                   for _ in range(repeats))
+        minibatches(*operands, 1, free + nudged)  # compile
+        best = min(seconds_of(lambda: minibatches(*operands, count, free + nudged)) for _ in range(repeats))
     return {"minibatch_s": best / count}
-
-
-def _timed(function) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
 
 
 SHARD_ROWS = 16  # "all cores": each phase's 50 rows split over two threads (the trainer's default keeps them on one)
