@@ -409,10 +409,17 @@ def test_early_retirement_matches_samples_run_alone(method, backend, dtype):
     alone = [relax(net, x[b:b + 1], initial=[s[b:b + 1] for s in initial], **kw) for b in range(batch)]
     assert together.converged.all()
     assert len(set(together.steps.tolist())) >= 3  # the batch really mixes easy and hard samples
-    np.testing.assert_array_equal(together.steps, [r.steps[0] for r in alone])
-    # a sample relaxed alone has its input projection computed by a fused pass over W_0 (up to 4 rows), the batch by
-    # a GEMM: sums in another order, a last-bit difference, which rk45's step-size control may grow (below tol)
-    bound = (1e-12 if dtype == np.float64 else 1e-6) if method != "rk45" else tol / 10
+    # a sample relaxed alone has its products computed by fused passes over each W (up to SMALL_BATCH rows), the
+    # batch by GEMM calls: sums in another order, a last-bit difference, which rk45's step-size control may grow (in
+    # float32 its accepted steps then differ by a few and the states agree to tol, not better; float64 holds rk45 to
+    # the same steps and a tenth of tol)
+    alone_steps = [r.steps[0] for r in alone]
+    float32_rk45 = method == "rk45" and dtype == np.float32
+    if float32_rk45:
+        np.testing.assert_allclose(together.steps, alone_steps, rtol=0.2)
+    else:
+        np.testing.assert_array_equal(together.steps, alone_steps)
+    bound = (1e-12 if dtype == np.float64 else 1e-6) if method != "rk45" else tol if float32_rk45 else tol / 10
     assert max_diff(together.states, [np.concatenate([r.states[k] for r in alone]) for k in range(len(SIZES) - 1)]) \
         <= bound
 
