@@ -64,14 +64,15 @@ def _coupling(i, S, H, rows, weights, col, blas, skip_skinny=False):
 
     The input term of layer 0 and the biases are added later by ``_finish_field`` (they are constant).
     skip_skinny: leave out the terms of skinny couplings (``_skinny_couplings`` adds both directions of those).
+    Up to SMALL_BATCH rows: fused loops (``_coupling_rows``); more: SciPy's GEMM.
     """
+    if rows <= SMALL_BATCH:
+        _coupling_rows(i, S, H, rows, weights, col, skip_skinny)
+        return
     num_layers = len(weights)
     itemsize = S.itemsize
     width = S.shape[1]
     n_i = weights[i].shape[0]
-    if rows <= SMALL_BATCH:
-        _coupling_rows(i, S, H, rows, weights, col, skip_skinny)
-        return
     h_ptr = H.ctypes.data + col[i] * itemsize
     written = False
     if i >= 1 and not (skip_skinny and _skinny(weights[i])):
